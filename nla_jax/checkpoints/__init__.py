@@ -1,0 +1,1 @@
+"""Importing real weights (GGUF, Hugging Face safetensors) and tokenizers."""

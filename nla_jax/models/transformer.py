@@ -1,0 +1,281 @@
+"""A decoder-only transformer as pure functions of an explicit parameter pytree.
+
+Layers are stacked on a leading `layers` axis and run with `lax.scan` (one compiled block,
+fast compile). Every parameter has logical axis names (`param_axes`) that the sharding rules
+in the config map onto the mesh.
+
+Block index convention: "block K" is the residual stream *after* block K (0-based), which
+equals Hugging Face `hidden_states[K + 1]`.
+
+Entry points:
+  forward(params, tokens, cfg, ...)          logits, and optionally block K's output
+  run_blocks(params, x, ...)                 blocks [start, stop) on embeddings (the AR)
+  embed(params, tokens, override=...)        token embeddings with rows replaced (the AV)
+  block(...)                                 one block, with or without a KV cache (sampler)
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nla_jax import sharding
+from nla_jax.models.config import ModelConfig
+
+Params = dict[str, Any]
+
+
+# ----------------------------------------------------------------------------- parameters
+
+def param_shapes(cfg: ModelConfig) -> dict[str, Any]:
+    """Shapes and logical axes of every parameter: {name: (shape, axes)}."""
+    L, D, H, KV, hd, F, V = (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
+                             cfg.d_ff, cfg.vocab_size)
+    layers = {
+        "attn_norm": ((L, D), ("layers", "norm")),
+        "wq": ((L, D, H, hd), ("layers", "embed", "heads", "head_dim")),
+        "wk": ((L, D, KV, hd), ("layers", "embed", "kv_heads", "head_dim")),
+        "wv": ((L, D, KV, hd), ("layers", "embed", "kv_heads", "head_dim")),
+        "wo": ((L, H, hd, D), ("layers", "heads", "head_dim", "embed")),
+        "mlp_norm": ((L, D), ("layers", "norm")),
+        "w_gate": ((L, D, F), ("layers", "embed", "mlp")),
+        "w_up": ((L, D, F), ("layers", "embed", "mlp")),
+        "w_down": ((L, F, D), ("layers", "mlp", "embed")),
+    }
+    if cfg.qkv_bias:
+        layers["bq"] = ((L, H, hd), ("layers", "heads", "head_dim"))
+        layers["bk"] = ((L, KV, hd), ("layers", "kv_heads", "head_dim"))
+        layers["bv"] = ((L, KV, hd), ("layers", "kv_heads", "head_dim"))
+    out = {
+        "embed": ((V, D), ("vocab", "embed")),
+        "layers": layers,
+        "final_norm": ((D,), ("norm",)),
+    }
+    if not cfg.tie_embeddings:
+        out["lm_head"] = ((D, V), ("embed", "vocab"))
+    return out
+
+
+def _is_spec(x) -> bool:
+    return isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], tuple)
+
+
+def param_axes(cfg: ModelConfig) -> dict[str, Any]:
+    """Logical axis names, a pytree matching the params."""
+    return jax.tree.map(lambda s: s[1], param_shapes(cfg), is_leaf=_is_spec)
+
+
+def abstract_params(cfg: ModelConfig, dtype=jnp.float32) -> dict[str, Any]:
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s[0], dtype), param_shapes(cfg), is_leaf=_is_spec)
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:
+    """Random init (tests and tiny configs): normal(0, 1/sqrt(fan_in)), norms at 1."""
+    shapes = param_shapes(cfg)
+    flat, treedef = jax.tree.flatten(shapes, is_leaf=_is_spec)
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(shapes, is_leaf=_is_spec)[0]]
+    keys = jax.random.split(key, len(flat))
+    leaves = []
+    for k, (shape, axes), path in zip(keys, flat, paths):
+        if "norm" in path:
+            leaves.append(jnp.ones(shape, dtype))
+        elif path.endswith("['bq']") or path.endswith("['bk']") or path.endswith("['bv']"):
+            leaves.append(0.1 * jax.random.normal(k, shape, dtype))
+        else:
+            fan_in = shape[1] if axes[0] == "layers" else shape[0]
+            if axes[:2] == ("layers", "heads"):  # wo: [L, H, hd, D]
+                fan_in = shape[1] * shape[2]
+            if axes[0] == "vocab":
+                fan_in = shape[1]
+            leaves.append(jax.random.normal(k, shape, dtype) / np.sqrt(fan_in))
+    return jax.tree.unflatten(treedef, leaves)
+
+
+# ----------------------------------------------------------------------------- pieces
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y * w.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: tuple | None = None) -> np.ndarray:
+    """Inverse frequencies [head_dim // 2]; `scaling` applies Llama-3's long-context rule."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    if scaling:
+        s = dict(scaling)
+        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old = s["original_max_position_embeddings"]
+        wavelen = 2 * np.pi / inv_freq
+        scaled = np.where(wavelen > old / lo, inv_freq / factor, inv_freq)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+        inv_freq = np.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+    return inv_freq
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float,
+                scaling: tuple | None = None) -> tuple[jax.Array, jax.Array]:
+    """cos, sin of shape [b, s, head_dim // 2] for integer positions [b, s]."""
+    inv_freq = rope_inv_freq(head_dim, theta, scaling)
+    ang = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+    return jnp.cos(ang), jnp.sin(ang)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate-half RoPE (the Hugging Face layout). x: [b, s, heads, hd]."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    c = cos[:, :, None, :].astype(x.dtype)
+    s = sin[:, :, None, :].astype(x.dtype)
+    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+
+
+class Override(NamedTuple):
+    """Vectors written *in place of* token embeddings (not added).
+
+    positions: [b, n] int, -1 for "no override in this slot"
+    vectors:   [b, n, d]
+    """
+    positions: jax.Array
+    vectors: jax.Array
+
+
+def embed(params: Params, tokens: jax.Array, override: Override | None = None) -> jax.Array:
+    """Token embeddings [b, s, d]; rows named by `override` are replaced by its vectors."""
+    x = jnp.take(params["embed"], tokens, axis=0)  # [b, s, d]
+    if override is not None:
+        s = tokens.shape[1]
+        hit = (jnp.arange(s)[None, :, None] == override.positions[:, None, :])  # [b, s, n]
+        hit_f = hit.astype(x.dtype)
+        replaced = jnp.einsum("bsn,bnd->bsd", hit_f, override.vectors.astype(x.dtype))
+        x = jnp.where(hit.any(-1)[..., None], replaced, x)
+    return sharding.constrain(x, ("batch", "seq", "act_embed"))
+
+
+def positions_from_mask(valid: jax.Array) -> jax.Array:
+    """Position ids [b, s] for a left-padded batch: 0 at each row's first real token."""
+    return jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
+
+
+# ----------------------------------------------------------------------------- one block
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention.
+
+    q: [b, s, H, hd]   k, v: [b, t, KV, hd]   mask: [b, s, t] bool   ->   [b, s, H, hd]
+    """
+    b, s, H, hd = q.shape
+    KV = k.shape[2]
+    qg = q.reshape(b, s, KV, H // KV, hd)
+    scores = jnp.einsum("bskgh,btkh->bkgst", qg, k).astype(jnp.float32) * (hd ** -0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgst,btkh->bskgh", probs, v)
+    return out.reshape(b, s, H, hd)
+
+
+def block(cfg: ModelConfig, lp: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+          cache_write: Callable[[jax.Array, jax.Array], Any] | None = None) -> tuple[jax.Array, Any]:
+    """One pre-norm block. x: [b, s, d]; returns (x_out, aux).
+
+    Without `cache_write`, attention runs over this call's own keys and aux = (k, v), each
+    [b, s, KV, hd]. With it (the sampler), `cache_write(k, v)` stores them in a KV cache and
+    returns (keys, values, aux): attention runs over the cache's [b, t, KV, hd] instead.
+    """
+    h = rms_norm(x, lp["attn_norm"], cfg.rms_eps)
+    q = jnp.einsum("bsd,dhk->bshk", h, lp["wq"])
+    k = jnp.einsum("bsd,dhk->bshk", h, lp["wk"])
+    v = jnp.einsum("bsd,dhk->bshk", h, lp["wv"])
+    if cfg.qkv_bias:
+        q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+    q = apply_rope(q, cos, sin)
+    k = apply_rope(k, cos, sin)
+    if cache_write is None:
+        keys, values, aux = k, v, (k, v)
+    else:
+        keys, values, aux = cache_write(k, v)
+    a = attention(q, keys, values, mask)
+    x = x + jnp.einsum("bshk,hkd->bsd", a, lp["wo"])
+    x = sharding.constrain(x, ("batch", "seq", "act_embed"))
+    h = rms_norm(x, lp["mlp_norm"], cfg.rms_eps)
+    g = jnp.einsum("bsd,df->bsf", h, lp["w_gate"])
+    u = jnp.einsum("bsd,df->bsf", h, lp["w_up"])
+    f = sharding.constrain(jax.nn.silu(g) * u, ("batch", "seq", "act_mlp"))
+    x = x + jnp.einsum("bsf,fd->bsd", f, lp["w_down"])
+    return sharding.constrain(x, ("batch", "seq", "act_embed")), aux
+
+
+# ----------------------------------------------------------------------------- stacks
+
+def _slice_layers(layers: Params, start: int, stop: int) -> Params:
+    return jax.tree.map(lambda a: a[start:stop], layers)
+
+
+def run_blocks(cfg: ModelConfig, layers: Params, x: jax.Array, positions: jax.Array, mask: jax.Array,
+               start: int = 0, stop: int | None = None, remat: bool = False) -> jax.Array:
+    """Blocks [start, stop) of a stack on residual stream x: [b, s, d] -> [b, s, d]."""
+    n = jax.tree.leaves(layers)[0].shape[0]
+    stop = n if stop is None else stop
+    if stop <= start:
+        return x
+    if (start, stop) != (0, n):
+        layers = _slice_layers(layers, start, stop)
+    cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+
+    def body(h, lp):
+        h, _ = block(cfg, lp, h, cos, sin, mask)
+        return h, None
+
+    if remat:
+        body = jax.checkpoint(body, prevent_cse=False)
+    x, _ = jax.lax.scan(body, x, layers)
+    return x
+
+
+def causal_mask(valid: jax.Array) -> jax.Array:
+    """[b, s, s] bool: causal and key not padding. valid: [b, s] bool."""
+    s = valid.shape[1]
+    causal = jnp.tril(jnp.ones((s, s), bool))
+    return causal[None] & valid[:, None, :]
+
+
+def unembed(cfg: ModelConfig, params: Params, h: jax.Array) -> jax.Array:
+    """Final norm then logits in float32. h: [b, s, d] -> [b, s, V]."""
+    h = rms_norm(h, params["final_norm"], cfg.rms_eps)
+    w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]  # [d, V]
+    logits = jnp.einsum("bsd,dv->bsv", h, w, preferred_element_type=jnp.float32)
+    return sharding.constrain(logits, ("batch", "seq", "act_vocab"))
+
+
+def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, *, valid: jax.Array | None = None,
+            override: Override | None = None, capture_layer: int | None = None,
+            logits: bool = True, remat: bool = False) -> dict[str, jax.Array]:
+    """Full forward pass.
+
+    tokens: [b, s] int; valid: [b, s] bool (False = left padding), default all True.
+    Returns {"logits": [b, s, V] float32} and, if capture_layer=K, {"hidden": [b, s, d]} = the
+    residual stream after block K (Hugging Face hidden_states[K + 1]). With logits=False the
+    blocks after K are not run at all.
+    """
+    if valid is None:
+        valid = jnp.ones(tokens.shape, bool)
+    positions = positions_from_mask(valid)
+    mask = causal_mask(valid)
+    x = embed(params, tokens, override)
+    out: dict[str, jax.Array] = {}
+    n = cfg.n_layers
+    if capture_layer is not None:
+        if not 0 <= capture_layer < n:
+            raise ValueError(f"capture_layer={capture_layer} out of range [0, {n})")
+        x = run_blocks(cfg, params["layers"], x, positions, mask, 0, capture_layer + 1, remat)
+        out["hidden"] = x
+        if logits:
+            x = run_blocks(cfg, params["layers"], x, positions, mask, capture_layer + 1, n, remat)
+    else:
+        x = run_blocks(cfg, params["layers"], x, positions, mask, 0, n, remat)
+    if logits:
+        out["logits"] = unembed(cfg, params, x)
+    return out

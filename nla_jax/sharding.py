@@ -1,0 +1,148 @@
+"""Mesh from config and logical-axis rules -> NamedSharding.
+
+Every parameter and the main activations carry logical axis names (`embed`, `heads`, `mlp`,
+`vocab`, `layers`, `batch`, ...). One rules table in the config maps each name to a mesh axis
+(or a tuple of them, or None). A mesh axis that does not divide a dimension is dropped for
+that array (e.g. SmolLM2's 3 KV heads on a tensor axis of 2), so any rules table is valid on
+any model; `explain_sharding` reports what was dropped.
+
+Activation constraints (`constrain`) are no-ops unless a mesh and rules are active
+(`with use_mesh(mesh, rules):`), so the model functions run unchanged on one device.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Iterator, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from nla_jax.errors import UserError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Default rules: batch over data+fsdp, weights' embed dim over fsdp, heads/mlp/vocab over tensor.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("seq", None),
+    ("act_embed", None),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("act_heads", "tensor"),
+    ("layers", None),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("norm", None),
+    ("cache_batch", ("data", "fsdp")),
+    ("cache_seq", None),
+)
+
+_ACTIVE: dict[str, Any] = {"mesh": None, "rules": None}
+
+
+def make_mesh(shape: Sequence[int], axes: Sequence[str] = MESH_AXES,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh of the given shape; -1 in one place takes the remaining devices."""
+    devices = list(devices if devices is not None else jax.devices())
+    shape = list(shape)
+    if len(shape) != len(axes):
+        raise UserError(f"mesh shape {tuple(shape)} has {len(shape)} axes but mesh axes are {tuple(axes)}")
+    if shape.count(-1) > 1:
+        raise UserError(f"mesh shape {tuple(shape)}: at most one -1")
+    if -1 in shape:
+        rest = math.prod(s for s in shape if s != -1)
+        if rest <= 0 or len(devices) % rest:
+            raise UserError(f"mesh shape {tuple(shape)} does not fit {len(devices)} devices")
+        shape[shape.index(-1)] = len(devices) // rest
+    if math.prod(shape) != len(devices):
+        raise UserError(f"mesh shape {tuple(shape)} needs {math.prod(shape)} devices but "
+                        f"{len(devices)} are available (set mesh.shape to match, or use -1)")
+    try:
+        from jax.experimental import mesh_utils
+        dev = mesh_utils.create_device_mesh(shape, devices)
+    except Exception:  # CPU/fake devices: plain order is fine
+        dev = np.asarray(devices).reshape(shape)
+    return Mesh(dev, tuple(axes))
+
+
+def mesh_from_config(mcfg) -> Mesh:
+    return make_mesh(tuple(mcfg.shape), tuple(mcfg.axes))
+
+
+def rules_dict(rules: Sequence[tuple[str, Any]]) -> dict[str, Any]:
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in rules}
+
+
+def spec_for(axes: Sequence[str | None], shape: Sequence[int] | None, mesh: Mesh,
+             rules: Sequence[tuple[str, Any]]) -> P:
+    """PartitionSpec for logical axes; mesh axes that don't divide the dim are dropped."""
+    table = rules_dict(rules)
+    used: set[str] = set()
+    out = []
+    for i, name in enumerate(axes):
+        target = table.get(name) if name is not None else None
+        if target is None:
+            out.append(None)
+            continue
+        names = (target,) if isinstance(target, str) else tuple(target)
+        keep = []
+        size = 1
+        for m in names:
+            if m not in mesh.shape or m in used or mesh.shape[m] == 1:
+                continue
+            if shape is not None and shape[i] % (size * mesh.shape[m]):
+                continue
+            keep.append(m)
+            size *= mesh.shape[m]
+        used.update(keep)
+        out.append(None if not keep else keep[0] if len(keep) == 1 else tuple(keep))
+    return P(*out)
+
+
+def named_sharding(axes, shape, mesh, rules) -> NamedSharding:
+    return NamedSharding(mesh, spec_for(axes, shape, mesh, rules))
+
+
+def tree_shardings(axes_tree: Any, abstract_tree: Any, mesh: Mesh, rules) -> Any:
+    """NamedShardings for a pytree of arrays given a matching pytree of logical axes."""
+    is_axes = lambda x: isinstance(x, tuple) and all(isinstance(a, (str, type(None))) for a in x)
+    return jax.tree.map(lambda ax, a: named_sharding(ax, a.shape, mesh, rules), axes_tree, abstract_tree,
+                        is_leaf=is_axes)
+
+
+def explain_sharding(axes_tree, abstract_tree, mesh, rules) -> list[str]:
+    """Human-readable lines: leaf path, shape, spec."""
+    sh = tree_shardings(axes_tree, abstract_tree, mesh, rules)
+    flat, _ = jax.tree_util.tree_flatten_with_path(sh)
+    shapes = jax.tree.leaves(abstract_tree)
+    return [f"{jax.tree_util.keystr(p)} {tuple(a.shape)} {s.spec}" for (p, s), a in zip(flat, shapes)]
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh | None, rules: Sequence[tuple[str, Any]] | None = None) -> Iterator[None]:
+    """Activate activation-sharding constraints for code traced inside this context."""
+    prev = dict(_ACTIVE)
+    _ACTIVE["mesh"], _ACTIVE["rules"] = mesh, (rules if rules is not None else DEFAULT_RULES)
+    try:
+        yield
+    finally:
+        _ACTIVE.update(prev)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    mesh = _ACTIVE["mesh"]
+    if mesh is None or mesh.size == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, named_sharding(axes, x.shape, mesh, _ACTIVE["rules"]))
+
+
+def shard_params(params: Any, axes_tree: Any, mesh: Mesh, rules) -> Any:
+    """Place a host pytree onto the mesh."""
+    shardings = tree_shardings(axes_tree, params, mesh, rules)
+    return jax.tree.map(lambda a, s: jax.device_put(a, s), params, shardings)
