@@ -347,3 +347,42 @@ def load(source: str, dtype=jnp.float32, shardings: Any = None, arch: dict | Non
     else:
         raise UserError(f"model source {source!r} is neither 'embedded', 'random', a .gguf file nor a directory")
     return cfg, assemble(cfg, read, dtype, shardings), tok
+
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def dtype_of(name: str):
+    if name not in DTYPES:
+        raise UserError(f"config key model.dtype={name!r}: expected one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_from_config(mcfg, mesh=None, rules=None):
+    """(ModelConfig, params, tokenizer) from a config's `model` section, optionally sharded."""
+    from nla_jax import sharding
+    dtype = dtype_of(mcfg.dtype)
+    shardings = None
+    if mesh is not None:
+        # Shapes come from the source's own metadata, so resolve the config first (cheap).
+        cfg0 = peek_config(mcfg)
+        shardings = sharding.tree_shardings(transformer.param_axes(cfg0), transformer.abstract_params(cfg0, dtype),
+                                            mesh, rules)
+    arch = mcfg.arch.to_dict() if hasattr(mcfg.arch, "to_dict") else mcfg.arch
+    cfg, params, tok = load(mcfg.source, dtype, shardings, arch=arch, seed=mcfg.seed)
+    layer = mcfg.get("layer")
+    if layer is not None and not 0 <= layer < cfg.n_layers:
+        raise UserError(f"config key model.layer={layer} is out of range for {cfg.n_layers} blocks "
+                        f"(0..{cfg.n_layers - 1})")
+    return cfg, params, tok
+
+
+def peek_config(mcfg) -> ModelConfig:
+    """The ModelConfig of a source without reading its weights."""
+    if mcfg.source == "random":
+        return from_dict(mcfg.arch.to_dict() if hasattr(mcfg.arch, "to_dict") else dict(mcfg.arch))
+    path = resolve_source(mcfg.source)
+    if os.path.isdir(path):
+        return hf_config(path)[0]
+    reader = _open_gguf(path)
+    return gguf_config(_gguf_fields(reader), {t.name for t in reader.tensors}, path)

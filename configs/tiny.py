@@ -1,0 +1,25 @@
+"""A tiny random Llama-family model (2 blocks, d=64, vocab 512) for unit tests.
+
+    python -m nla_jax.generate --config configs/tiny.py --prompt-ids 1,2,3 --greedy
+    variants: configs/tiny.py:qwen2 (q/k/v biases, untied head)
+"""
+import ml_collections
+
+from nla_jax import config_defaults as common
+
+
+def get_config(arg=None):
+    variant = arg or "llama"
+    if variant not in ("llama", "qwen2"):
+        raise ValueError(f"unknown variant {variant!r} (llama, qwen2)")
+    cfg = ml_collections.ConfigDict()
+    arch = dict(family=variant, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=128,
+                vocab_size=512, rope_theta=10000.0, rms_eps=1e-5, tie_embeddings=variant == "llama",
+                qkv_bias=variant == "qwen2", max_seq_len=512, bos_id=1, eos_ids=(2,), pad_id=0,
+                add_bos=True, name=f"tiny-{variant}")
+    cfg.model = ml_collections.ConfigDict(dict(source="random", dtype="float32", layer=0, remat=False,
+                                               arch=ml_collections.ConfigDict(arch), seed=0))
+    cfg.mesh = common.mesh((-1, 1, 1))
+    cfg.rules = common.rules()
+    cfg.sample = common.sample(max_new_tokens=16)
+    return cfg
