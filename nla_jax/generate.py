@@ -41,12 +41,13 @@ def main(argv=None) -> int:
     import jax
     import jax.numpy as jnp
 
-    from nla_jax import sampling
+    from nla_jax import sampling, sharding
     from nla_jax.checkpoints import loader
     from nla_jax.models import transformer as T
 
     t0 = time.perf_counter()
-    mcfg, params, tok = loader.load_from_config(cfg.model)
+    mesh = sharding.mesh_from_config(cfg.mesh)
+    mcfg, params, tok = loader.load_from_config(cfg.model, mesh, cfg.rules)
     print(f"loaded {mcfg.name} ({mcfg.family}, {mcfg.n_layers} blocks, d={mcfg.d_model}) "
           f"in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
 
@@ -71,7 +72,8 @@ def main(argv=None) -> int:
     seed = args.seed if args.seed is not None else s.seed
     toks, valid = sampling.pad_prompts(prompts, mcfg.pad_id)
     t0 = time.perf_counter()
-    out = sampling.sample(params, jnp.asarray(toks), jnp.asarray(valid), jax.random.key(seed), cfg=mcfg, sc=sc)
+    with sharding.use_mesh(mesh, cfg.rules):
+        out = sampling.sample(params, jnp.asarray(toks), jnp.asarray(valid), jax.random.key(seed), cfg=mcfg, sc=sc)
     out = jax.device_get(out)
     dt = time.perf_counter() - t0
     n_new = int(out.lengths.sum())

@@ -2,7 +2,7 @@
 
 Prompts of different lengths are left-padded; position ids restart at each row's first real
 token and padding keys are masked, so a padded row computes exactly what it would alone.
-The cache is [layers, batch, prompt + new, kv_heads, head_dim] and lives in the loop carry,
+The cache is [layers, batch, kv_heads, prompt + new, head_dim] and lives in the loop carry,
 updated in place (one token per layer per step). Decoding stops when every row has emitted
 an EOS or `max_new_tokens` is reached.
 
@@ -90,25 +90,24 @@ def _top_p_mask(sorted_vals: jax.Array, p: float) -> jax.Array:
 
 
 def _layers_with_cache(cfg: ModelConfig, layers, x, cos, sin, mask, ck, cv, slot):
-    """All blocks on x [b, s, d], writing this call's k/v into the cache at `slot`."""
+    """All blocks on x [b, s, d], writing this call's k/v into the cache at `slot`.
 
-    def body(carry, xs):
-        h, ck, cv = carry
-        lp, i = xs
+    The cache is scanned over (xs) and re-stacked (ys) rather than carried: XLA then writes each
+    layer's slice once per call instead of copying the whole cache at every layer.
+    """
+
+    def body(h, xs):
+        lp, ck_l, cv_l = xs  # ck_l: [b, KV, T, hd]
 
         def write(k, v):
-            nonlocal ck, cv
-            ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (i, 0, slot, 0, 0))
-            cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (i, 0, slot, 0, 0))
-            keys = jax.lax.dynamic_index_in_dim(ck, i, 0, keepdims=False)
-            values = jax.lax.dynamic_index_in_dim(cv, i, 0, keepdims=False)
-            return keys, values, None
+            ck_new = jax.lax.dynamic_update_slice(ck_l, k.astype(ck_l.dtype), (0, 0, slot, 0))
+            cv_new = jax.lax.dynamic_update_slice(cv_l, v.astype(cv_l.dtype), (0, 0, slot, 0))
+            return ck_new, cv_new, (ck_new, cv_new)
 
-        h, _ = T.block(cfg, lp, h, cos, sin, mask, cache_write=write)
-        return (h, ck, cv), None
+        h, (ck_new, cv_new) = T.block(cfg, lp, h, cos, sin, mask, cache_write=write)
+        return h, (ck_new, cv_new)
 
-    n = jax.tree.leaves(layers)[0].shape[0]
-    (x, ck, cv), _ = jax.lax.scan(body, (x, ck, cv), (layers, jnp.arange(n)))
+    x, (ck, cv) = jax.lax.scan(body, x, (layers, ck, cv))
     return x, ck, cv
 
 
@@ -124,7 +123,7 @@ def sample(params, prompt: jax.Array, valid: jax.Array, key: jax.Array, *, cfg: 
     N = sc.max_new_tokens
     Tn = P + N
     dtype = params["embed"].dtype
-    ck = jnp.zeros((cfg.n_layers, b, Tn, cfg.n_kv_heads, cfg.head_dim), dtype)
+    ck = jnp.zeros((cfg.n_layers, b, cfg.n_kv_heads, Tn, cfg.head_dim), dtype)
     cv = jnp.zeros_like(ck)
     kv_valid = jnp.concatenate([valid, jnp.ones((b, N), bool)], axis=1)  # [b, T]
     prompt_len = valid.sum(axis=1).astype(jnp.int32)  # [b]

@@ -15,6 +15,7 @@ Entry points:
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -95,6 +96,36 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:
 
 # ----------------------------------------------------------------------------- pieces
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _proj_barrier(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    return jnp.einsum(spec, x, w)
+
+
+def _proj_fwd(spec, x, w):
+    return jnp.einsum(spec, x, w), (x, w)
+
+
+def _proj_bwd(spec, res, dy):
+    # The barrier keeps XLA:CPU from fusing the elementwise backward (silu', softmax') into the
+    # transposed copy that feeds the weight-gradient dot: that fused loop walks memory with a
+    # large stride and cost more than the matmuls themselves (forward+backward 1.6x slower).
+    x, w = res
+    dy = jax.lax.optimization_barrier(dy)
+    _, vjp = jax.vjp(lambda a, b: jnp.einsum(spec, a, b), x, w)
+    return vjp(dy)
+
+
+_proj_barrier.defvjp(_proj_fwd, _proj_bwd)
+
+
+def proj(spec: str, x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
+    """A weight matmul (einsum). On CPU its gradient goes through `_proj_barrier`."""
+    if jax.default_backend() == "cpu":
+        y = _proj_barrier(spec, x, w)
+        return y if out_dtype is None else y.astype(out_dtype)
+    return jnp.einsum(spec, x, w, preferred_element_type=out_dtype)
+
+
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
@@ -125,11 +156,11 @@ def rope_tables(positions: jax.Array, head_dim: int, theta: float,
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate-half RoPE (the Hugging Face layout). x: [b, s, heads, hd]."""
+    """Rotate-half RoPE (the Hugging Face layout). x: [b, heads, s, hd]; cos, sin: [b, s, hd/2]."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
-    c = cos[:, :, None, :].astype(x.dtype)
-    s = sin[:, :, None, :].astype(x.dtype)
+    c = cos[:, None, :, :].astype(x.dtype)
+    s = sin[:, None, :, :].astype(x.dtype)
     return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
 
 
@@ -163,18 +194,19 @@ def positions_from_mask(valid: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------- one block
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention.
+    """Grouped-query attention in head-major layout (no transposes of the KV cache).
 
-    q: [b, s, H, hd]   k, v: [b, t, KV, hd]   mask: [b, s, t] bool   ->   [b, s, H, hd]
+    q: [b, H, s, hd]   k, v: [b, KV, t, hd]   mask: [b, s, t] bool   ->   [b, H, s, hd]
+    Query head i reads KV head i // (H // KV), as in Hugging Face.
     """
-    b, s, H, hd = q.shape
-    KV = k.shape[2]
-    qg = q.reshape(b, s, KV, H // KV, hd)
-    scores = jnp.einsum("bskgh,btkh->bkgst", qg, k).astype(jnp.float32) * (hd ** -0.5)
+    b, H, s, hd = q.shape
+    KV = k.shape[1]
+    qg = q.reshape(b, KV, H // KV, s, hd)
+    scores = jnp.einsum("bkgsh,bkth->bkgst", qg, k, preferred_element_type=jnp.float32) * (hd ** -0.5)
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgst,btkh->bskgh", probs, v)
-    return out.reshape(b, s, H, hd)
+    out = jnp.einsum("bkgst,bkth->bkgsh", probs, v)
+    return out.reshape(b, H, s, hd)
 
 
 def block(cfg: ModelConfig, lp: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
@@ -182,15 +214,17 @@ def block(cfg: ModelConfig, lp: Params, x: jax.Array, cos: jax.Array, sin: jax.A
     """One pre-norm block. x: [b, s, d]; returns (x_out, aux).
 
     Without `cache_write`, attention runs over this call's own keys and aux = (k, v), each
-    [b, s, KV, hd]. With it (the sampler), `cache_write(k, v)` stores them in a KV cache and
-    returns (keys, values, aux): attention runs over the cache's [b, t, KV, hd] instead.
+    [b, KV, s, hd]. With it (the sampler), `cache_write(k, v)` stores them in a KV cache and
+    returns (keys, values, aux): attention then runs over the cache's [b, KV, t, hd].
     """
     h = rms_norm(x, lp["attn_norm"], cfg.rms_eps)
-    q = jnp.einsum("bsd,dhk->bshk", h, lp["wq"])
-    k = jnp.einsum("bsd,dhk->bshk", h, lp["wk"])
-    v = jnp.einsum("bsd,dhk->bshk", h, lp["wv"])
+    q = proj("bsd,dhk->bhsk", h, lp["wq"])  # [b, H, s, hd]
+    k = proj("bsd,dhk->bhsk", h, lp["wk"])  # [b, KV, s, hd]
+    v = proj("bsd,dhk->bhsk", h, lp["wv"])
     if cfg.qkv_bias:
-        q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+        q = q + lp["bq"][None, :, None, :]
+        k = k + lp["bk"][None, :, None, :]
+        v = v + lp["bv"][None, :, None, :]
     q = apply_rope(q, cos, sin)
     k = apply_rope(k, cos, sin)
     if cache_write is None:
@@ -198,13 +232,13 @@ def block(cfg: ModelConfig, lp: Params, x: jax.Array, cos: jax.Array, sin: jax.A
     else:
         keys, values, aux = cache_write(k, v)
     a = attention(q, keys, values, mask)
-    x = x + jnp.einsum("bshk,hkd->bsd", a, lp["wo"])
+    x = x + proj("bhsk,hkd->bsd", a, lp["wo"])
     x = sharding.constrain(x, ("batch", "seq", "act_embed"))
     h = rms_norm(x, lp["mlp_norm"], cfg.rms_eps)
-    g = jnp.einsum("bsd,df->bsf", h, lp["w_gate"])
-    u = jnp.einsum("bsd,df->bsf", h, lp["w_up"])
+    g = proj("bsd,df->bsf", h, lp["w_gate"])  # [b, s, F]
+    u = proj("bsd,df->bsf", h, lp["w_up"])
     f = sharding.constrain(jax.nn.silu(g) * u, ("batch", "seq", "act_mlp"))
-    x = x + jnp.einsum("bsf,fd->bsd", f, lp["w_down"])
+    x = x + proj("bsf,fd->bsd", f, lp["w_down"])
     return sharding.constrain(x, ("batch", "seq", "act_embed")), aux
 
 
@@ -246,7 +280,7 @@ def unembed(cfg: ModelConfig, params: Params, h: jax.Array) -> jax.Array:
     """Final norm then logits in float32. h: [b, s, d] -> [b, s, V]."""
     h = rms_norm(h, params["final_norm"], cfg.rms_eps)
     w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]  # [d, V]
-    logits = jnp.einsum("bsd,dv->bsv", h, w, preferred_element_type=jnp.float32)
+    logits = proj("bsd,dv->bsv", h, w, out_dtype=jnp.float32)
     return sharding.constrain(logits, ("batch", "seq", "act_vocab"))
 
 

@@ -1,0 +1,172 @@
+"""Target-model speed, side by side with transformers on the same weights and shapes.
+
+    .venv/bin/python benchmarks/model_speed.py                  # prints a table, writes JSON
+    .venv/bin/python benchmarks/model_speed.py --skip-peer      # nla_jax only
+
+Measures (float32, SmolLM2-135M-Instruct from the embedded GGUF):
+  forward tok/s at batch x seq, as a fraction of this machine's float32 matmul ceiling
+  (XLA 4096^3 matmul, measured in the same run); forward+backward tok/s (jax.grad of the
+  next-token cross-entropy vs transformers' loss.backward()); sampler new tok/s at each
+  generation batch with exactly --new-tokens new tokens (no EOS stop) vs `generate`.
+The peer runs through ../shared/peers/hf_peer.py in its own venv (NLA_PEERS_PYTHON, or
+build/peers-venv, or ~/.cache/nla-peers-venv). Compare ratios from one run: the machine is
+shared and absolute times drift.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+PEER_SCRIPT = os.path.join(REPO, "..", "shared", "peers", "hf_peer.py")
+# The peer's prompt set, so both sides generate from identical chat prompts.
+PROMPTS = [
+    "What is the capital of France?", "Write a haiku about the ocean.", "Name three primary colors.",
+    "Explain gravity to a child.", "Give me a synonym for happy.", "What is 2+2?",
+    "List some fruits that are red.", "Describe a cat in one sentence.",
+]
+
+
+def find_peer_python() -> str | None:
+    for cand in (os.environ.get("NLA_PEERS_PYTHON"), os.path.join(REPO, "build", "peers-venv", "bin", "python"),
+                 os.path.expanduser("~/.cache/nla-peers-venv/bin/python")):
+        if cand and os.path.isfile(cand):
+            return cand
+    return None
+
+
+def timeit(fn, warmup: int = 1, runs: int = 5) -> float:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def run_peer(py: str, cmd: list[str]) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = f.name
+    print(f"[peer] {' '.join(cmd)}", file=sys.stderr, flush=True)
+    subprocess.run([py, PEER_SCRIPT, *cmd, "--out", out], check=True, stdout=subprocess.DEVNULL)
+    with open(out) as f:
+        return json.load(f)
+
+
+def measure_ours(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from nla_jax import sampling
+    from nla_jax.checkpoints import loader
+    from nla_jax.models import transformer as T
+    from nla_jax.models.logprobs import next_token_loss
+
+    res: dict = {"jax": jax.__version__, "backend": jax.default_backend(), "devices": jax.device_count()}
+    cfg, params, tok = loader.load("embedded")
+    B, S = args.batch, args.seq
+    tokens = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, size=(B, S)), jnp.int32)
+
+    n = 4096
+    a = jnp.asarray(np.random.default_rng(1).standard_normal((n, n)), jnp.float32)
+    mm = jax.jit(lambda x: x @ x)
+    print("[ours] matmul ceiling", file=sys.stderr, flush=True)
+    res["matmul_float32_gflops"] = 2 * n ** 3 / timeit(lambda: mm(a).block_until_ready()) / 1e9
+
+    fwd = jax.jit(lambda p, t: T.forward(p, t, cfg)["logits"])
+    print("[ours] forward", file=sys.stderr, flush=True)
+    t = timeit(lambda: fwd(params, tokens).block_until_ready())
+    res["forward_float32_tok_s"] = B * S / t
+    flops = cfg.matmul_flops_per_token() + cfg.attention_flops_per_token(S // 2)
+    res["forward_gflops"] = flops * B * S / t / 1e9
+    res["forward_fraction_of_ceiling"] = res["forward_gflops"] / res["matmul_float32_gflops"]
+
+    def loss(p, t):
+        return next_token_loss(T.forward(p, t, cfg)["logits"], t)
+
+    grad = jax.jit(jax.value_and_grad(loss))
+    print("[ours] forward+backward", file=sys.stderr, flush=True)
+    t = timeit(lambda: jax.block_until_ready(grad(params, tokens)), 1, 3)
+    res["train_float32_tok_s"] = B * S / t
+
+    sc = sampling.SampleConfig(max_new_tokens=args.new_tokens, greedy=True, stop_at_eos=False)
+    for gb in args.gen_batches:
+        prompts = (PROMPTS * (gb // len(PROMPTS) + 1))[:gb]
+        toks, valid = sampling.pad_prompts([tok.encode_chat(p) for p in prompts], cfg.pad_id)
+        toks, valid = jnp.asarray(toks), jnp.asarray(valid)
+        key = jax.random.key(0)
+        print(f"[ours] sampler batch {gb}", file=sys.stderr, flush=True)
+        t = timeit(lambda: jax.block_until_ready(sampling.sample(params, toks, valid, key, cfg=cfg, sc=sc)), 1, 3)
+        res[f"generate_float32_batch{gb}_new_tok_s"] = gb * args.new_tokens / t
+    return res
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "model_speed.json"))
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--gen-batches", default="8,32")
+    p.add_argument("--skip-peer", action="store_true")
+    args = p.parse_args()
+    args.gen_batches = [int(x) for x in args.gen_batches.split(",")]
+
+    peer_py = None if args.skip_peer else find_peer_python()
+    if not args.skip_peer and (peer_py is None or not os.path.isfile(PEER_SCRIPT)):
+        print("peer venv or ../shared/peers not found: run `bash ../shared/peers/setup.sh` or pass --skip-peer",
+              file=sys.stderr)
+        return 2
+    peer: dict = {}
+    if peer_py:
+        peer["matmul"] = run_peer(peer_py, ["matmul"])
+        peer["speed"] = run_peer(peer_py, ["speed", "--batch", str(args.batch), "--seq", str(args.seq),
+                                           "--new-tokens", str(args.new_tokens),
+                                           "--gen-batches", ",".join(map(str, args.gen_batches))])
+    ours = measure_ours(args)
+
+    ps = peer.get("speed", {})
+    rows = [("forward tok/s (f32, %dx%d)" % (args.batch, args.seq), ours["forward_float32_tok_s"],
+             ps.get("forward_float32_tok_s"), 1.1),
+            ("forward+backward tok/s (f32)", ours["train_float32_tok_s"], ps.get("train_float32_tok_s"), 1.0)]
+    for gb in args.gen_batches:
+        rows.append((f"sampler new tok/s (batch {gb}, {args.new_tokens} new)",
+                     ours[f"generate_float32_batch{gb}_new_tok_s"], ps.get(f"generate_float32_batch{gb}_new_tok_s"),
+                     3.0 if gb == 32 else None))
+    table = []
+    print(f"\n{'metric':44s} {'nla_jax':>10s} {'transformers':>13s} {'ratio':>7s} {'goal':>6s}")
+    for name, o, t, goal in rows:
+        ratio = o / t if t else None
+        met = None if ratio is None or goal is None else ratio >= goal
+        table.append({"metric": name, "nla_jax": o, "transformers": t, "ratio": ratio, "goal": goal, "met": met})
+        print(f"{name:44s} {o:10.1f} {t if t else float('nan'):13.1f} {ratio if ratio else float('nan'):7.2f} "
+              f"{'' if goal is None else '>=%.1fx' % goal:>6s} {'' if met is None else ('ok' if met else 'MISSED')}")
+    frac = ours["forward_fraction_of_ceiling"]
+    print(f"{'forward GFLOP/s / XLA f32 matmul ceiling':44s} {ours['forward_gflops']:10.1f} "
+          f"{ours['matmul_float32_gflops']:13.1f} {frac:7.2f} {'>=0.9':>6s} {'ok' if frac >= 0.9 else 'MISSED'}")
+    if "matmul" in peer:
+        print(f"{'torch f32 matmul GFLOP/s (peer ceiling)':44s} {'':10s} {peer['matmul']['matmul_float32_gflops']:13.1f}")
+    result = {"benchmark": "model_speed", "machine": platform.machine(), "cpu_count": os.cpu_count(),
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "args": vars(args), "nla_jax": ours, "peer": peer,
+              "table": table, "forward_fraction_of_ceiling": frac}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
