@@ -70,11 +70,14 @@ def main(argv=None) -> int:
         temperature=args.temperature if args.temperature is not None else s.temperature,
         top_k=s.top_k, top_p=s.top_p, greedy=args.greedy or s.greedy)
     seed = args.seed if args.seed is not None else s.seed
-    toks, valid = sampling.pad_prompts(prompts, mcfg.pad_id)
+    # Pad the batch to a multiple of the devices it is split over (extra rows are dropped).
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    rows = prompts + [prompts[0]] * (-len(prompts) % shards)
+    toks, valid = sampling.pad_prompts(rows, mcfg.pad_id)
+    run = sampling.make_sampler(mcfg, sc, mesh, cfg.rules, loader.dtype_of(cfg.model.dtype))
     t0 = time.perf_counter()
-    with sharding.use_mesh(mesh, cfg.rules):
-        out = sampling.sample(params, jnp.asarray(toks), jnp.asarray(valid), jax.random.key(seed), cfg=mcfg, sc=sc)
-    out = jax.device_get(out)
+    out = jax.device_get(run(params, jnp.asarray(toks), jnp.asarray(valid), jax.random.key(seed)))
+    out = jax.tree.map(lambda a: a[:len(prompts)], out)
     dt = time.perf_counter() - t0
     n_new = int(out.lengths.sum())
     print(f"sampled {n_new} tokens in {dt:.1f}s (compile included)", file=sys.stderr)

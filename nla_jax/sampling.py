@@ -111,8 +111,29 @@ def _layers_with_cache(cfg: ModelConfig, layers, x, cos, sin, mask, ck, cv, slot
     return x, ck, cv
 
 
+def make_sampler(cfg: ModelConfig, sc: SampleConfig, mesh, rules, dtype=jnp.float32):
+    """`sample` under jax.jit with explicit shardings: f(params, prompt, valid, key) -> SampleOutput."""
+    from nla_jax import sharding
+    p_sh = sharding.tree_shardings(T.param_axes(cfg), T.abstract_params(cfg, dtype), mesh, rules)
+    bs = sharding.named_sharding(("batch", "seq"), None, mesh, rules)
+    b1 = sharding.named_sharding(("batch",), None, mesh, rules)
+    rep = sharding.named_sharding((), None, mesh, rules)
+
+    def f(params, prompt, valid, key):
+        with sharding.use_mesh(mesh, rules):
+            return _sample(params, prompt, valid, key, cfg=cfg, sc=sc)
+
+    return jax.jit(f, in_shardings=(p_sh, bs, bs, rep), out_shardings=SampleOutput(bs, bs, b1, b1))
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "sc"))
 def sample(params, prompt: jax.Array, valid: jax.Array, key: jax.Array, *, cfg: ModelConfig,
+           sc: SampleConfig, override: T.Override | None = None) -> SampleOutput:
+    """Generate up to sc.max_new_tokens for a left-padded batch (see `_sample`)."""
+    return _sample(params, prompt, valid, key, cfg=cfg, sc=sc, override=override)
+
+
+def _sample(params, prompt: jax.Array, valid: jax.Array, key: jax.Array, *, cfg: ModelConfig,
            sc: SampleConfig, override: T.Override | None = None) -> SampleOutput:
     """Generate up to sc.max_new_tokens for a left-padded batch.
 

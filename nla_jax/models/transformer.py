@@ -313,3 +313,27 @@ def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, *, valid: jax.A
     if logits:
         out["logits"] = unembed(cfg, params, x)
     return out
+
+
+# ----------------------------------------------------------------------------- compile boundary
+
+def make_forward(cfg: ModelConfig, mesh, rules, *, capture_layer: int | None = None, logits: bool = True,
+                 dtype=jnp.float32):
+    """`forward` under jax.jit with explicit shardings for params, batch and outputs.
+
+    Returns f(params, tokens [b, s], valid [b, s]) -> dict like `forward`'s. Batch dims are
+    sharded by the `batch` rule; the params by their logical axes.
+    """
+    p_sh = sharding.tree_shardings(param_axes(cfg), abstract_params(cfg, dtype), mesh, rules)
+    bs = sharding.named_sharding(("batch", "seq"), None, mesh, rules)
+    out_sh = {}
+    if capture_layer is not None:
+        out_sh["hidden"] = sharding.named_sharding(("batch", "seq", "act_embed"), None, mesh, rules)
+    if logits:
+        out_sh["logits"] = sharding.named_sharding(("batch", "seq", "act_vocab"), None, mesh, rules)
+
+    def f(params, tokens, valid):
+        with sharding.use_mesh(mesh, rules):
+            return forward(params, tokens, cfg, valid=valid, capture_layer=capture_layer, logits=logits)
+
+    return jax.jit(f, in_shardings=(p_sh, bs, bs), out_shardings=out_sh)
