@@ -92,6 +92,7 @@ def test_missing_config_file():
     (("--config", TINY), ("--prompt",)),
     (("--config", TINY, "--prompt-ids", "1", "--max-new-tokens", "0"), ("--max-new-tokens",)),
     (("--config", TINY, "--config.model.dtype=float8", "--prompt-ids", "1"), ("model.dtype", "float8")),
+    (("--config", TINY, "--config.mesh.shape=(2, 1, 1)", "--prompt-ids", "1"), ("mesh shape (2, 1, 1)", "devices")),
 ])
 def test_other_bad_input(args, needles):
     assert_user_error(run_cli(*args), *needles)

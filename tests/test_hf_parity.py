@@ -25,7 +25,8 @@ from nla_jax.models import transformer as T
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HF_PEER = os.path.join(os.path.dirname(REPO), "shared", "peers", "hf_peer.py")
-PROMPTS = ["What is the capital of France?", "What is 2+2?", "Write a haiku about the ocean."]
+# one reply stops at EOS (and has digits in the prompt), one runs the full 32 tokens
+PROMPTS = ["What is 2+2?", "Write a haiku about the ocean."]
 NEW_TOKENS = 32
 
 fwd = jax.jit(T.forward, static_argnames=("cfg", "capture_layer", "logits", "remat"))
@@ -57,7 +58,7 @@ def hf_model():
 
 def test_logits_match_transformers(real, hf_model):
     torch, model = hf_model
-    for item in our_side(real, PROMPTS[:2], new_tokens=1):
+    for item in our_side(real, PROMPTS, new_tokens=1):
         with torch.inference_mode():
             theirs = model(torch.tensor([item["prompt_ids"]])).logits[0].float().numpy()
         assert theirs.shape == item["logits"].shape
@@ -94,9 +95,12 @@ def test_matches_transformers_peer(real, tmp_path):
     prompts_file = tmp_path / "prompts.json"
     prompts_file.write_text(json.dumps(PROMPTS))
     out_file = tmp_path / "reference.json"
+    # One torch thread: on this shared 2-core machine, torch's OpenMP threads spin-wait whenever
+    # another process holds a core (measured 99 s with 2 threads vs 23 s with 1, same JSON output).
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     proc = subprocess.run([py, HF_PEER, "reference", "--new-tokens", str(NEW_TOKENS), "--prompts-file",
                            str(prompts_file), "--out", str(out_file)],
-                          capture_output=True, text=True, timeout=540)
+                          capture_output=True, text=True, timeout=540, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ref = json.loads(out_file.read_text())
     assert ref["dtype"] == "float32" and [it["prompt"] for it in ref["items"]] == PROMPTS

@@ -99,8 +99,8 @@ def test_sampled_logprobs_match_teacher_forcing(tiny_qwen2):
 
 # ----------------------------------------------------------------------------- batching and decoding options
 
-def test_batch_of_different_lengths_matches_each_alone(tiny):
-    cfg, params, _ = tiny
+def test_batch_of_different_lengths_matches_each_alone(tiny_qwen2):
+    cfg, params, _ = tiny_qwen2
     prompts = [_tokens(cfg, n, seed=40 + n) for n in (3, 9, 14)]
     sc = sampling.SampleConfig(max_new_tokens=10, greedy=True, stop_at_eos=False)
     batch = _sample(params, cfg, prompts, sc)
