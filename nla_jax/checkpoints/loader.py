@@ -96,6 +96,9 @@ def gguf_config(fields: dict[str, Any], tensor_names: set[str], name: str) -> Mo
             raise UserError(f"GGUF {name!r} lacks metadata key {arch}.{key}")
         return v
 
+    if "rope_freqs.weight" in tensor_names:
+        raise UserError(f"GGUF {name!r} carries rope_freqs (Llama-3.1-style RoPE scaling), which the GGUF "
+                        f"loader does not apply; load the model's Hugging Face directory instead")
     d, h = int(g("embedding_length")), int(g("attention.head_count"))
     vocab = fields.get(f"{arch}.vocab_size") or len(fields["tokenizer.ggml.tokens"])
     eos = fields.get("tokenizer.ggml.eos_token_id")

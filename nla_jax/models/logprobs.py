@@ -38,9 +38,14 @@ token_logprobs.defvjp(_fwd, _bwd)
 
 
 def next_token_loss(logits: jax.Array, tokens: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    """Mean next-token cross-entropy: logits [b, s, V] predict tokens[:, 1:]."""
-    lp = token_logprobs(logits[:, :-1], tokens[:, 1:])  # [b, s-1]
-    if mask is None:
-        return -jnp.mean(lp)
-    m = mask[:, 1:].astype(jnp.float32)
-    return -jnp.sum(lp * m) / jnp.maximum(jnp.sum(m), 1.0)
+    """Mean next-token cross-entropy: logits [b, s, V] at position t predict tokens[:, t + 1].
+
+    The last position is weighted out rather than sliced off: slicing [b, s-1, V] out of the
+    logits is a full copy of the largest array in the step (and a pad in the backward).
+    """
+    targets = jnp.roll(tokens, -1, axis=1)
+    lp = token_logprobs(logits, targets)  # [b, s]
+    w = jnp.ones(tokens.shape, jnp.float32).at[:, -1].set(0.0)
+    if mask is not None:
+        w = w * jnp.roll(mask, -1, axis=1).astype(jnp.float32)
+    return -jnp.sum(lp * w) / jnp.maximum(jnp.sum(w), 1.0)
