@@ -6,8 +6,10 @@
 Measures (float32, SmolLM2-135M-Instruct from the embedded GGUF):
   forward tok/s at batch x seq, as a fraction of this machine's float32 matmul ceiling
   (XLA 4096^3 matmul, measured in the same run); forward+backward tok/s (jax.grad of the
-  next-token cross-entropy vs transformers' loss.backward()); sampler new tok/s at each
-  generation batch with exactly --new-tokens new tokens (no EOS stop) vs `generate`.
+  next-token cross-entropy vs transformers' loss.backward()), and the same with plain autodiff
+  (no hand-written matmul gradient) for reference; sampler new tok/s at each generation batch
+  with exactly --new-tokens new tokens (no EOS stop) vs `generate`, and the decode step time
+  next to its lower bound (all matmul weights read once at the measured memory bandwidth).
 The peer runs through ../shared/peers/hf_peer.py in its own venv (NLA_PEERS_PYTHON, or
 build/peers-venv, or ~/.cache/nla-peers-venv). Compare ratios from one run: the machine is
 shared and absolute times drift.
@@ -101,6 +103,28 @@ def measure_ours(args) -> dict:
     t = timeit(lambda: jax.block_until_ready(grad(params, tokens)), 1, 3)
     res["train_float32_tok_s"] = B * S / t
 
+    # The plain version for reference: autodiff through every matmul and log_softmax + take.
+    def plain_loss(p, t):
+        logits = T.forward(p, t, cfg)["logits"][:, :-1]
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return -jnp.mean(jnp.take_along_axis(logp, t[:, 1:, None], axis=-1))
+
+    T.CPU_HANDWRITTEN_MATMUL_GRAD = False
+    try:
+        plain = jax.jit(jax.value_and_grad(plain_loss))
+        print("[ours] forward+backward, plain autodiff baseline", file=sys.stderr, flush=True)
+        t = timeit(lambda: jax.block_until_ready(plain(params, tokens)), 1, 3)
+        res["train_plain_autodiff_float32_tok_s"] = B * S / t
+    finally:
+        T.CPU_HANDWRITTEN_MATMUL_GRAD = True
+
+    # Decode is bound by streaming the weights: one read of every matmul weight per step.
+    big = jnp.ones((64 * 1024 * 1024 // 4,), jnp.float32)  # 64 MiB
+    rd = jax.jit(lambda x: jnp.sum(x))
+    res["memory_read_gb_s"] = big.nbytes / timeit(lambda: rd(big).block_until_ready(), 2, 7) / 1e9
+    weight_bytes = (cfg.matmul_flops_per_token() // 2) * 4
+    res["decode_step_lower_bound_ms"] = weight_bytes / (res["memory_read_gb_s"] * 1e9) * 1e3
+
     sc = sampling.SampleConfig(max_new_tokens=args.new_tokens, greedy=True, stop_at_eos=False)
     for gb in args.gen_batches:
         prompts = (PROMPTS * (gb // len(PROMPTS) + 1))[:gb]
@@ -110,6 +134,7 @@ def measure_ours(args) -> dict:
         print(f"[ours] sampler batch {gb}", file=sys.stderr, flush=True)
         t = timeit(lambda: jax.block_until_ready(sampling.sample(params, toks, valid, key, cfg=cfg, sc=sc)), 1, 3)
         res[f"generate_float32_batch{gb}_new_tok_s"] = gb * args.new_tokens / t
+        res[f"decode_step_batch{gb}_ms"] = t / args.new_tokens * 1e3
     return res
 
 
@@ -153,6 +178,12 @@ def main() -> int:
         table.append({"metric": name, "nla_jax": o, "transformers": t, "ratio": ratio, "goal": goal, "met": met})
         print(f"{name:44s} {o:10.1f} {t if t else float('nan'):13.1f} {ratio if ratio else float('nan'):7.2f} "
               f"{'' if goal is None else '>=%.1fx' % goal:>6s} {'' if met is None else ('ok' if met else 'MISSED')}")
+    print(f"{'forward+backward, plain autodiff (reference)':44s} {ours['train_plain_autodiff_float32_tok_s']:10.1f} "
+          f"{ps.get('train_float32_tok_s', float('nan')):13.1f} "
+          f"{ours['train_plain_autodiff_float32_tok_s'] / ps['train_float32_tok_s'] if ps else float('nan'):7.2f}")
+    for gb in args.gen_batches:
+        print(f"{'decode ms/step (batch %d) vs weight-read bound' % gb:44s} {ours[f'decode_step_batch{gb}_ms']:10.1f} "
+              f"{ours['decode_step_lower_bound_ms']:13.1f}   (memory read {ours['memory_read_gb_s']:.1f} GB/s)")
     frac = ours["forward_fraction_of_ceiling"]
     print(f"{'forward GFLOP/s / XLA f32 matmul ceiling':44s} {ours['forward_gflops']:10.1f} "
           f"{ours['matmul_float32_gflops']:13.1f} {frac:7.2f} {'>=0.9':>6s} {'ok' if frac >= 0.9 else 'MISSED'}")

@@ -130,12 +130,16 @@ def _matmul_cpu_bwd(w_out_first, res, dy):
 _matmul_cpu.defvjp(_matmul_cpu_fwd, _matmul_cpu_bwd)
 
 
+# Benchmarks flip this to measure the plain-autodiff baseline; nothing else should.
+CPU_HANDWRITTEN_MATMUL_GRAD = True
+
+
 def matmul(x: jax.Array, w: jax.Array, *, w_out_first: bool = False, out_dtype=None) -> jax.Array:
     """A weight matmul: x [..., K] @ w [K, M] (or w [M, K] with w_out_first) -> [..., M].
 
     On CPU the gradient is hand-written (`_matmul_cpu_bwd`); elsewhere plain autodiff.
     """
-    if jax.default_backend() == "cpu":
+    if jax.default_backend() == "cpu" and CPU_HANDWRITTEN_MATMUL_GRAD:
         y = _matmul_cpu(x, w, w_out_first)
         return y if out_dtype is None else y.astype(out_dtype)
     return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1 if w_out_first else 0,)), ((), ())),
