@@ -1,0 +1,1 @@
+"""Corpus -> positions/splits -> activation store -> loader."""
