@@ -21,5 +21,6 @@ def get_config(arg=None):
                                                arch=ml_collections.ConfigDict(arch), seed=0))
     cfg.mesh = common.mesh((-1, 1, 1))
     cfg.rules = common.rules()
+    cfg.data = common.data(store="runs/tiny/acts")
     cfg.sample = common.sample(max_new_tokens=16)
     return cfg

@@ -20,3 +20,24 @@ def sample(**kw) -> ml_collections.ConfigDict:
     base = dict(max_new_tokens=128, temperature=0.7, top_k=0, top_p=0.9, greedy=False, seed=0)
     base.update(kw)
     return ml_collections.ConfigDict(base)
+
+
+def data(**kw) -> ml_collections.ConfigDict:
+    """Corpus -> positions -> splits -> activation store (see nla_jax/extract.py)."""
+    base = dict(
+        # {"kind": text_dir|jsonl|parquet, "path": ..., "name": ...}; default: the built default corpus
+        sources=[{"kind": "jsonl", "path": "build/corpus/full/chat.jsonl", "name": "chat"},
+                 {"kind": "jsonl", "path": "build/corpus/full/prose.jsonl", "name": "prose"}],
+        store="runs/acts",
+        seed=0,
+        k=8,                 # positions per document
+        min_position=50,     # never position 0 (attention sink) nor the first tokens
+        max_len=256,         # documents are truncated to this many tokens
+        splits=(("av_sft", 0.25), ("ar_sft", 0.25), ("rl", 0.45), ("eval", 0.05)),
+        dtype="float32",     # store dtype: float32 or bfloat16
+        batch_per_process=8,
+        seq_multiple=64,     # pad batches to a multiple of this length (few compiled shapes)
+        chunk_rows=256,
+    )
+    base.update(kw)
+    return ml_collections.ConfigDict(base)

@@ -1,0 +1,72 @@
+"""Multi-process plumbing: `jax.distributed` start-up and host-local <-> global arrays.
+
+One code path for 1 process and N: with a single process every helper here is the identity
+(no collective runs). On CPU, processes talk through gloo collectives, so a "multi-host" run
+can be tested for real as several processes on 127.0.0.1.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from nla_jax.errors import UserError
+
+INIT_TIMEOUT_S = int(os.environ.get("NLA_DIST_INIT_TIMEOUT", "120"))
+
+
+def initialize(coordinator: str | None, num_processes: int, process_id: int) -> None:
+    """Start jax.distributed when more than one process is asked for (explicit timeout)."""
+    if num_processes <= 1:
+        return
+    if coordinator is None:
+        raise UserError("--num-processes > 1 needs --coordinator host:port")
+    if not 0 <= process_id < num_processes:
+        raise UserError(f"--process-id {process_id} out of range for --num-processes {num_processes}")
+    import jax
+    if os.environ.get("JAX_PLATFORMS", "cpu").startswith("cpu") or jax.config.jax_platforms in (None, "cpu"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id, initialization_timeout=INIT_TIMEOUT_S)
+
+
+def _allgather_ints(x: int) -> np.ndarray:
+    import jax
+    from jax.experimental import multihost_utils
+    if jax.process_count() == 1:
+        return np.asarray([x])
+    return np.asarray(multihost_utils.process_allgather(np.asarray([x], np.int64))).reshape(-1)
+
+
+def max_over_processes(x: int) -> int:
+    return int(_allgather_ints(int(x)).max())
+
+
+def all_true(flag: bool) -> bool:
+    return bool(_allgather_ints(int(bool(flag))).min())
+
+
+def barrier(name: str) -> None:
+    import jax
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def global_batch(local: np.ndarray, sharding, mesh):
+    """This process's rows -> one global array whose leading axis is all processes' rows."""
+    import jax
+    return jax.make_array_from_process_local_data(sharding, local)
+
+
+def local_rows(x) -> np.ndarray:
+    """The rows of a batch-sharded global array held by this process, in order, as numpy."""
+    import jax
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    seen: dict[int, np.ndarray] = {}
+    for s in x.addressable_shards:
+        start = s.index[0].start or 0
+        if start not in seen:
+            seen[start] = np.asarray(s.data)
+    return np.concatenate([seen[k] for k in sorted(seen)], axis=0)

@@ -1,0 +1,193 @@
+"""Extract block-K activations of the frozen target over a corpus into a tensorstore store.
+
+    python -m nla_jax.extract --config configs/smollm2_135m.py            # extract (resumes)
+    python -m nla_jax.extract --config configs/smollm2_135m.py --verify   # check the store
+    python -m nla_jax.extract --config configs/tiny.py --config.data.store=/tmp/acts
+
+Each process extracts a strided slice of the (sorted) documents into its own store part; data
+is written before the row count (a crash leaves garbage past the ledger, never a corrupt row),
+and a rerun continues from each part's stored cursor. Process 0 joins the parts into
+manifest.json when all are done. Several processes: pass --coordinator/--num-processes/
+--process-id (or launch/local_multiprocess.sh).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from nla_jax import cli
+from nla_jax.errors import UserError, cli_main
+
+CODE_VERSION = "extract-v1"
+
+
+def build_parser():
+    p = cli.parser(__doc__)
+    p.add_argument("--verify", action="store_true", help="check the store against its manifest and exit")
+    p.add_argument("--coordinator", default=None, help="host:port of process 0 (multi-process runs)")
+    p.add_argument("--num-processes", type=int, default=1)
+    p.add_argument("--process-id", type=int, default=0)
+    p.add_argument("--max-batches", type=int, default=None,
+                   help="stop after this many batches (for tests and benchmarks; rerun to continue)")
+    return p
+
+
+def data_meta(cfg, mcfg, checksum: str) -> dict:
+    """What the store records about how it was made; its hash is the store's fingerprint."""
+    d = cfg.data
+    meta = {
+        "model": {"source": cfg.model.source, "name": mcfg.name, "family": mcfg.family, "checksum": checksum},
+        "layer": int(cfg.model.layer), "d": int(mcfg.d_model), "dtype": d.dtype,
+        "corpus": [dict(s) for s in d.sources], "seed": int(d.seed), "k": int(d.k),
+        "min_position": int(d.min_position), "max_len": int(d.max_len),
+        "splits": [[n, float(f)] for n, f in d.splits], "split_names": [n for n, _ in d.splits],
+        "code_version": CODE_VERSION,
+    }
+    meta["fingerprint"] = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
+    return meta
+
+
+def model_checksum(source: str) -> str:
+    from nla_jax.checkpoints import loader
+    if source == "random":
+        return "random"
+    return loader.file_checksum(loader.resolve_source(source))
+
+
+@cli_main
+def main(argv=None) -> int:
+    args, cfg = cli.parse(build_parser(), argv)
+    from nla_jax.data import store as store_lib
+    if args.verify:
+        problems = store_lib.verify(cfg.data.store)
+        for p in problems:
+            print(p)
+        if problems:
+            print(f"store {cfg.data.store}: {len(problems)} problem(s)", file=sys.stderr)
+            return 1
+        m = store_lib.open_store(cfg.data.store).manifest
+        print(f"store {cfg.data.store}: OK ({m['num_rows']} rows, splits {_split_rows(m)})")
+        return 0
+    return extract(cfg, args)
+
+
+def extract(cfg, args) -> int:
+    from nla_jax import distributed
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    cli.enable_compilation_cache()
+    import jax
+    import jax.numpy as jnp
+    from tqdm import tqdm
+
+    from nla_jax import sharding
+    from nla_jax.checkpoints import loader
+    from nla_jax.data import corpus, plan as plan_lib, positions, store as store_lib
+    from nla_jax.models import transformer as T
+
+    d = cfg.data
+    positions.check_fractions([(n, f) for n, f in d.splits])
+    if d.k < 1 or d.min_position < 1 or d.max_len <= d.min_position:
+        raise UserError(f"config data: need k >= 1 and 1 <= min_position < max_len, got k={d.k}, "
+                        f"min_position={d.min_position}, max_len={d.max_len}")
+    mesh = sharding.mesh_from_config(cfg.mesh)
+    mcfg, params, tok = loader.load_from_config(cfg.model, mesh, cfg.rules)
+    if tok is None:
+        raise UserError(f"model source {cfg.model.source!r} has no tokenizer; extraction needs one")
+    meta = data_meta(cfg, mcfg, model_checksum(cfg.model.source))
+
+    docs, stats = corpus.load_corpus([dict(s) for s in d.sources])
+    plan = plan_lib.plan_documents(docs, tok, seed=d.seed, k=d.k, min_position=d.min_position,
+                                   max_len=d.max_len, splits=[(n, f) for n, f in d.splits], stats=stats)
+    pid, nproc = jax.process_index(), jax.process_count()
+    mine = plan_lib.process_slice(plan, pid, nproc)
+    capacity = max(1, sum(len(p.positions) for p in mine))
+    writer = store_lib.PartWriter.create_or_resume(d.store, pid, d=mcfg.d_model, dtype=d.dtype, capacity=capacity,
+                                                   ctx_len=d.max_len, chunk_rows=d.chunk_rows, meta=meta)
+    start = int(writer.cursor.get("next_doc", 0))
+    print(f"[{pid}/{nproc}] corpus: {stats.summary()}; {len(plan)} planned documents, this process "
+          f"{len(mine)} ({capacity} rows), resuming at document {start} ({writer.committed} rows done)",
+          file=sys.stderr)
+
+    # Global batch = per-process batches side by side along the batch axis; every process runs
+    # the same number of steps (empty rows where its slice ran out), as SPMD requires.
+    B = d.batch_per_process
+    local_batches = -(-(len(mine) - start) // B)
+    n_steps = distributed.max_over_processes(local_batches)
+    if args.max_batches is not None:
+        n_steps = min(n_steps, args.max_batches)
+    K = cfg.model.layer
+    batch_sh = sharding.named_sharding(("batch", "seq"), None, mesh, cfg.rules)
+    pos_sh = sharding.named_sharding(("batch", None), None, mesh, cfg.rules)
+
+    def gather_acts(params, tokens, valid, pos):
+        with sharding.use_mesh(mesh, cfg.rules):
+            h = T.forward(params, tokens, mcfg, valid=valid, capture_layer=K, logits=False)["hidden"]
+        return jnp.take_along_axis(h, pos[..., None], axis=1).astype(jnp.float32)  # [b, k, d]
+
+    step = jax.jit(gather_acts)
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # writes overlap the next forward
+    pending = None
+    t0, rows_done = time.perf_counter(), 0
+    bar = tqdm(total=n_steps, desc=f"extract[{pid}]", unit="batch", disable=pid != 0 and nproc > 1)
+    doc_iter = plan_lib.batches(mine, start, B)
+    for _ in range(n_steps):
+        first, chunk = next(doc_iter, (len(mine), []))
+        toks, valid, pos, pos_valid = plan_lib.pad_batch(chunk, B, d.seq_multiple, d.k)
+        g = [distributed.global_batch(x, sh, mesh) for x, sh in
+             ((toks, batch_sh), (valid, batch_sh), (pos, pos_sh))]
+        acts = distributed.local_rows(step(params, *g))  # [B, k, d] this process's rows
+        if pending is not None:
+            pending.result()
+        if chunk:
+            rows = _rows(chunk, acts, pos_valid, d.max_len)
+            pending = pool.submit(writer.append, *rows, cursor={"next_doc": first + len(chunk)})
+            rows_done += len(rows[1])
+        bar.update(1)
+        bar.set_postfix(rows_s=f"{rows_done / (time.perf_counter() - t0):.1f}")
+    if pending is not None:
+        pending.result()
+    bar.close()
+    pool.shutdown()
+    done = writer.cursor.get("next_doc", 0) >= len(mine)
+    writer.close()
+    finished = distributed.all_true(done)
+    if pid == 0 and finished:
+        m = store_lib.finalize_manifest(d.store, dict(meta, corpus_stats={
+            "documents": stats.documents, "skipped": dict(stats.skipped), "planned": len(plan)}), num_parts=nproc)
+        print(f"store {d.store}: {m['num_rows']} rows, splits {_split_rows(m)}", file=sys.stderr)
+    elif not finished:
+        print(f"[{pid}] stopped early after {n_steps} batches; rerun to continue", file=sys.stderr)
+    distributed.barrier("extract-done")
+    return 0
+
+
+def _split_rows(manifest: dict) -> dict[str, int]:
+    return {k: v["rows"] for k, v in manifest["splits"].items()}
+
+
+def _rows(chunk, acts: np.ndarray, pos_valid: np.ndarray, ctx_len: int):
+    """Flatten a batch to store rows: (acts, doc_id, position, split, tokens), doc order then position."""
+    out_a, out_doc, out_pos, out_split, out_tok = [], [], [], [], []
+    for i, doc in enumerate(chunk):
+        n = int(pos_valid[i].sum())
+        for j in range(n):
+            p = int(doc.positions[j])
+            out_a.append(acts[i, j])
+            out_doc.append(doc.doc_key)
+            out_pos.append(p)
+            out_split.append(doc.split)
+            t = np.full((ctx_len,), -1, np.int32)
+            t[:p + 1] = doc.tokens[:p + 1]
+            out_tok.append(t)
+    return (np.stack(out_a), np.asarray(out_doc, np.int64), np.asarray(out_pos, np.int32),
+            np.asarray(out_split, np.uint8), np.stack(out_tok))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
