@@ -1,0 +1,90 @@
+"""Batches of one split of the activation store, as global jax arrays on the mesh.
+
+The rows of global batch `step` are a pure function of (seed, step): epoch e = step*B // n
+uses permutation(seed, e) of the split's rows (rows in canonical (doc_id, position) order, so
+the store's part layout does not matter). Resuming at step N therefore needs no iterator
+state, and 1 process or P processes see the same global batches: process p reads rows
+[p*B/P, (p+1)*B/P) of each global batch and `jax.make_array_from_process_local_data` joins
+them. grain runs the reads ahead of the consumer on a thread pool.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from nla_jax.data import store as store_lib
+from nla_jax.errors import UserError
+
+
+class SplitOrder:
+    """Pure index arithmetic: which split rows make up global batch `step`."""
+
+    def __init__(self, store: store_lib.Store, split: str, batch: int, seed: int):
+        rows = store.rows_of_split(split)  # global row ids, ascending
+        if len(rows) == 0:
+            raise UserError(f"split {split!r} of store {store.root} is empty")
+        if batch > len(rows):
+            raise UserError(f"batch {batch} is larger than split {split!r} ({len(rows)} rows)")
+        doc = _column(store, "doc_id", rows)
+        pos = _column(store, "position", rows)
+        self.rows = rows[np.lexsort((pos, doc))]  # canonical order, independent of parts
+        self.batch, self.seed, self.n = batch, seed, len(rows)
+        self._perm_cache: dict[int, np.ndarray] = {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perm_cache:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._perm_cache = {epoch: rng.permutation(self.n)}
+        return self._perm_cache[epoch]
+
+    def global_rows(self, step: int) -> np.ndarray:
+        """Store row ids [batch] of global batch `step` (batches never straddle epochs)."""
+        per_epoch = self.n // self.batch
+        epoch, i = divmod(step, per_epoch)
+        return self.rows[self._perm(epoch)[i * self.batch:(i + 1) * self.batch]]
+
+    def local_rows(self, step: int, process: int, num_processes: int) -> np.ndarray:
+        if self.batch % num_processes:
+            raise UserError(f"global batch {self.batch} is not divisible by {num_processes} processes")
+        k = self.batch // num_processes
+        return self.global_rows(step)[process * k:(process + 1) * k]
+
+
+def _column(store: store_lib.Store, name: str, rows: np.ndarray) -> np.ndarray:
+    out = np.empty(len(rows), np.int64)
+    for s in range(0, len(rows), 65536):
+        out[s:s + 65536] = store.read(None, rows[s:s + 65536])[name]
+    return out
+
+
+def iterate(store_root: str, split: str, *, batch: int, seed: int, start_step: int = 0,
+            process: int | None = None, num_processes: int | None = None, prefetch: int = 2,
+            fields: tuple[str, ...] = ("acts", "doc_id", "position", "tokens")) -> Iterator[tuple[int, dict]]:
+    """(step, host-local numpy batch) from `start_step` on, read ahead by grain threads."""
+    import grain
+    import jax
+    process = jax.process_index() if process is None else process
+    num_processes = jax.process_count() if num_processes is None else num_processes
+    store = store_lib.open_store(store_root)
+    order = SplitOrder(store, split, batch, seed)
+
+    def read(step: int) -> tuple[int, dict]:
+        rows = order.local_rows(step, process, num_processes)
+        got = store.read(None, rows)
+        return step, {k: got[k] for k in fields}
+
+    ds = grain.MapDataset.range(start_step, 2 ** 62).map(read)
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=prefetch))
+    yield from it
+
+
+def to_global(local: dict, mesh, rules) -> dict:
+    """Host-local batch -> global arrays sharded along the batch axis of the mesh."""
+    import jax
+    from nla_jax import sharding
+    out = {}
+    for k, v in local.items():
+        axes = ("batch",) + (None,) * (v.ndim - 1)
+        out[k] = jax.make_array_from_process_local_data(sharding.named_sharding(axes, None, mesh, rules), v)
+    return out
