@@ -1,0 +1,269 @@
+"""Activation store: round trips, crash/kill -9 resume bit-identity, refusals, verify, manifest stats.
+
+Row data is a pure function of the global row index (`make_rows`), so a resumed run can be
+compared bit for bit with a clean one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import ml_dtypes
+import numpy as np
+import pytest
+import tensorstore as ts
+
+from nla_jax.data import store
+from nla_jax.data.store import PartWriter, finalize_manifest, open_store, verify
+from nla_jax.errors import UserError
+
+D, CTX, SPLITS = 16, 12, ["av_sft", "ar_sft", "rl", "eval"]
+META = {"fingerprint": "model-x/L3/abc", "split_names": SPLITS, "model": "tiny", "layer": 3}
+TESTS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TESTS)
+
+
+def make_rows(idx: np.ndarray, d: int = D, ctx_len: int = CTX) -> dict[str, np.ndarray]:
+    """Deterministic rows for global indices idx [n]; acts have a per-split mean offset."""
+    idx = np.asarray(idx, np.int64)
+    split = ((idx * 2654435761) >> 7) % len(SPLITS)
+    f = idx[:, None].astype(np.float64)
+    acts = (np.sin(f * 0.731 + np.arange(d) * 1.37) * (1.0 + idx % 5)[:, None]
+            + 0.8 * np.cos(np.arange(d) * (1 + split[:, None])))
+    position = (idx * 7 + 3) % ctx_len
+    col = np.arange(ctx_len)[None, :]
+    tokens = np.where(col <= position[:, None], (idx[:, None] * 31 + col) % 1000, -1)
+    return {"acts": acts.astype(np.float32), "doc_id": idx // 3, "position": position.astype(np.int32),
+            "split": split.astype(np.uint8), "tokens": tokens.astype(np.int32)}
+
+
+def write_range(root: str, part: int, lo: int, hi: int, batch: int, *, dtype: str = "float32",
+                chunk_rows: int = 64, sleep: float = 0.0, meta: dict = META,
+                until: int | None = None) -> PartWriter:
+    """Write global rows [lo, until or hi) of a part holding [lo, hi) in `batch`-aligned appends."""
+    w = PartWriter.create_or_resume(root, part, d=D, dtype=dtype, capacity=hi - lo, ctx_len=CTX,
+                                    chunk_rows=chunk_rows, shard_chunks=4, meta=meta)
+    nxt = w.cursor.get("next_row", lo)
+    assert nxt == lo + w.committed
+    while nxt < (hi if until is None else until):
+        stop = min(hi, (nxt - lo) // batch * batch + batch + lo)
+        r = make_rows(np.arange(nxt, stop))
+        w.append(r["acts"], r["doc_id"], r["position"], r["split"], r["tokens"], {"next_row": stop})
+        nxt = stop
+        if sleep:
+            time.sleep(sleep)
+    return w
+
+
+def write_store(root: str, n: int, batch: int, **kw) -> dict:
+    write_range(root, 0, 0, n, batch, **kw).close()
+    return finalize_manifest(root, META)
+
+
+def read_all(root: str) -> dict[str, np.ndarray]:
+    s = open_store(root)
+    return s.read(None, np.arange(s.num_rows))
+
+
+def assert_same_store(a: str, b: str) -> None:
+    ra, rb = read_all(a), read_all(b)
+    for k in ra:
+        assert ra[k].dtype == rb[k].dtype and ra[k].tobytes() == rb[k].tobytes(), k
+    ma, mb = (json.load(open(os.path.join(r, "manifest.json"))) for r in (a, b))
+    assert ma == mb  # row counts, per-part checksums and split stats, exactly
+    for r in (a, b):
+        assert verify(r) == []
+
+
+def snapshot(root: str) -> dict[str, bytes]:
+    out = {}
+    for dp, _, fs in os.walk(root):
+        for f in fs:
+            if f != ".lock":
+                out[os.path.relpath(os.path.join(dp, f), root)] = open(os.path.join(dp, f), "rb").read()
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_round_trip(tmp_path, dtype):
+    root = str(tmp_path)
+    m = write_store(root, 300, 70, dtype=dtype)
+    assert m["num_rows"] == 300 and m["parts"][0]["rows"] == 300 and m["parts"][0]["commits"] == 5
+    s = open_store(root)
+    want = make_rows(np.arange(300))
+    rows = np.random.default_rng(0).permutation(300)[:100]
+    rows[5] = rows[6]  # a duplicate
+    got = s.read(None, rows)
+    np_dt = np.float32 if dtype == "float32" else ml_dtypes.bfloat16
+    assert got["acts"].dtype == np_dt
+    np.testing.assert_array_equal(got["acts"], want["acts"][rows].astype(np_dt))
+    for k in ("doc_id", "position", "split", "tokens"):
+        np.testing.assert_array_equal(got[k], want[k][rows], err_msg=k)
+    ev = s.rows_of_split("eval")
+    np.testing.assert_array_equal(ev, np.flatnonzero(want["split"] == 3))
+    np.testing.assert_array_equal(s.read("eval", np.arange(len(ev)))["doc_id"], want["doc_id"][ev])
+    assert s.read(None, np.zeros(0, np.int64))["acts"].shape == (0, D)
+    assert verify(root) == []
+
+
+def test_resume_after_crash_before_ledger(tmp_path, monkeypatch):
+    clean, crashed = str(tmp_path / "clean"), str(tmp_path / "crashed")
+    write_store(clean, 500, 64)
+    write_range(crashed, 0, 0, 500, 64, until=192).close()
+
+    def boom(self, ledger):
+        self.close()  # a dying process releases its part lock
+        raise RuntimeError("crash before the ledger")
+    monkeypatch.setattr(PartWriter, "_write_ledger", boom)
+    with pytest.raises(RuntimeError):
+        write_range(crashed, 0, 0, 500, 64)  # rows 192:256 written to the arrays, never committed
+    monkeypatch.undo()
+    w = PartWriter.create_or_resume(crashed, 0, d=D, dtype="float32", capacity=500, ctx_len=CTX,
+                                    chunk_rows=64, meta=META)
+    assert (w.committed, w.cursor) == (192, {"next_row": 192})
+    w.close()
+    write_range(crashed, 0, 0, 500, 64).close()
+    finalize_manifest(crashed, META)
+    assert_same_store(clean, crashed)
+    assert sorted(f for f in os.listdir(os.path.join(crashed, "part-00000")) if f.startswith("stats-")) \
+        == ["stats-00000008.npz"]
+
+
+def test_kill9_resume_bit_identical(tmp_path):
+    n, batch = 2000, 25
+    clean, killed = str(tmp_path / "clean"), str(tmp_path / "killed")
+    write_store(clean, n, batch)
+    code = (f"import sys; sys.path[:0] = [{REPO!r}, {TESTS!r}]; import test_store; "
+            f"test_store.write_range({killed!r}, 0, 0, {n}, {batch}, sleep=0.005)")
+    proc = subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    ledger = os.path.join(killed, "part-00000", "ledger.json")
+    deadline = time.time() + 30
+    while not (os.path.exists(ledger) and json.load(open(ledger))["committed"] >= batch):
+        assert proc.poll() is None and time.time() < deadline, "writer died before its first commit"
+        time.sleep(0.005)
+    seed = int.from_bytes(os.urandom(4), "little")
+    time.sleep(random.Random(seed).uniform(0.0, 0.3))
+    assert proc.poll() is None, f"writer finished before the kill (seed {seed})"
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    at_kill = json.load(open(ledger))["committed"]
+    assert 0 < at_kill < n and at_kill % batch == 0, (at_kill, seed)
+    write_range(killed, 0, 0, n, batch).close()
+    finalize_manifest(killed, META)
+    assert_same_store(clean, killed)
+
+
+def test_mismatch_refused_data_untouched(tmp_path):
+    root = str(tmp_path)
+    write_store(root, 100, 50)
+    before = snapshot(root)
+    base = dict(d=D, dtype="float32", capacity=100, ctx_len=CTX, meta=META)
+    for key, val, shown in [("dtype", "bfloat16", "'bfloat16'"), ("d", 32, "32"), ("capacity", 200, "200"),
+                            ("ctx_len", 8, "8"), ("meta", dict(META, fingerprint="other/L5"), "'other/L5'")]:
+        with pytest.raises(UserError) as e:
+            PartWriter.create_or_resume(root, 0, **dict(base, **{key: val}))
+        msg = str(e.value)
+        assert "another model/layer" in msg and shown in msg and "part-00000" in msg, msg
+        assert (key if key != "meta" else "fingerprint") in msg
+    assert snapshot(root) == before
+    with pytest.raises(UserError, match="fingerprint"):
+        PartWriter.create_or_resume(root, 1, **dict(base, meta={"split_names": SPLITS}))
+
+
+def test_capacity_overflow_and_bad_rows(tmp_path):
+    w = write_range(str(tmp_path), 0, 0, 100, 60)
+    r = make_rows(np.arange(100, 101))
+    with pytest.raises(UserError, match="capacity 100"):
+        w.append(r["acts"], r["doc_id"], r["position"], r["split"], r["tokens"], {})
+    assert w.committed == 100
+    w.close()
+    w = PartWriter.create_or_resume(str(tmp_path), 1, d=D, dtype="float32", capacity=10, ctx_len=CTX, meta=META)
+    bad = dict(r, acts=np.full((1, D), np.nan, np.float32))
+    with pytest.raises(UserError, match="non-finite"):
+        w.append(*(bad[k] for k in store.ARRAYS), cursor={})
+    with pytest.raises(ValueError, match="position"):
+        w.append(*(dict(r, position=np.array([CTX]))[k] for k in store.ARRAYS), cursor={})
+    assert w.committed == 0
+    with pytest.raises(UserError, match="another process"):
+        PartWriter.create_or_resume(str(tmp_path), 1, d=D, dtype="float32", capacity=10, ctx_len=CTX, meta=META)
+    w.close()
+
+
+def _store_for_verify(tmp_path) -> tuple[str, str]:
+    root = str(tmp_path)
+    write_store(root, 300, 100)
+    assert verify(root) == []
+    return root, os.path.join(root, "part-00000")
+
+
+def test_verify_flipped_byte(tmp_path):
+    root, pdir = _store_for_verify(tmp_path)
+    files = [os.path.join(dp, f) for dp, _, fs in os.walk(os.path.join(pdir, "acts", "c")) for f in fs]
+    path = max(files, key=os.path.getsize)
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0x10
+    open(path, "wb").write(bytes(data))
+    problems = verify(root)
+    assert problems and any(p.startswith("part-00000 acts rows") for p in problems), problems
+
+
+def test_verify_manifest_counts(tmp_path):
+    root, _ = _store_for_verify(tmp_path)
+    mpath = os.path.join(root, "manifest.json")
+    m = json.load(open(mpath))
+    m["parts"][0]["rows"] = 299
+    json.dump(m, open(mpath, "w"))
+    assert any("manifest says 299 rows, ledger 300" in p for p in verify(root))
+    os.remove(mpath)
+    assert any("manifest.json: missing" in p for p in verify(root))
+
+
+def test_verify_missing_shard(tmp_path):
+    root, pdir = _store_for_verify(tmp_path)
+    os.remove(os.path.join(pdir, "acts", "c", "1", "0"))  # shard of rows 256:...
+    problems = verify(root)
+    assert any(p == "part-00000 acts rows 256:300: shard file acts/c/1/0 missing" for p in problems), problems
+    assert any(p.startswith("part-00000 acts rows 200:300: sha256") for p in problems), problems
+
+
+def test_verify_non_finite(tmp_path):
+    root, pdir = _store_for_verify(tmp_path)
+    arr = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": os.path.join(pdir, "acts")}},
+                  open=True).result()
+    arr[150, 3].write(np.inf).result()
+    problems = verify(root)
+    assert any(p.startswith("part-00000 acts rows 100:200: 1 rows non-finite (first at row 150)") for p in problems), problems
+
+
+def test_two_parts_global_order_and_stats(tmp_path):
+    root = str(tmp_path)
+    write_range(root, 1, 700, 1200, 128, chunk_rows=32).close()  # part order, not write order
+    write_range(root, 0, 0, 700, 100).close()
+    m = finalize_manifest(root, META, num_parts=2)
+    assert [p["rows"] for p in m["parts"]] == [700, 500] and m["num_rows"] == 1200
+    s = open_store(root)
+    want = make_rows(np.arange(1200))
+    got = s.read(None, np.arange(1200)[::-1])
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k][::-1], err_msg=k)
+    v = want["acts"].astype(np.float64)
+    for k, name in enumerate(SPLITS):
+        np.testing.assert_array_equal(s.rows_of_split(name), np.flatnonzero(want["split"] == k))
+        x = v[want["split"] == k]
+        norm = np.linalg.norm(x, axis=1)
+        nrm = x / norm[:, None] * np.sqrt(D)
+        var = ((nrm - nrm.mean(0)) ** 2).sum(1).mean() / D
+        st = m["splits"][name]
+        assert st["rows"] == len(x)
+        assert abs(st["mean_norm"] - norm.mean()) <= 1e-6 * norm.mean()
+        assert abs(st["var_nrm"] - var) <= 1e-6 * var
+    assert verify(root) == []
+    with pytest.raises(UserError, match="expected"):
+        finalize_manifest(root, META, num_parts=3)
+    with pytest.raises(UserError, match="fingerprint"):
+        finalize_manifest(root, dict(META, fingerprint="other"))
