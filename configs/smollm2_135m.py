@@ -23,5 +23,6 @@ def get_config(arg=None):
     cfg.mesh = common.mesh((-1, 1, 1))
     cfg.rules = common.rules()
     cfg.data = common.data(store="runs/smollm2_135m/acts")
+    cfg.summarize = common.summarize()
     cfg.sample = common.sample()
     return cfg

@@ -22,5 +22,6 @@ def get_config(arg=None):
     cfg.mesh = common.mesh((-1, 1, 1))
     cfg.rules = common.rules()
     cfg.data = common.data(store="runs/tiny/acts")
+    cfg.summarize = common.summarize()
     cfg.sample = common.sample(max_new_tokens=16)
     return cfg

@@ -41,3 +41,28 @@ def data(**kw) -> ml_collections.ConfigDict:
     )
     base.update(kw)
     return ml_collections.ConfigDict(base)
+
+
+TEACHER_PROMPT = (
+    "Here is the end of a text:\n\n{context}\n\n"
+    "In two or three sentences, say what matters most for predicting the next word: the topic, "
+    "the style, and what the last words set up. Finish with a sentence about the final word "
+    "\u00ab{last}\u00bb.")
+
+
+def summarize(**kw) -> ml_collections.ConfigDict:
+    """Teacher summaries for the warm start (see nla_jax/summarize.py)."""
+    base = dict(
+        teacher="target",            # or a model source (GGUF path / HF dir) for another teacher
+        splits=("av_sft", "ar_sft"),
+        prompt=TEACHER_PROMPT,       # {context}: decoded last context_tokens; {last}: the final tokens
+        context_tokens=48,
+        append_final_tokens=4,       # quote the context's last N tokens after the summary (0: off)
+        max_new_tokens=96,
+        temperature=0.7,
+        top_p=0.9,
+        batch=16,
+        seed=0,
+    )
+    base.update(kw)
+    return ml_collections.ConfigDict(base)

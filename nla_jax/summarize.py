@@ -1,0 +1,172 @@
+"""Teacher summaries for the warm-start rows (DESIGN §1), stored beside the activations.
+
+    python -m nla_jax.summarize --config configs/smollm2_135m.py            # generate (resumes)
+    python -m nla_jax.summarize --config configs/smollm2_135m.py --import summaries.jsonl
+
+For every row of the configured splits (default av_sft and ar_sft) a teacher model (the target
+itself unless `summarize.teacher` names another source) reads the end of the row's context and
+writes a short description of what matters for predicting the next token. With
+`summarize.append_final_tokens > 0` the text also quotes the context's last tokens: a small
+model's summaries rarely name them, and the reconstructor needs them (DESIGN §1).
+
+Output: STORE/summaries.jsonl, one {"row", "doc_id", "position", "text"} per line, append-only;
+a rerun skips rows already written and drops a half-written last line. `--import` validates
+summaries produced elsewhere ({"row": int, "text": str} per line) against the store and
+appends them the same way.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from nla_jax import cli
+from nla_jax.errors import UserError, cli_main
+
+FILE = "summaries.jsonl"
+
+
+def build_parser():
+    p = cli.parser(__doc__)
+    p.add_argument("--import", dest="import_path", default=None, help="JSONL of {row, text} to validate and store")
+    p.add_argument("--limit", type=int, default=None, help="summarise at most this many new rows (tests)")
+    return p
+
+
+def read_done(path: str) -> dict[int, dict]:
+    """Rows already summarised; a torn last line (no newline) is cut off."""
+    done: dict[int, dict] = {}
+    if not os.path.exists(path):
+        return done
+    with open(path, "rb") as f:
+        data = f.read()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):  # a crash mid-line: drop the fragment
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    for line in data[:end].splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            done[int(rec["row"])] = rec
+    return done
+
+
+def append_records(path: str, recs: list[dict]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        for r in recs:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def teacher_prompt(template: str, context: str, last: str) -> str:
+    return template.replace("{context}", context).replace("{last}", last)
+
+
+def target_rows(store, splits) -> np.ndarray:
+    return np.sort(np.concatenate([store.rows_of_split(s) for s in splits]))
+
+
+@cli_main
+def main(argv=None) -> int:
+    args, cfg = cli.parse(build_parser(), argv)
+    from nla_jax.data import store as store_lib
+    sc = cfg.summarize
+    store = store_lib.open_store(cfg.data.store)
+    out = os.path.join(cfg.data.store, FILE)
+    rows = target_rows(store, sc.splits)
+    done = read_done(out)
+    if args.import_path:
+        return import_file(args.import_path, store, set(rows.tolist()), done, out)
+    todo = [int(r) for r in rows if int(r) not in done]
+    if args.limit is not None:
+        todo = todo[:args.limit]
+    print(f"{len(rows)} rows in {list(sc.splits)}; {len(done)} done; {len(todo)} to summarise", file=sys.stderr)
+    if not todo:
+        return 0
+    cli.enable_compilation_cache()
+    import jax
+    import jax.numpy as jnp
+    from tqdm import tqdm
+
+    from nla_jax import sampling
+    from nla_jax.checkpoints import loader
+
+    import ml_collections
+    teacher_model = ml_collections.ConfigDict(cfg.model.to_dict())
+    if sc.teacher != "target":
+        teacher_model.source = sc.teacher
+    mcfg, params, tok = loader.load_from_config(teacher_model)
+    if tok is None:
+        raise UserError(f"teacher {sc.teacher!r} has no tokenizer")
+    params = sampling.split_layers(params)
+    scfg = sampling.SampleConfig(max_new_tokens=sc.max_new_tokens, temperature=sc.temperature, top_p=sc.top_p)
+    bar = tqdm(total=len(todo), desc="summarize", unit="row")
+    t0 = time.perf_counter()
+    for i in range(0, len(todo), sc.batch):
+        chunk = todo[i:i + sc.batch]
+        got = store.read(None, np.asarray(chunk))
+        prompts, lasts = [], []
+        for j in range(len(chunk)):
+            p = int(got["position"][j])
+            ctx = got["tokens"][j][:p + 1]
+            context = tok.decode(ctx[-sc.context_tokens:].tolist())
+            last = tok.decode(ctx[-max(sc.append_final_tokens, 1):].tolist())
+            lasts.append(last)
+            prompts.append(tok.encode_chat(teacher_prompt(sc.prompt, context, last.strip())))
+        toks, valid = sampling.pad_prompts(prompts + [prompts[0]] * (sc.batch - len(prompts)), mcfg.pad_id)
+        key = jax.random.fold_in(jax.random.key(sc.seed), chunk[0])  # a row's text: f(seed, first row of batch)
+        res = jax.device_get(sampling.sample(params, jnp.asarray(toks), jnp.asarray(valid), key, cfg=mcfg, sc=scfg))
+        recs = []
+        for j, r in enumerate(chunk):
+            text = tok.decode(res.tokens[j][:res.lengths[j]].tolist()).strip()
+            if sc.append_final_tokens > 0:
+                text = f"{text} The text ends with: \u00ab{lasts[j].strip()}\u00bb".strip()
+            recs.append({"row": r, "doc_id": int(got["doc_id"][j]), "position": int(got["position"][j]),
+                         "text": text})
+        append_records(out, recs)
+        bar.update(len(chunk))
+        bar.set_postfix(rows_s=f"{(i + len(chunk)) / (time.perf_counter() - t0):.2f}")
+    bar.close()
+    return 0
+
+
+def import_file(path: str, store, allowed: set[int], done: dict[int, dict], out: str) -> int:
+    if not os.path.isfile(path):
+        raise UserError(f"summaries file {path!r} does not exist")
+    recs, seen = [], set()
+    with open(path, encoding="utf-8", errors="strict") as f:
+        try:
+            lines = f.read().splitlines()
+        except UnicodeDecodeError:
+            raise UserError(f"summaries file {path!r} is not UTF-8") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"{path}:{n}: not valid JSON") from None
+        row, text = rec.get("row") if isinstance(rec, dict) else None, rec.get("text") if isinstance(rec, dict) else None
+        if not isinstance(row, int) or not isinstance(text, str) or not text.strip():
+            raise UserError(f"{path}:{n}: expected {{\"row\": int, \"text\": non-empty string}}")
+        if row not in allowed:
+            raise UserError(f"{path}:{n}: row {row} is not in the store's summarised splits")
+        if row in seen:
+            raise UserError(f"{path}:{n}: row {row} appears twice")
+        seen.add(row)
+        if row not in done:
+            recs.append(rec)
+    got = store.read(None, np.asarray([r["row"] for r in recs], np.int64)) if recs else None
+    full = [{"row": r["row"], "doc_id": int(got["doc_id"][i]), "position": int(got["position"][i]),
+             "text": r["text"]} for i, r in enumerate(recs)]
+    append_records(out, full)
+    print(f"imported {len(full)} summaries ({len(seen) - len(full)} already present) into {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""python -m nla_jax.summarize: teacher summaries beside the store (resume, torn line, import)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from nla_jax.data import store as store_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory, real):
+    root = str(tmp_path_factory.mktemp("summ") / "store")
+    tok = real.tok
+    texts = ["The old lighthouse keeper climbed the stairs every night to light the lamp for the ships",
+             "Preheat the oven, mix the flour with two eggs, and pour the batter into the pan before baking",
+             "The committee voted to postpone the decision until the budget report arrives next month"]
+    meta = {"fingerprint": "f", "split_names": ["av_sft", "ar_sft", "rl", "eval"]}
+    with store_lib.PartWriter.create_or_resume(root, 0, d=4, dtype="float32", capacity=6, ctx_len=32, meta=meta) as w:
+        for i, t in enumerate(texts):
+            ids = tok.encode(t)[:32]
+            pos = np.array([len(ids) - 3, len(ids) - 1])
+            toks = np.full((2, 32), -1)
+            for j, p in enumerate(pos):
+                toks[j, :p + 1] = ids[:p + 1]
+            w.append(np.ones((2, 4), np.float32), np.array([i, i]), pos, np.array([i % 3, i % 3]), toks, cursor={})
+    store_lib.finalize_manifest(root, meta)
+    return root
+
+
+def _run(store, *extra):
+    env = dict(os.environ, PYTHONPATH=REPO, NLA_COMPILE_CACHE=os.path.join(REPO, "build", "jax_cache"))
+    return subprocess.run([sys.executable, "-m", "nla_jax.summarize", "--config",
+                           os.path.join(REPO, "configs", "smollm2_135m.py"), f"--config.data.store={store}",
+                           "--config.summarize.batch=2", "--config.summarize.max_new_tokens=8", *extra],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _records(store):
+    with open(os.path.join(store, "summaries.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_generate_resume_and_torn_line(small_store):
+    s = store_lib.open_store(small_store)
+    want = sorted(np.concatenate([s.rows_of_split("av_sft"), s.rows_of_split("ar_sft")]).tolist())
+    r = _run(small_store, "--limit", "2")
+    assert r.returncode == 0, r.stderr
+    first = _records(small_store)
+    assert [x["row"] for x in first] == want[:2]
+    assert all("The text ends with: \u00ab" in x["text"] for x in first)
+    # the quoted final tokens are the context's last tokens
+    got = s.read(None, np.array([first[0]["row"]]))
+    assert first[0]["position"] == int(got["position"][0])
+    with open(os.path.join(small_store, "summaries.jsonl"), "a") as f:
+        f.write('{"row": 99, "te')  # a crash mid-line
+    r = _run(small_store)
+    assert r.returncode == 0, r.stderr
+    recs = _records(small_store)
+    assert sorted(x["row"] for x in recs) == want and recs[:2] == first
+    assert _run(small_store).returncode == 0 and _records(small_store) == recs  # nothing left to do
+
+
+def test_import_validates(small_store, tmp_path):
+    s = store_lib.open_store(small_store)
+    rl = int(s.rows_of_split("rl")[0])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"row": rl, "text": "x"}) + "\n")
+    r = _run(small_store, "--import", str(bad))
+    assert r.returncode == 2 and f"row {rl} is not in the store's summarised splits" in r.stderr
+    bad.write_text(json.dumps({"row": 0}) + "\n")
+    r = _run(small_store, "--import", str(bad))
+    assert r.returncode == 2 and "bad.jsonl:1" in r.stderr and "Traceback" not in r.stderr
