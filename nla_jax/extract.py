@@ -35,6 +35,8 @@ def build_parser():
     p.add_argument("--process-id", type=int, default=0)
     p.add_argument("--max-batches", type=int, default=None,
                    help="stop after this many batches (for tests and benchmarks; rerun to continue)")
+    p.add_argument("--timing-out", default=None,
+                   help="write JSON timing of the loop after the first (compiling) batch: seconds, rows, tokens")
     return p
 
 
@@ -134,6 +136,8 @@ def extract(cfg, args) -> int:
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # writes overlap the next forward
     pending = None
     t0, rows_done = time.perf_counter(), 0
+    timing = {"batches": 0, "rows": 0, "tokens": 0, "seconds": 0.0}
+    t_first = None
     bar = tqdm(total=n_steps, desc=f"extract[{pid}]", unit="batch", disable=pid != 0 and nproc > 1)
     doc_iter = plan_lib.batches(mine, start, B)
     for _ in range(n_steps):
@@ -150,8 +154,19 @@ def extract(cfg, args) -> int:
             rows_done += len(rows[1])
         bar.update(1)
         bar.set_postfix(rows_s=f"{rows_done / (time.perf_counter() - t0):.1f}")
+        if t_first is None:
+            t_first = time.perf_counter()
+        elif chunk:
+            timing["batches"] += 1
+            timing["rows"] += int(pos_valid.sum())
+            timing["tokens"] += int(valid.sum())
     if pending is not None:
         pending.result()
+    if t_first is not None:
+        timing["seconds"] = time.perf_counter() - t_first
+    if args.timing_out and pid == 0:
+        with open(args.timing_out, "w") as f:
+            json.dump(timing, f)
     bar.close()
     pool.shutdown()
     done = writer.cursor.get("next_doc", 0) >= len(mine)
