@@ -4,6 +4,12 @@
 # Prints nothing but pip errors; safe to re-run. PYTHON=python3.11 selects the interpreter.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Human-written prose for the default corpus: the CPython documentation sources (PSF-2.0) from
+# Debian's python3.11-doc. Needs root and apt; without them the corpus builder says what to do.
+if [[ ! -f /usr/share/doc/python3.11/html/_sources/tutorial/index.rst.txt && $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3.11-doc; } \
+    >/dev/null 2>&1 || echo "warning: could not install python3.11-doc (default corpus prose)" >&2
+fi
 py=${PYTHON:-python3}
 if [[ ! -x .venv/bin/python ]]; then
   "$py" -m venv .venv

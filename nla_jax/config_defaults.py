@@ -25,9 +25,10 @@ def sample(**kw) -> ml_collections.ConfigDict:
 def data(**kw) -> ml_collections.ConfigDict:
     """Corpus -> positions -> splits -> activation store (see nla_jax/extract.py)."""
     base = dict(
-        # {"kind": text_dir|jsonl|parquet, "path": ..., "name": ...}; default: the built default corpus
-        sources=[{"kind": "jsonl", "path": "build/corpus/full/chat.jsonl", "name": "chat"},
-                 {"kind": "jsonl", "path": "build/corpus/full/prose.jsonl", "name": "prose"}],
+        # {"kind": text_dir|jsonl|parquet, "path": ..., "name": ...}; default: the embedded default
+        # corpus, built by `python -m nla_jax.data.default_corpus --out runs/default_corpus`
+        sources=[{"kind": "jsonl", "path": "runs/default_corpus/chat.jsonl", "name": "chat"},
+                 {"kind": "jsonl", "path": "runs/default_corpus/prose.jsonl", "name": "prose"}],
         store="runs/acts",
         seed=0,
         k=8,                 # positions per document
