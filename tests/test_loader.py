@@ -79,3 +79,14 @@ def test_order_ignores_part_layout(store_root, tmp_path):
         x, y = next(a)[1], next(b)[1]
         for k in x:
             np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_to_global_places_batches_on_the_mesh(store_root):
+    import jax
+    from nla_jax import sharding
+    mesh = sharding.make_mesh((-1, 1, 1))
+    _, local = next(loader.iterate(store_root, "a", batch=4, seed=0, process=0, num_processes=1))
+    g = loader.to_global(local, mesh, sharding.DEFAULT_RULES)
+    for k, v in local.items():
+        assert isinstance(g[k], jax.Array) and g[k].shape == v.shape
+        np.testing.assert_array_equal(np.asarray(g[k]), v)
