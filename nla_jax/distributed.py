@@ -24,8 +24,8 @@ def initialize(coordinator: str | None, num_processes: int, process_id: int) -> 
     if not 0 <= process_id < num_processes:
         raise UserError(f"--process-id {process_id} out of range for --num-processes {num_processes}")
     import jax
-    if os.environ.get("JAX_PLATFORMS", "cpu").startswith("cpu") or jax.config.jax_platforms in (None, "cpu"):
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Only the CPU client uses this setting; on GPU/TPU it is inert.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                process_id=process_id, initialization_timeout=INIT_TIMEOUT_S)
 

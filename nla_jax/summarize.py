@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     for i in range(0, len(todo), sc.batch):
         chunk = todo[i:i + sc.batch]
-        got = store.read(None, np.asarray(chunk))
+        got = store.read(None, np.asarray(chunk), fields=("doc_id", "position", "tokens"))
         prompts, lasts = [], []
         for j in range(len(chunk)):
             p = int(got["position"][j])
@@ -160,7 +160,8 @@ def import_file(path: str, store, allowed: set[int], done: dict[int, dict], out:
         seen.add(row)
         if row not in done:
             recs.append(rec)
-    got = store.read(None, np.asarray([r["row"] for r in recs], np.int64)) if recs else None
+    got = (store.read(None, np.asarray([r["row"] for r in recs], np.int64), fields=("doc_id", "position"))
+           if recs else None)
     full = [{"row": r["row"], "doc_id": int(got["doc_id"][i]), "position": int(got["position"][i]),
              "text": r["text"]} for i, r in enumerate(recs)]
     append_records(out, full)

@@ -26,8 +26,7 @@ class SplitOrder:
             raise UserError(f"split {split!r} of store {store.root} is empty")
         if batch > len(rows):
             raise UserError(f"batch {batch} is larger than split {split!r} ({len(rows)} rows)")
-        doc = _column(store, "doc_id", rows)
-        pos = _column(store, "position", rows)
+        doc, pos = _columns(store, rows)
         self.rows = rows[np.lexsort((pos, doc))]  # canonical order, independent of parts
         self.batch, self.seed, self.n = batch, seed, len(rows)
         self._perm_cache: dict[int, np.ndarray] = {}
@@ -51,11 +50,10 @@ class SplitOrder:
         return self.global_rows(step)[process * k:(process + 1) * k]
 
 
-def _column(store: store_lib.Store, name: str, rows: np.ndarray) -> np.ndarray:
-    out = np.empty(len(rows), np.int64)
-    for s in range(0, len(rows), 65536):
-        out[s:s + 65536] = store.read(None, rows[s:s + 65536])[name]
-    return out
+def _columns(store: store_lib.Store, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """doc_id and position of `rows`, reading only those two arrays."""
+    got = store.read(None, rows, fields=("doc_id", "position"))
+    return got["doc_id"].astype(np.int64), got["position"].astype(np.int64)
 
 
 def iterate(store_root: str, split: str, *, batch: int, seed: int, start_step: int = 0,
@@ -71,8 +69,7 @@ def iterate(store_root: str, split: str, *, batch: int, seed: int, start_step: i
 
     def read(step: int) -> tuple[int, dict]:
         rows = order.local_rows(step, process, num_processes)
-        got = store.read(None, rows)
-        return step, {k: got[k] for k in fields}
+        return step, store.read(None, rows, fields=fields)
 
     ds = grain.MapDataset.range(start_step, 2 ** 62).map(read)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=prefetch))

@@ -508,28 +508,33 @@ class Store:
             self._split_rows[name] = np.flatnonzero(sp == k).astype(np.int64)
         return self._split_rows[name]
 
-    def read(self, split: str | None, rows: np.ndarray) -> dict[str, np.ndarray]:
+    def read(self, split: str | None, rows: np.ndarray,
+             fields: Sequence[str] = ARRAYS) -> dict[str, np.ndarray]:
         """Arrays for `rows` (global row ids if split is None, else indices into that split).
 
-        Returns {acts [n, d], doc_id [n], position [n], split [n], tokens [n, ctx_len]}, in the
-        order of `rows` (duplicates allowed).
+        Returns {acts [n, d], doc_id [n], position [n], split [n], tokens [n, ctx_len]} (or just
+        `fields` of them: only those are read from disk), in the order of `rows` (duplicates
+        allowed).
         """
+        unknown = set(fields) - set(ARRAYS)
+        if unknown:
+            raise KeyError(f"unknown store fields {sorted(unknown)}; expected some of {ARRAYS}")
         rows = np.asarray(rows, np.int64).reshape(-1)
         if split is not None:
             rows = self.rows_of_split(split)[rows]
         if rows.size and (rows.min() < 0 or rows.max() >= self.num_rows):
             raise IndexError(f"row ids must be in [0, {self.num_rows}), got {rows.min()}..{rows.max()}")
         n = len(rows)
-        out = {"acts": np.empty((n, self.d), DTYPES[self.dtype]),
-               "tokens": np.empty((n, self.ctx_len), np.int32)}
-        out.update({k: np.empty(n, INT_DTYPES[k]) for k in ("doc_id", "position", "split")})
+        shapes = {"acts": ((n, self.d), DTYPES[self.dtype]), "tokens": ((n, self.ctx_len), np.int32)}
+        shapes.update({k: ((n,), INT_DTYPES[k]) for k in ("doc_id", "position", "split")})
+        out = {k: np.empty(*shapes[k]) for k in fields}
         part = np.searchsorted(self._offsets, rows, side="right") - 1                # [n]
         pending = []
         for p in np.unique(part):
             sel = np.flatnonzero(part == p)
             local = rows[sel] - self._offsets[p]
             uniq, inv = np.unique(local, return_inverse=True)  # sorted reads, then scatter back
-            for name in ARRAYS:
+            for name in fields:
                 pending.append((name, sel, inv, self._arrays[p][name][uniq].read()))
         for name, sel, inv, fut in pending:
             out[name][sel] = fut.result()[inv]
