@@ -1,6 +1,7 @@
-"""A tiny random Llama-family model (2 blocks, d=64, vocab 512) for unit tests.
+"""A tiny random Llama-family model (2 blocks, d=64, vocab 512, byte tokenizer) for unit tests.
 
     python -m nla_jax.generate --config configs/tiny.py --prompt-ids 1,2,3 --greedy
+    python -m nla_jax.train --config configs/tiny.py --config.data.store=STORE --config.train.workdir=/tmp/w
     variants: configs/tiny.py:qwen2 (q/k/v biases, untied head)
 """
 import ml_collections
@@ -24,4 +25,15 @@ def get_config(arg=None):
     cfg.data = common.data(store="runs/tiny/acts")
     cfg.summarize = common.summarize()
     cfg.sample = common.sample(max_new_tokens=16)
+    common.nla(cfg, workdir="runs/tiny/train")
+    cfg.av.max_len = 24
+    cfg.av.user = "<c>{marker}</c>"
+    cfg.av.answer_prefix = "<e>"
+    cfg.av.closer = "</e>"
+    cfg.ar.prefix, cfg.ar.suffix = "E: ", "\nC:"
+    cfg.sft_av.update(steps=4, batch=4, val_rows=8, eval_every=2)
+    cfg.sft_ar.update(steps=4, batch=4, val_rows=8, eval_every=2, ridge_rows=16)
+    cfg.rl.update(steps=3, batch=2, group_size=4)
+    cfg.train.update(ckpt_every=2, async_checkpoint=False)
+    cfg.eval.update(rows=8, n_examples=2, n_boot=100)
     return cfg

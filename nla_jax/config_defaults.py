@@ -54,11 +54,12 @@ TEACHER_PROMPT = (
 def summarize(**kw) -> ml_collections.ConfigDict:
     """Teacher summaries for the warm start (see nla_jax/summarize.py)."""
     base = dict(
-        teacher="target",            # or a model source (GGUF path / HF dir) for another teacher
+        teacher="target",            # or a model source (GGUF path / HF dir), or "quote" (no model: final tokens only)
         splits=("av_sft", "ar_sft"),
         prompt=TEACHER_PROMPT,       # {context}: decoded last context_tokens; {last}: the final tokens
         context_tokens=48,
         append_final_tokens=4,       # quote the context's last N tokens after the summary (0: off)
+        quote_tokens=8,              # teacher="quote": how many final tokens the text quotes
         max_new_tokens=96,
         temperature=0.7,
         top_p=0.9,
@@ -67,3 +68,70 @@ def summarize(**kw) -> ml_collections.ConfigDict:
     )
     base.update(kw)
     return ml_collections.ConfigDict(base)
+
+
+# ----------------------------------------------------------------------------- the NLA (issue 4)
+
+def optim(lr: float, lr_head: float = 1e-4, lr_proj: float = 1e-3, **kw) -> ml_collections.ConfigDict:
+    """AdamW per parameter group (body / AR head / AV input projection); embeddings frozen by default."""
+    base = dict(lr=lr, lr_head=lr_head, lr_proj=lr_proj, warmup=10, schedule="constant", clip=1.0,
+                weight_decay=0.0, b1=0.9, b2=0.999, train_embed=False,
+                train_blocks=(0, -1))    # lever: blocks [start, stop) that train; -1 = to the end
+    base.update(kw)
+    return ml_collections.ConfigDict(base)
+
+
+def nla(cfg: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+    """Add the NLA sections (av, ar, nla, sft_av, sft_ar, rl, train) to a target config."""
+    cfg.nla = ml_collections.ConfigDict(dict(
+        center=False,               # lever: targets are normalise(v - mean) instead of normalise(v)
+        stats_rows=4096,            # rows sampled for mean / norm / Var(v_nrm)
+        stats_splits=("av_sft", "ar_sft"),
+        seed=0,
+    ))
+    cfg.av = ml_collections.ConfigDict(dict(
+        user="<concept>{marker}</concept>\nDescribe the text this concept came from.",
+        answer_prefix="<explanation>",
+        closer="</explanation>",
+        marker="auto",              # "auto": an unused special token; or a token string / id
+        inject="replace",           # replace | add (added norm-matched after block add_after)
+        add_after=1,
+        inject_norm=0.0,            # replace mode: L2 norm of the injected vector; 0 = ~1.1 x mean norm
+        center=False,               # inject v - mean
+        input_proj=False,           # lever: learned [d, d] projection (identity at init)
+        max_len=64,                 # explanation cap (tokens, closing tag and EOS included)
+    ))
+    cfg.ar = ml_collections.ConfigDict(dict(
+        prefix="Explanation: ",
+        suffix="\nThe concept:",
+        head_norm="rms",            # lever: rms-normalise the head input | none
+        head_init="ridge",          # lever: ridge | identity
+    ))
+    cfg.sft_av = ml_collections.ConfigDict(dict(
+        steps=200, batch=8, val_rows=64, eval_every=50,
+        optim=optim(5e-5),
+    ))
+    cfg.sft_ar = ml_collections.ConfigDict(dict(
+        steps=200, batch=16, val_rows=128, eval_every=50,
+        ridge_rows=1024, ridge_lambda=1e-2,
+        optim=optim(3e-5, lr_head=1e-4),
+    ))
+    cfg.rl = ml_collections.ConfigDict(dict(
+        steps=50, batch=8, group_size=4,
+        beta=0.01, kl="k3",                         # KL to the SFT verbalizer
+        eps_low=0.2, eps_high=0.2,                  # clip range (eps_high > eps_low: "clip higher")
+        advantage="grpo", adv_eps=1e-4, adv_ddof=1,
+        agg="token_mean",                           # token_mean | seq_mean_token_mean | seq_mean_token_sum | drgrpo
+        fail_reward=-2.0,                           # explanation without a closing tag, or empty
+        temperature=1.0, top_k=0, top_p=1.0,
+        init_from_sft=True, seed=0,
+        optim_av=optim(5e-6, warmup=0), optim_ar=optim(3e-5, lr_head=1e-4, warmup=0),
+    ))
+    cfg.train = ml_collections.ConfigDict(dict(
+        workdir=workdir, stages=("sft_av", "sft_ar", "rl", "eval"),
+        keep=2, ckpt_every=50, log_every=1, async_checkpoint=True, max_nonfinite=5,
+    ))
+    cfg.eval = ml_collections.ConfigDict(dict(
+        rows=128, split="eval", temperature=0.0, n_examples=4, n_boot=1000, seed=0,
+    ))
+    return cfg

@@ -15,8 +15,16 @@ from nla_jax.errors import UserError
 INIT_TIMEOUT_S = int(os.environ.get("NLA_DIST_INIT_TIMEOUT", "120"))
 
 
-def initialize(coordinator: str | None, num_processes: int, process_id: int) -> None:
-    """Start jax.distributed when more than one process is asked for (explicit timeout)."""
+def initialize(coordinator: str | None, num_processes: int, process_id: int, auto: bool = False) -> None:
+    """Start jax.distributed when more than one process is asked for (explicit timeout).
+
+    auto=True: let JAX read the cluster from its environment (TPU VM metadata, SLURM), still
+    with the explicit timeout.
+    """
+    if auto:
+        import jax
+        jax.distributed.initialize(initialization_timeout=INIT_TIMEOUT_S)
+        return
     if num_processes <= 1:
         return
     if coordinator is None:

@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     print(f"sampled {n_new} tokens in {dt:.1f}s (compile included)", file=sys.stderr)
     for i, (row, n) in enumerate(zip(out.tokens, out.lengths)):
         ids = row[:n].tolist()
-        text = tok.decode(ids) if tok is not None else " ".join(map(str, ids))
+        text = tok.decode(ids) if tok is not None and not args.prompt_ids else " ".join(map(str, ids))
         if len(prompts) > 1:
             print(f"--- [{i}] {args.prompt[i] if args.prompt else ''}")
         print(text)
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
             print(f"\nblock {K} residual norms (HF hidden_states[{K + 1}]), prompt {i}: "
                   f"median {np.median(norms):.1f}, position 0 (attention sink) {norms[0]:.1f}")
             for j, (t_id, nrm) in enumerate(zip(ids, norms)):
-                piece = tok.decode([t_id], skip_special=False) if tok is not None else str(t_id)
+                piece = tok.decode([t_id], skip_special=False) if tok is not None and not args.prompt_ids else str(t_id)
                 print(f"{j:4d}  {nrm:9.1f}  {piece!r}")
     return 0
 

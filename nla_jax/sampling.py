@@ -89,23 +89,25 @@ def _top_p_mask(sorted_vals: jax.Array, p: float) -> jax.Array:
     return jnp.where(before < p, sorted_vals, -jnp.inf)
 
 
-def _layers_with_cache(cfg: ModelConfig, layers: Sequence[dict], x, cos, sin, mask, cache, slot):
+def _layers_with_cache(cfg: ModelConfig, layers: Sequence[dict], x, cos, sin, mask, cache, slot, hook=None):
     """All blocks on x [b, s, d], writing this call's k/v into the cache at `slot`.
 
     `layers` is a sequence of per-layer parameter dicts and `cache` a tuple of per-layer
     (k, v) arrays [b, KV, T, hd]. Unrolled on purpose: a `scan` over stacked weights makes
     XLA:CPU copy every layer's weights out of the stack at every decode step (measured 1.3-1.9x
     slower at batch 8-32); with separate arrays each step reads the weights once and the cache
-    update is an in-place write of one slot.
+    update is an in-place write of one slot. `hook=(j, f)` applies x = f(x) after block j.
     """
     new_cache = []
-    for lp, (ck, cv) in zip(layers, cache):
+    for li, (lp, (ck, cv)) in enumerate(zip(layers, cache)):
         def write(k, v, ck=ck, cv=cv):
             ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, slot, 0))
             cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, slot, 0))
             return ck, cv, (ck, cv)
 
         x, kv = T.block(cfg, lp, x, cos, sin, mask, cache_write=write)
+        if hook is not None and hook[0] == li:
+            x = hook[1](x)
         new_cache.append(kv)
     return x, tuple(new_cache)
 
@@ -160,7 +162,7 @@ def make_sampler(cfg: ModelConfig, sc: SampleConfig, mesh, rules, dtype=jnp.floa
 
 
 def sample(params, prompt: jax.Array, valid: jax.Array, key: jax.Array, *, cfg: ModelConfig,
-           sc: SampleConfig, override: T.Override | None = None) -> SampleOutput:
+           sc: SampleConfig, override: T.Override | None = None, add_after: int | None = None) -> SampleOutput:
     """Generate up to sc.max_new_tokens for a left-padded batch (see `_sample`).
 
     `params` may be stacked (split once per call) or already `split_layers`-ed (reuse the
@@ -168,21 +170,21 @@ def sample(params, prompt: jax.Array, valid: jax.Array, key: jax.Array, *, cfg: 
     """
     if isinstance(params["layers"], dict):
         params = split_layers(params)
-    return _sample_jit(params, prompt, valid, key, cfg=cfg, sc=sc, override=override)
+    return _sample_jit(params, prompt, valid, key, cfg=cfg, sc=sc, override=override, add_after=add_after)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sc"))
-def _sample_jit(params, prompt, valid, key, *, cfg, sc, override=None):
-    return _sample(params, prompt, valid, key, cfg=cfg, sc=sc, override=override)
+@functools.partial(jax.jit, static_argnames=("cfg", "sc", "add_after"))
+def _sample_jit(params, prompt, valid, key, *, cfg, sc, override=None, add_after=None):
+    return _sample(params, prompt, valid, key, cfg=cfg, sc=sc, override=override, add_after=add_after)
 
 
 def _sample(params, prompt: jax.Array, valid: jax.Array, key: jax.Array, *, cfg: ModelConfig,
-            sc: SampleConfig, override: T.Override | None = None) -> SampleOutput:
+            sc: SampleConfig, override: T.Override | None = None, add_after: int | None = None) -> SampleOutput:
     """Generate up to sc.max_new_tokens for a left-padded batch.
 
     params: with "layers" split per layer; prompt, valid: [b, P] (int tokens, bool
     not-padding); override: vectors written in place of prompt embeddings (the verbalizer's
-    injection).
+    injection); with add_after=j they are added, norm-matched, after block j instead.
     """
     b, P = prompt.shape
     N = sc.max_new_tokens
@@ -197,10 +199,15 @@ def _sample(params, prompt: jax.Array, valid: jax.Array, key: jax.Array, *, cfg:
     eos = jnp.asarray(cfg.eos_ids if cfg.eos_ids else (-1,), jnp.int32)
 
     # -- prefill: the whole prompt in one pass, filling cache slots [0, P)
-    x = T.embed(params, prompt, override)
+    hook = None
+    if add_after is not None:
+        hook = (add_after, lambda h: T.add_at(h, override))
+        x = T.embed(params, prompt)
+    else:
+        x = T.embed(params, prompt, override)
     cos, sin = T.rope_tables(T.positions_from_mask(valid), cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     mask = (slots[None, None, :] <= jnp.arange(P)[None, :, None]) & kv_valid[:, None, :]  # [b, P, T]
-    x, cache = _layers_with_cache(cfg, layers, x, cos, sin, mask, cache, 0)
+    x, cache = _layers_with_cache(cfg, layers, x, cos, sin, mask, cache, 0, hook)
     logits = T.unembed(cfg, params, x[:, -1:])[:, 0]  # [b, V]
     key, sub = jax.random.split(key)
     tok, lp = _choose(logits, sub, sc)

@@ -8,6 +8,8 @@ itself unless `summarize.teacher` names another source) reads the end of the row
 writes a short description of what matters for predicting the next token. With
 `summarize.append_final_tokens > 0` the text also quotes the context's last tokens: a small
 model's summaries rarely name them, and the reconstructor needs them (DESIGN §1).
+`summarize.teacher="quote"` skips the model: the text is only that quote of the last
+`quote_tokens` tokens (a cheap warm start, and the ablation that isolates the final-token signal).
 
 Output: STORE/summaries.jsonl, one {"row", "doc_id", "position", "text"} per line, append-only;
 a rerun skips rows already written and drops a half-written last line. `--import` validates
@@ -97,11 +99,13 @@ def main(argv=None) -> int:
 
     import ml_collections
     teacher_model = ml_collections.ConfigDict(cfg.model.to_dict())
-    if sc.teacher != "target":
+    if sc.teacher not in ("target", "quote"):
         teacher_model.source = sc.teacher
     mcfg, params, tok = loader.load_from_config(teacher_model)
     if tok is None:
         raise UserError(f"teacher {sc.teacher!r} has no tokenizer")
+    if sc.teacher == "quote":
+        return quote_rows(store, tok, todo, sc, out)
     params = sampling.split_layers(params)
     scfg = sampling.SampleConfig(max_new_tokens=sc.max_new_tokens, temperature=sc.temperature, top_p=sc.top_p)
     bar = tqdm(total=len(todo), desc="summarize", unit="row")
@@ -130,6 +134,25 @@ def main(argv=None) -> int:
         append_records(out, recs)
         bar.update(len(chunk))
         bar.set_postfix(rows_s=f"{(i + len(chunk)) / (time.perf_counter() - t0):.2f}")
+    bar.close()
+    return 0
+
+
+def quote_rows(store, tok, todo: list[int], sc, out: str) -> int:
+    """Warm-start texts that only quote each context's final tokens (no teacher model)."""
+    from tqdm import tqdm
+    bar = tqdm(total=len(todo), desc="quote", unit="row")
+    for i in range(0, len(todo), 256):
+        chunk = todo[i:i + 256]
+        got = store.read(None, np.asarray(chunk), fields=("doc_id", "position", "tokens"))
+        recs = []
+        for j, r in enumerate(chunk):
+            p = int(got["position"][j])
+            last = tok.decode(got["tokens"][j][max(0, p + 1 - sc.quote_tokens):p + 1].tolist()).strip()
+            recs.append({"row": r, "doc_id": int(got["doc_id"][j]), "position": p,
+                         "text": f"The text ends with: \u00ab{last}\u00bb"})
+        append_records(out, recs)
+        bar.update(len(chunk))
     bar.close()
     return 0
 

@@ -100,7 +100,7 @@ def test_other_bad_input(args, needles):
 
 @pytest.mark.parametrize("args,needles", [
     (("--config", TINY, "--prompt-ids", "1,999"), ("999", "vocabulary")),
-    (("--config", TINY, "--prompt", "hi"), ("no tokenizer", "--prompt-ids")),
+    (("--config", TINY, "--config.model.arch.vocab_size=256", "--prompt", "hi"), ("no tokenizer", "--prompt-ids")),
 ])
 def test_bad_input_found_after_loading(args, needles):
     assert_user_error(run_cli(*args), *needles, after_load=True)
@@ -186,6 +186,6 @@ def test_split_config_args():
 def test_overridden_arch_reaches_the_model():
     c = configlib.get(TINY, ["model.arch.eos_ids=(2, 5)", "model.arch.n_layers=3", "model.layer=2"])
     cfg, params, tok = loader.load_from_config(c.model)
-    assert cfg.eos_ids == (2, 5) and cfg.n_layers == 3 and tok is None
+    assert cfg.eos_ids == (2, 5) and cfg.n_layers == 3 and tok is not None and tok.eos_ids == (2,)
     assert params["layers"]["wq"].shape[0] == 3
     assert isinstance(c, ml_collections.ConfigDict)

@@ -333,7 +333,9 @@ def load(source: str, dtype=jnp.float32, shardings: Any = None, arch: dict | Non
         params = transformer.init_params(cfg, jax.random.key(seed), dtype)
         if shardings is not None:
             params = jax.tree.map(jax.device_put, params, shardings)
-        return cfg, params, None
+        # A byte-level tokenizer when the vocabulary has room: every text path runs on test models.
+        tok = tokenizer_lib.byte_tokenizer(cfg.vocab_size) if cfg.vocab_size >= 272 else None
+        return cfg, params, tok
     path = resolve_source(source)
     if os.path.isdir(path):
         cfg, raw_cfg = hf_config(path)

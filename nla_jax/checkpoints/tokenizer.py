@@ -7,6 +7,7 @@ the public NLA code had with Llama-3 templates).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any, Sequence
@@ -178,3 +179,46 @@ def from_hf_dir(path: str, model_cfg: dict[str, Any]) -> Tokenizer:
     return Tokenizer(tok, chat_template=template, bos_id=bos, eos_ids=eos_ids,
                      pad_id=pad if pad is not None else (eos_ids[0] if eos_ids else 0), add_bos=add_bos,
                      special_ids=specials)
+
+
+_CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def byte_tokenizer(vocab_size: int = 512) -> Tokenizer:
+    """A byte-level tokenizer with no merges and a ChatML template, for random test models.
+
+    Ids: 0 <pad>, 1 <s>, 2 <|im_end|> (EOS), 3 <|im_start|>, 4..9 reserved specials, 16..271 the
+    256 bytes. Lets the tiny configs run every text path (prompts, summaries, explanations) that
+    the real model runs.
+    """
+    if vocab_size < 272:
+        raise UserError(f"a byte tokenizer needs vocab_size >= 272, got {vocab_size}")
+    specials = ["<pad>", "<s>", "<|im_end|>", "<|im_start|>"] + [f"<|reserved_{i}|>" for i in range(12)]
+    vocab = {t: i for i, t in enumerate(specials)}
+    for ch in pre_tokenizers.ByteLevel.alphabet():
+        vocab[ch] = 16 + _byte_of(ch)
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True) for t in specials])
+    return Tokenizer(tok, chat_template=_CHATML, bos_id=1, eos_ids=(2,), pad_id=0, add_bos=True,
+                     special_ids=range(len(specials)))
+
+
+@functools.lru_cache(maxsize=None)
+def _byte_table() -> dict[str, int]:
+    """GPT-2 byte-level alphabet character -> the byte it stands for."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(map(chr, cs), bs))
+
+
+def _byte_of(ch: str) -> int:
+    return _byte_table()[ch]

@@ -20,10 +20,14 @@ from nla_jax.errors import UserError
 class SplitOrder:
     """Pure index arithmetic: which split rows make up global batch `step`."""
 
-    def __init__(self, store: store_lib.Store, split: str, batch: int, seed: int):
+    def __init__(self, store: store_lib.Store, split: str, batch: int, seed: int,
+                 only: np.ndarray | None = None):
         rows = store.rows_of_split(split)  # global row ids, ascending
+        if only is not None:  # e.g. the rows that have teacher summaries
+            rows = rows[np.isin(rows, only)]
         if len(rows) == 0:
-            raise UserError(f"split {split!r} of store {store.root} is empty")
+            raise UserError(f"split {split!r} of store {store.root} is empty"
+                            + (" (after keeping only the rows asked for)" if only is not None else ""))
         if batch > len(rows):
             raise UserError(f"batch {batch} is larger than split {split!r} ({len(rows)} rows)")
         doc, pos = _columns(store, rows)
@@ -58,18 +62,24 @@ def _columns(store: store_lib.Store, rows: np.ndarray) -> tuple[np.ndarray, np.n
 
 def iterate(store_root: str, split: str, *, batch: int, seed: int, start_step: int = 0,
             process: int | None = None, num_processes: int | None = None, prefetch: int = 2,
-            fields: tuple[str, ...] = ("acts", "doc_id", "position", "tokens")) -> Iterator[tuple[int, dict]]:
-    """(step, host-local numpy batch) from `start_step` on, read ahead by grain threads."""
+            fields: tuple[str, ...] = ("acts", "doc_id", "position", "tokens"),
+            only: np.ndarray | None = None) -> Iterator[tuple[int, dict]]:
+    """(step, host-local numpy batch) from `start_step` on, read ahead by grain threads.
+
+    The batch also holds "row" (global store row ids); `only` restricts the split to those rows.
+    """
     import grain
     import jax
     process = jax.process_index() if process is None else process
     num_processes = jax.process_count() if num_processes is None else num_processes
     store = store_lib.open_store(store_root)
-    order = SplitOrder(store, split, batch, seed)
+    order = SplitOrder(store, split, batch, seed, only)
 
     def read(step: int) -> tuple[int, dict]:
         rows = order.local_rows(step, process, num_processes)
-        return step, store.read(None, rows, fields=fields)
+        out = store.read(None, rows, fields=fields)
+        out["row"] = rows.astype(np.int64)
+        return step, out
 
     ds = grain.MapDataset.range(start_step, 2 ** 62).map(read)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=prefetch))

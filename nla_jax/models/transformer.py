@@ -206,6 +206,21 @@ def embed(params: Params, tokens: jax.Array, override: Override | None = None) -
     return sharding.constrain(x, ("batch", "seq", "act_embed"))
 
 
+def add_at(x: jax.Array, override: Override) -> jax.Array:
+    """Add override vectors, norm-matched, to the residual stream at their positions.
+
+    x: [b, s, d]. Each vector's direction is scaled to the norm of the residual it is added to
+    (the "Activation Oracles" injection: h + |h| * v/|v|), so the addition is commensurate at any
+    layer. The norm of `override.vectors` itself only sets an extra multiplier: |v| / sqrt(d).
+    """
+    s, d = x.shape[1], x.shape[2]
+    hit = (jnp.arange(s)[None, :, None] == override.positions[:, None, :]).astype(jnp.float32)  # [b, s, n]
+    v = override.vectors.astype(jnp.float32)                                              # [b, n, d]
+    here = jnp.einsum("bsn,bsd->bnd", hit, x.astype(jnp.float32))                       # [b, n, d]
+    scale = jnp.linalg.norm(here, axis=-1, keepdims=True) / (d ** 0.5)                  # [b, n, 1]
+    return x + jnp.einsum("bsn,bnd->bsd", hit, v * scale).astype(x.dtype)
+
+
 def positions_from_mask(valid: jax.Array) -> jax.Array:
     """Position ids [b, s] for a left-padded batch: 0 at each row's first real token."""
     return jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
@@ -313,21 +328,29 @@ def unembed(cfg: ModelConfig, params: Params, h: jax.Array) -> jax.Array:
 
 def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, *, valid: jax.Array | None = None,
             override: Override | None = None, capture_layer: int | None = None,
-            logits: bool = True, remat: bool = False) -> dict[str, jax.Array]:
+            logits: bool = True, remat: bool = False, add_after: int | None = None) -> dict[str, jax.Array]:
     """Full forward pass.
 
     tokens: [b, s] int; valid: [b, s] bool (False = left padding), default all True.
     Returns {"logits": [b, s, V] float32} and, if capture_layer=K, {"hidden": [b, s, d]} = the
     residual stream after block K (Hugging Face hidden_states[K + 1]). With logits=False the
-    blocks after K are not run at all.
+    blocks after K are not run at all. With add_after=j the override is not written into the
+    embeddings but added (norm-matched, `add_at`) to the residual stream after block j.
     """
     if valid is None:
         valid = jnp.ones(tokens.shape, bool)
     positions = positions_from_mask(valid)
     mask = causal_mask(valid)
-    x = embed(params, tokens, override)
     out: dict[str, jax.Array] = {}
     n = cfg.n_layers
+    if add_after is not None:
+        if capture_layer is not None or override is None:
+            raise ValueError("add_after needs an override and no capture_layer")
+        x = embed(params, tokens)
+        x = run_blocks(cfg, params["layers"], x, positions, mask, 0, add_after + 1, remat)
+        x = run_blocks(cfg, params["layers"], add_at(x, override), positions, mask, add_after + 1, n, remat)
+        return {"logits": unembed(cfg, params, x)} if logits else {"last": x}
+    x = embed(params, tokens, override)
     if capture_layer is not None:
         if not 0 <= capture_layer < n:
             raise ValueError(f"capture_layer={capture_layer} out of range [0, {n})")

@@ -1,0 +1,1 @@
+"""The NLA pair: activation verbalizer (av), activation reconstructor (ar), and their metrics (stats)."""

@@ -1,0 +1,194 @@
+"""Activation verbalizer: a copy of the target that reads one activation as a token embedding.
+
+The prompt is fixed and identical for every row (so batches need no padding): a chat turn
+holding a marker token inside <concept>...</concept>, then the assistant's answer prefix
+"<explanation>". The marker is a special token the tokenizer never produces from ordinary text;
+it is inserted by id and the prompt is checked to hold it exactly once. Injection modes:
+
+  replace  the marker's embedding row is replaced by the activation rescaled to `inject_norm`
+           (a round number a bit above the dataset's mean norm unless set);
+  add      the activation's direction is added, norm-matched, to the residual stream after
+           block `add_after` at the marker (Activation Oracles style).
+
+An optional learned input projection [d, d] (identity at init) maps the vector first.
+Explanations end with the closing tag's token ids, exactly as the SFT targets are built, so
+extraction inside the compiled RL step is a token-sequence match.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nla_jax.errors import UserError
+from nla_jax.models import transformer as T
+from nla_jax.models.config import ModelConfig
+from nla_jax.models.logprobs import token_logprobs
+
+_PLACEHOLDER = "\u0000MARKER\u0000"
+
+
+@dataclasses.dataclass(frozen=True)
+class AVSpec:
+    prompt: tuple[int, ...]     # fixed prompt ids, marker included, ending with the answer prefix
+    marker_pos: int
+    marker_id: int
+    closer: tuple[int, ...]     # ids of the closing tag as SFT targets end
+    eos: int
+    mode: str                   # replace | add
+    add_after: int              # block index for mode=add
+    inject_norm: float          # replace mode: the injected vector's L2 norm
+    center: bool                # inject v - mean instead of v
+    max_len: int                # explanation cap in generated tokens (closer and EOS included)
+
+
+def choose_marker(tok, rendered_ids: Sequence[int], want) -> int:
+    """The marker token id: `want` (id or token string) or, for "auto", an unused special token."""
+    if isinstance(want, int) or (isinstance(want, str) and want.isdigit()):
+        mid = int(want)
+    elif want != "auto":
+        mid = tok.token_to_id(want)
+        if mid is None:
+            raise UserError(f"config key av.marker={want!r} is not a token of the target's vocabulary")
+    else:
+        reserved = {tok.bos_id, tok.pad_id, *tok.eos_ids, *rendered_ids}
+        free = sorted(i for i in tok.special_ids if i not in reserved)
+        if not free:
+            raise UserError("av.marker=auto: the tokenizer has no unused special token; set av.marker to a token id")
+        mid = free[-1]
+    if not 0 <= mid < tok.vocab_size:
+        raise UserError(f"config key av.marker={want!r}: id {mid} is outside the vocabulary")
+    return mid
+
+
+def auto_norm(mean_norm: float) -> float:
+    """A round number a bit above the mean activation norm (DESIGN §1: 150 for Qwen-7B L20)."""
+    x = 1.1 * mean_norm
+    step = 10 ** math.floor(math.log10(x)) / 10
+    return float(math.ceil(x / step) * step)
+
+
+def build_spec(tok, mcfg: ModelConfig, av, mean_norm: float) -> AVSpec:
+    """The AV prompt and injection settings from config section `av`."""
+    rendered = tok.render_chat([{"role": "user", "content": av.user.replace("{marker}", _PLACEHOLDER)}])
+    if rendered.count(_PLACEHOLDER) != 1:
+        raise UserError(f"config key av.user must contain '{{marker}}' exactly once, got {av.user!r}")
+    before, after = rendered.split(_PLACEHOLDER)
+    ids_before = tok.bos(tok.encode(before))
+    ids_after = tok.encode(after + av.answer_prefix)
+    mid = choose_marker(tok, ids_before + ids_after, av.marker)
+    prompt = tuple(ids_before + [mid] + ids_after)
+    if prompt.count(mid) != 1:
+        raise UserError(f"marker token {mid} occurs {prompt.count(mid)} times in the AV prompt; choose another av.marker")
+    closer = tuple(tok.encode(av.closer))
+    if not closer:
+        raise UserError("config key av.closer must be a non-empty closing tag")
+    if av.inject not in ("replace", "add"):
+        raise UserError(f"config key av.inject={av.inject!r}: expected 'replace' or 'add'")
+    if av.inject == "add" and not 0 <= av.add_after < mcfg.n_layers:
+        raise UserError(f"config key av.add_after={av.add_after} out of range [0, {mcfg.n_layers})")
+    if len(prompt) + av.max_len > mcfg.max_seq_len:
+        raise UserError(f"config key av.max_len={av.max_len}: prompt ({len(prompt)}) + cap exceeds the model's "
+                        f"context ({mcfg.max_seq_len})")
+    if av.max_len < len(closer) + 2:
+        raise UserError(f"config key av.max_len={av.max_len} leaves no room for an explanation")
+    norm = float(av.inject_norm) if av.inject_norm > 0 else auto_norm(mean_norm)
+    return AVSpec(prompt=prompt, marker_pos=len(ids_before), marker_id=mid, closer=closer,
+                  eos=tok.eos_ids[0], mode=av.inject, add_after=int(av.add_after), inject_norm=norm,
+                  center=bool(av.center), max_len=int(av.max_len))
+
+
+# ----------------------------------------------------------------------------- injection
+
+def init_extra(d: int, use_proj: bool) -> dict:
+    """Trainable AV parameters besides the model: the optional input projection [d, d] = I."""
+    return {"proj": jnp.eye(d, dtype=jnp.float32)} if use_proj else {}
+
+
+def override(spec: AVSpec, acts: jax.Array, extra: dict, mean: jax.Array | None) -> T.Override:
+    """acts [b, d] raw -> the override that puts them at the marker. Float32 until the cast."""
+    v = acts.astype(jnp.float32)
+    if spec.center and mean is not None:
+        v = v - mean
+    if "proj" in extra:
+        v = v @ extra["proj"]
+    u = v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+    d = v.shape[-1]
+    # replace: the vector itself at inject_norm; add: a unit direction * sqrt(d) (add_at rescales it
+    # to the residual's norm).
+    v = u * (spec.inject_norm if spec.mode == "replace" else d ** 0.5)
+    b = v.shape[0]
+    return T.Override(jnp.full((b, 1), spec.marker_pos, jnp.int32), v[:, None, :])
+
+
+def add_after(spec: AVSpec) -> int | None:
+    return spec.add_after if spec.mode == "add" else None
+
+
+# ----------------------------------------------------------------------------- teacher forcing
+
+def sft_targets(tok, texts: Sequence[str], spec: AVSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Texts -> target ids [b, max_len] (text, closer, EOS; right-padded) and mask [b, max_len]."""
+    room = spec.max_len - len(spec.closer) - 1
+    ids = np.full((len(texts), spec.max_len), tok.pad_id, np.int32)
+    mask = np.zeros((len(texts), spec.max_len), bool)
+    for i, t in enumerate(texts):
+        row = tok.encode(" ".join(t.split()))[:room] + list(spec.closer) + [spec.eos]
+        ids[i, :len(row)] = row
+        mask[i, :len(row)] = True
+    return ids, mask
+
+
+def logprobs(params, extra, cfg: ModelConfig, spec: AVSpec, acts: jax.Array, targets: jax.Array,
+             mean: jax.Array | None = None, temperature: float = 1.0, remat: bool = False,
+             entropy: bool = False):
+    """Per-token log-probs [b, L] of `targets` after the injected prompt (float32).
+
+    acts: [b, d]; targets: [b, L]. One forward over prompt + targets[:, :-1].
+    """
+    b, L = targets.shape
+    P = len(spec.prompt)
+    prompt = jnp.broadcast_to(jnp.asarray(spec.prompt, jnp.int32), (b, P))
+    tokens = jnp.concatenate([prompt, targets[:, :-1].astype(jnp.int32)], axis=1)  # [b, P + L - 1]
+    ov = override(spec, acts, extra, mean)
+    out = T.forward(params, tokens, cfg, override=ov, add_after=add_after(spec), remat=remat)
+    logits = out["logits"][:, P - 1:]  # [b, L, V]
+    if temperature != 1.0:
+        logits = logits / temperature
+    lp = token_logprobs(logits, targets.astype(jnp.int32))
+    if not entropy:
+        return lp
+    probs = jax.nn.softmax(jax.lax.stop_gradient(logits), axis=-1)
+    ent = -jnp.sum(probs * jax.nn.log_softmax(jax.lax.stop_gradient(logits), axis=-1), axis=-1)
+    return lp, ent
+
+
+# ----------------------------------------------------------------------------- extraction
+
+def extract(tokens: jax.Array, lengths: jax.Array, spec: AVSpec) -> tuple[jax.Array, jax.Array]:
+    """Where the explanation ends in sampled tokens [b, N].
+
+    Returns (expl_len [b]: tokens before the first closing tag, ok [b]: a closing tag was produced
+    within the row's length and the explanation is not empty). Jit-friendly.
+    """
+    b, N = tokens.shape
+    c = jnp.asarray(spec.closer, jnp.int32)
+    m = len(spec.closer)
+    pad = jnp.concatenate([tokens, jnp.full((b, m), -1, tokens.dtype)], axis=1)
+    match = jnp.ones((b, N), bool)
+    for j in range(m):
+        match = match & (pad[:, j:j + N] == c[j])
+    idx = jnp.arange(N)[None, :]
+    match = match & (idx + m <= lengths[:, None])
+    found = match.any(axis=1)
+    first = jnp.where(found, jnp.argmax(match, axis=1), lengths)
+    ok = found & (first > 0)
+    return first.astype(jnp.int32), ok
+
+
+def decode(tok, tokens: np.ndarray, expl_len: np.ndarray) -> list[str]:
+    return [tok.decode(row[:n].tolist(), skip_special=True).strip() for row, n in zip(tokens, expl_len)]
