@@ -1,0 +1,368 @@
+"""Training checkpoints (orbax v0 CheckpointManager) and the one-trainer-per-workdir lock.
+
+A checkpoint step holds two orbax items: `state` (a pytree of jax.Arrays, saved with
+`StandardSave`, so it restores onto any mesh/sharding given by the abstract target) and `meta`
+(JSON: the caller's dict plus the config fingerprint). Orbax writes each step into
+`<step>.orbax-checkpoint-tmp` and renames it when complete, so an interrupted save never looks
+like a step. What orbax does not catch is a committed step whose files were later damaged
+(truncated copy, full disk, partial rsync): `restore(step=None)` tries steps newest-first and
+takes the first that restores cleanly. Damaged newer steps are renamed aside (never deleted), so
+they neither shadow the good step in orbax's "latest" nor count towards `keep`.
+
+Every process of a multi-process run calls every method; orbax picks the primary host for the
+shared writes, and the fallback decision is agreed across processes.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import socket
+import time
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from nla_jax import distributed
+from nla_jax.errors import UserError
+
+log = logging.getLogger(__name__)
+
+_STATE, _META = "state", "meta"
+_FORMAT = 1
+
+
+def fingerprint(cfg_subset: dict) -> str:
+    """Short stable id of the config settings a checkpoint's contents depend on."""
+    blob = json.dumps(cfg_subset, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _one_line(e: BaseException, limit: int = 240) -> str:
+    msg = " ".join(str(e).split())
+    msg = f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+    return msg if len(msg) <= limit else msg[:limit] + "..."
+
+
+# ----------------------------------------------------------------------------- lock
+
+def _process_index() -> int:
+    # Only ask jax when distributed is up: process_index() would otherwise start a
+    # single-process backend and break a later jax.distributed.initialize.
+    try:
+        if jax.distributed.is_initialized():
+            return jax.process_index()
+    except Exception:  # older/newer jax without is_initialized
+        pass
+    return 0
+
+
+class WorkdirLock:
+    """Exclusive flock on WORKDIR/.lock so two trainers never write one work directory.
+
+    Each process of a multi-process run locks its own file (`.lock` for process 0,
+    `.lock.<i>` otherwise), so all processes of one run can take it while a second run is
+    refused. Take it after `jax.distributed.initialize` (or pass `process_index`). The lock
+    dies with the process (kill -9 included); the file is left in place on purpose, since
+    deleting a lock file races with the next holder.
+    """
+
+    def __init__(self, workdir: str, process_index: int | None = None) -> None:
+        self.workdir = os.path.abspath(workdir)
+        idx = _process_index() if process_index is None else int(process_index)
+        self.path = os.path.join(self.workdir, ".lock" if idx == 0 else f".lock.{idx}")
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> "WorkdirLock":
+        if self._fd is not None:
+            return self
+        try:
+            os.makedirs(self.workdir, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"cannot create lock file {self.path}: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = self._holder(fd)
+            os.close(fd)
+            raise UserError(f"work directory {self.workdir} is in use by another trainer ({holder})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    @staticmethod
+    def _holder(fd: int) -> str:
+        try:
+            parts = os.pread(fd, 256, 0).decode(errors="replace").split()
+        except OSError:
+            parts = []
+        if not parts:
+            return "pid unknown"
+        pid = parts[0]
+        host = parts[1] if len(parts) > 1 else None
+        return f"pid {pid}" if host in (None, socket.gethostname()) else f"pid {pid} on {host}"
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def __enter__(self) -> "WorkdirLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+# ----------------------------------------------------------------------------- checkpointer
+
+def _key_name(k: Any) -> str:
+    # Orbax stores tuples/NamedTuples as lists/dicts, so compare paths by their names only.
+    for attr in ("key", "idx", "name"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def _flat_by_path(tree: Any) -> dict[tuple[str, ...], Any]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {tuple(_key_name(k) for k in path): leaf for path, leaf in leaves}
+
+
+def _path_str(path: tuple[str, ...]) -> str:
+    return "".join(f"[{p}]" for p in path) or "<root>"
+
+
+class Checkpointer:
+    """Save/restore `(state, meta)` per step under one directory, newest `keep` retained.
+
+    `fingerprint` identifies the config settings the state depends on (see `fingerprint()`);
+    steps written under another fingerprint are refused. `read_only=True` is for tools that
+    read a directory a trainer may be writing: it neither saves, nor removes orbax's
+    unfinished tmp directories, nor moves damaged steps aside.
+    """
+
+    def __init__(self, directory: str, *, keep: int | None = 3, async_save: bool = True,
+                 fingerprint: str | None = None, read_only: bool = False) -> None:
+        if keep is not None and keep < 1:
+            raise UserError(f"checkpoint keep must be >= 1 (or None for all), got {keep}")
+        self.directory = os.path.abspath(directory)
+        self.fingerprint = fingerprint
+        self.read_only = read_only
+        self.restored_step: int | None = None  # the step the last restore() actually loaded
+        self._warned: set[int] = set()
+        self._barriers = 0
+        self._dir_checked = False
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=None if read_only else keep, save_interval_steps=0 if read_only else 1,
+            enable_async_checkpointing=async_save, create=not read_only,
+            # The writer (holding WorkdirLock) owns the directory: leftovers of interrupted
+            # saves are garbage. A reader must not touch a running trainer's in-flight save.
+            cleanup_tmp_directories=not read_only, read_only=read_only)
+        try:
+            # Handlers named up front: a fresh manager can then read item metadata before any
+            # save/restore has told it the item types.
+            self._mgr = ocp.CheckpointManager(
+                self.directory, options=options,
+                item_handlers={_STATE: ocp.StandardCheckpointHandler(), _META: ocp.JsonCheckpointHandler()})
+        except OSError as e:
+            raise UserError(f"cannot use checkpoint directory {self.directory}: {_one_line(e)}") from None
+
+    # -- saving
+
+    def save(self, step: int, state: Any, meta: dict) -> bool:
+        """Start saving `step` (async if configured). False if that step is already saved."""
+        if self.read_only:
+            raise RuntimeError(f"Checkpointer on {self.directory} is read-only")
+        step = int(step)
+        try:
+            json.dumps(meta)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"checkpoint meta must be JSON-serialisable: {e}") from None
+        if not self._dir_checked:
+            self._dir_checked = True
+            self.latest_step()  # refuse to mix steps of another config into this directory
+        steps = self._mgr.all_steps()
+        if step in steps:
+            return False
+        if steps and step < max(steps):
+            # orbax would silently skip it; a trainer resumed from an explicitly older step
+            # would then lose every save until it passes the old latest step.
+            raise UserError(f"cannot save checkpoint step {step}: {self.directory} already has the later "
+                            f"step {max(steps)} (resume from the latest step, or use a fresh work directory)")
+        payload = {"format": _FORMAT, "fingerprint": self.fingerprint, "meta": meta}
+        return bool(self._mgr.save(step, args=ocp.args.Composite(
+            **{_STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(payload)})))
+
+    def wait(self) -> None:
+        """Block until the in-flight async save (and its pruning of old steps) is committed."""
+        self._mgr.wait_until_finished()
+
+    def close(self) -> None:
+        self._mgr.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- reading
+
+    def all_steps(self) -> list[int]:
+        """Committed steps on disk (not checked for readability), ascending."""
+        self._refresh()
+        return sorted(self._mgr.all_steps())
+
+    def _refresh(self) -> None:
+        # An in-flight async step is listed by orbax before it is committed; wait for it,
+        # then re-list so steps written or moved by someone else are seen.
+        self._mgr.wait_until_finished()
+        self._mgr.reload()
+
+    def _payload(self, step: int) -> dict:
+        """The step's meta item; a UserError if it was written under another fingerprint."""
+        got = self._mgr.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))[_META]
+        if not isinstance(got, dict) or "meta" not in got:
+            raise ValueError(f"meta item of step {step} is not a checkpoint meta record")
+        theirs = got.get("fingerprint")
+        if self.fingerprint is not None and theirs != self.fingerprint:
+            raise UserError(f"checkpoints in {self.directory} were written by a different config "
+                            f"(fingerprint {theirs} != {self.fingerprint}); use a fresh work directory")
+        return got
+
+    def _saved_tree(self, step: int) -> Any:
+        md = self._mgr.item_metadata(step)[_STATE]
+        if md is None:
+            raise ValueError(f"no state metadata in step {step}")
+        return getattr(md, "tree", md)
+
+    def _check_matches(self, step: int, saved: Any, abstract: Any) -> None:
+        """UserError (not an orbax traceback) when the requested tree differs from the saved one."""
+        have, want = _flat_by_path(saved), _flat_by_path(abstract)
+        problems = [f"{_path_str(p)} missing from the checkpoint" for p in sorted(set(want) - set(have))]
+        problems += [f"{_path_str(p)} in the checkpoint but not requested" for p in sorted(set(have) - set(want))]
+        for p in sorted(set(have) & set(want)):
+            h, w = have[p], want[p]
+            if w.dtype is not None and jax.dtypes.issubdtype(w.dtype, jax.dtypes.prng_key):
+                continue  # typed PRNG keys are stored as their raw uint32 data
+            hs, hd = getattr(h, "shape", None), getattr(h, "dtype", None)
+            if hs is None:
+                continue
+            if tuple(hs) != tuple(w.shape) or (hd is not None and jax.numpy.dtype(hd) != jax.numpy.dtype(w.dtype)):
+                problems.append(f"{_path_str(p)} saved {tuple(hs)} {hd}, requested {tuple(w.shape)} {w.dtype}")
+        if problems:
+            more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+            raise UserError(f"checkpoint step {step} in {self.directory} does not match the state being restored: "
+                            f"{'; '.join(problems[:3])}{more}; a model/shape setting changed? "
+                            f"use a fresh work directory")
+
+    def _readable_meta(self, step: int) -> tuple[dict | None, str]:
+        """(payload, '') if the step's meta and state metadata read, else (None, reason)."""
+        try:
+            payload = self._payload(step)
+            self._saved_tree(step)
+            return payload, ""
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any read failure means a damaged step
+            return None, _one_line(e)
+
+    def latest_step(self) -> int | None:
+        """Newest step whose meta and array metadata read (the array data is checked by restore).
+
+        Waits for an in-flight async save first. Raises UserError if the step was written
+        under another fingerprint.
+        """
+        self._refresh()
+        for step in sorted(self._mgr.all_steps(), reverse=True):
+            payload, why = self._readable_meta(step)
+            if distributed.all_true(payload is not None):
+                return step
+            self._warn_skip(step, why or "unreadable on another process")
+        return None
+
+    def _warn_skip(self, step: int, why: str) -> None:
+        if step not in self._warned:
+            self._warned.add(step)
+            log.warning("skipping checkpoint step %d in %s: it does not read (%s)", step, self.directory, why)
+
+    def _attempt(self, step: int, abstract_state: Any) -> tuple[Any, str]:
+        """((state, meta), '') or (None, reason); identical outcome on every process."""
+        out, why = None, ""
+        try:
+            payload = self._payload(step)
+            self._check_matches(step, self._saved_tree(step), abstract_state)
+            restored = self._mgr.restore(step, args=ocp.args.Composite(
+                **{_STATE: ocp.args.StandardRestore(abstract_state)}))
+            out = (restored[_STATE], payload["meta"])
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any read failure means a damaged step
+            why = _one_line(e)
+        if not distributed.all_true(out is not None):
+            return None, why or "unreadable on another process"
+        return out, ""
+
+    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
+        """Load `(state, meta)`; `abstract_state` leaves are ShapeDtypeStructs with the target shardings.
+
+        step=None: the newest step that restores cleanly. Damaged newer steps are logged and
+        renamed to `<step>.unreadable-<time>` (only once an older step has restored, so nothing
+        is moved when the failure is on our side, e.g. a wrong target sharding).
+        """
+        self._refresh()
+        steps = sorted(self._mgr.all_steps(), reverse=True)
+        if step is not None:
+            if int(step) not in steps:
+                raise UserError(f"no checkpoint step {step} in {self.directory} "
+                                f"(available: {sorted(steps) or 'none'})")
+            out, why = self._attempt(int(step), abstract_state)
+            if out is None:
+                raise UserError(f"checkpoint step {step} in {self.directory} does not restore: {why}")
+            self.restored_step = int(step)
+            return out
+        if not steps:
+            raise UserError(f"no checkpoints in {self.directory}")
+        bad: list[tuple[int, str]] = []
+        for s in steps:
+            out, why = self._attempt(s, abstract_state)
+            if out is not None:
+                self._set_aside([b for b, _ in bad])
+                self.restored_step = s
+                return out
+            self._warn_skip(s, why)
+            bad.append((s, why))
+        raise UserError(f"no checkpoint in {self.directory} restores (tried steps "
+                        f"{', '.join(str(b) for b, _ in bad)}; newest failed with: {bad[0][1]})")
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Rename damaged steps out of orbax's view; renaming keeps them for inspection."""
+        if not steps or self.read_only:
+            return
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        if jax.process_index() == 0:
+            for s in steps:
+                src = os.path.join(self.directory, str(s))
+                dst = f"{src}.unreadable-{stamp}"
+                try:
+                    os.rename(src, dst)
+                    log.warning("moved unreadable checkpoint step %d aside to %s", s, dst)
+                except OSError as e:
+                    log.warning("could not move unreadable checkpoint step %d aside: %s", s, _one_line(e))
+        self._barriers += 1  # barrier names must be unique and equal on every process
+        distributed.barrier(f"nla_checkpoint_set_aside_{self._barriers}")
+        self._mgr.reload()
