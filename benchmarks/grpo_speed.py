@@ -1,0 +1,181 @@
+"""GRPO step speed, side by side with TRL's GRPOTrainer, plus the NLA step at `quick` settings.
+
+    .venv/bin/python benchmarks/grpo_speed.py                 # prints a table, writes JSON
+    .venv/bin/python benchmarks/grpo_speed.py --skip-peer --skip-nla
+
+Plain policy step (both sides): SmolLM2-135M-Instruct float32, 8 chat prompts x 4 completions x
+up to 32 new tokens, temperature 1, reward = -completion length (TRL: characters; ours: tokens,
+computed inside the compiled step; the reward's value does not change the work), no reference
+KL (beta 0), one update per rollout. Ours is `nla_jax.rl.grpo.policy_step`: sampling, reward,
+advantages, the clipped surrogate and the AdamW update in one jitted function.
+NLA step: `nla_jax.nla.steps.rl_step` at configs/smollm2_135m.py:quick settings (needs the quick
+store, runs/smollm2_135m_quick/acts), seconds per step, rollout tokens/s of the sampler alone.
+Peak memory: this process's max RSS (ours) and the peer subprocess's (getrusage children).
+Compare ratios from one run: the machine is shared and noisy.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+
+from model_speed import PROMPTS, find_peer_python, run_peer  # noqa: E402
+
+
+def _median_steps(fn, warmup: int, runs: int) -> tuple[float, list[float]]:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts), ts
+
+
+def measure_plain(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+
+    from nla_jax import optim, sampling
+    from nla_jax.checkpoints import loader
+    from nla_jax.rl import grpo
+
+    cfg, params, tok = loader.load("embedded")
+    prompts = (PROMPTS * (args.prompts // len(PROMPTS) + 1))[:args.prompts]
+    toks, valid = sampling.pad_prompts([tok.encode_chat(p) for p in prompts], cfg.pad_id)
+    rl = ml_collections.ConfigDict(dict(group_size=args.group, advantage="grpo", adv_eps=1e-4, adv_ddof=1, beta=0.0,
+                                        kl="k3", eps_low=0.2, eps_high=0.2, agg="token_mean"))
+    ocfg = ml_collections.ConfigDict(dict(lr=1e-6, lr_head=0.0, lr_proj=0.0, warmup=0, schedule="constant", clip=1.0,
+                                          weight_decay=0.0, b1=0.9, b2=0.999, train_embed=True,
+                                          train_blocks=(0, -1)))
+    tx = optim.make(ocfg, 100, params)
+    sc = sampling.SampleConfig(max_new_tokens=args.new_tokens, temperature=1.0)
+    reward = lambda t, n: -n.astype(jnp.float32)
+    step = jax.jit(functools.partial(grpo.policy_step, cfg=cfg, sc=sc, rl=rl, tx=tx, labels=optim.labels(params, True),
+                                     reward_fn=reward), donate_argnums=(0,))
+    box = {"state": {"params": params, "opt": tx.init(params), "step": jnp.int32(0)}, "i": 0, "tokens": []}
+    prompt, v = jnp.asarray(toks), jnp.asarray(valid)
+
+    def one():
+        box["i"] += 1
+        box["state"], m = step(box["state"], params, prompt, v, jax.random.key(box["i"]))
+        box["tokens"].append(float(jax.device_get(m["length"])) * args.prompts * args.group)
+
+    t0 = time.perf_counter()
+    one()
+    compile_s = time.perf_counter() - t0
+    med, ts = _median_steps(one, 0, args.steps)
+    return {"step_s": ts, "median_step_s": med, "first_step_s_with_compile": compile_s,
+            "completions_per_s": args.prompts * args.group / med,
+            "mean_completion_tokens": statistics.mean(box["tokens"][1:]) / (args.prompts * args.group)}
+
+
+def measure_nla(args) -> dict | None:
+    import jax
+    import numpy as np
+
+    from nla_jax import configlib, sharding
+    from nla_jax import train
+    from nla_jax.nla import steps
+
+    cfg = configlib.get(os.path.join(REPO, "configs", "smollm2_135m.py") + ":quick")
+    if not os.path.exists(os.path.join(cfg.data.store, "manifest.json")):
+        print(f"[nla] no store at {cfg.data.store}: run the quickstart first; NLA step skipped", file=sys.stderr)
+        return None
+    S = train.setup(cfg, writer_enabled=False)
+    with sharding.use_mesh(S.mesh, S.rules):
+        tx_av, tx_ar, lab_av, lab_ar, init, txs, axes = train.rl_parts(S)
+        sh = train.state_shardings(S, jax.eval_shape(init, S.target), txs, axes)
+        state = jax.jit(init, out_shardings=sh)(S.target)
+        ref = train.init_av(S, S.target)
+        fn = train.rl_step_fn(S, sh, jax.tree.map(lambda a: a.sharding, ref))
+        it = train.batches(S, "rl", cfg.rl.batch, 0, None)
+        box = {"state": state, "i": 0, "m": None}
+
+        def one():
+            step, batch = next(it)
+            box["state"], m = fn(box["state"], ref, batch, S.mean, jax.random.key(step))
+            box["m"] = jax.device_get(m)
+
+        t0 = time.perf_counter()
+        one()
+        compile_s = time.perf_counter() - t0
+        med, ts = _median_steps(one, 0, args.nla_steps)
+        # the sampler alone on the same rollout shape
+        sc = train.rl_sample_config(S)
+        ex = jax.jit(functools.partial(steps.explain, ctx=S.ctx, sc=sc))
+        _, batch = next(it)
+        acts = jax.numpy.repeat(batch["acts"], cfg.rl.group_size, axis=0)
+        out = jax.block_until_ready(ex(box["state"]["av"], acts, S.mean, jax.random.key(0)))
+        t0 = time.perf_counter()
+        n_tok = 0
+        for i in range(3):
+            out = jax.device_get(ex(box["state"]["av"], acts, S.mean, jax.random.key(i + 1)))
+            n_tok += int(np.sum(out["lengths"]))
+        samp_s = time.perf_counter() - t0
+    return {"rollouts_per_step": cfg.rl.batch * cfg.rl.group_size, "max_len": cfg.av.max_len,
+            "step_s": ts, "median_step_s": med, "first_step_s_with_compile": compile_s,
+            "rollout_tokens_per_s": n_tok / samp_s, "sampler_share_of_step": (samp_s / 3) / med}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--group", type=int, default=4)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--steps", type=int, default=4, help="timed steps after the compiling one")
+    p.add_argument("--nla-steps", type=int, default=3)
+    p.add_argument("--skip-peer", action="store_true")
+    p.add_argument("--skip-nla", action="store_true")
+    p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "grpo_speed.json"))
+    args = p.parse_args()
+    res: dict = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                 "shape": {"prompts": args.prompts, "group": args.group, "new_tokens": args.new_tokens}}
+    res["nla_jax"] = measure_plain(args)
+    if not args.skip_nla:
+        res["nla_step"] = measure_nla(args)
+    res["peak_rss_gb_ours"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    py = find_peer_python()
+    if py and not args.skip_peer:
+        res["trl"] = run_peer(py, ["trl-grpo", "--prompts", str(args.prompts), "--group", str(args.group),
+                                   "--new-tokens", str(args.new_tokens), "--steps", str(args.steps + 1)])
+        res["peak_rss_gb_peer"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2 ** 20
+    ours = res["nla_jax"]["median_step_s"]
+    rows = [("plain GRPO step s (median)", f"{ours:.2f}",
+             f"{res['trl']['median_step_s']:.2f}" if "trl" in res else "-",
+             f"{res['trl']['median_step_s'] / ours:.2f}x" if "trl" in res else "-")]
+    rows.append(("completions/s", f"{res['nla_jax']['completions_per_s']:.2f}",
+                 f"{res['trl']['completions_per_s']:.2f}" if "trl" in res else "-", ""))
+    rows.append(("peak RSS GB", f"{res['peak_rss_gb_ours']:.2f}",
+                 f"{res.get('peak_rss_gb_peer', float('nan')):.2f}", ""))
+    if res.get("nla_step"):
+        n = res["nla_step"]
+        rows.append((f"NLA step s ({n['rollouts_per_step']} rollouts x <= {n['max_len']} tok)",
+                     f"{n['median_step_s']:.2f}", "", ""))
+        rows.append(("NLA rollout tokens/s (sampler alone)", f"{n['rollout_tokens_per_s']:.1f}", "", ""))
+    if "trl" in res:
+        res["ratio_step_rate"] = res["trl"]["median_step_s"] / ours
+    print(f"\n{'metric':44s} {'nla_jax':>10s} {'TRL':>10s} {'ratio':>8s}")
+    for r in rows:
+        print(f"{r[0]:44s} {r[1]:>10s} {r[2]:>10s} {r[3]:>8s}")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
