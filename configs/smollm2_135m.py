@@ -7,7 +7,7 @@
 Block K=20 of 30 (about 2/3 of depth) is the residual stream the NLA explains.
 Variants (`:name`, comma-separated, e.g. `:quick,add`): quick (sized for a 2-core CPU) and the
 ablations add (additive injection after block 1), beta0 / beta0.1 (KL coefficient), g8 (group
-size 8), len16 (explanation cap), seqmean / drgrpo (loss aggregation), center (centred targets),
+size 8), len16 / len32 (explanation cap), seqmean / drgrpo (loss aggregation), center (centred targets),
 proj (learned input projection), idhead / rawhead (AR head: identity init / no input norm),
 scale80 (injection norm 80 instead of ~1.1x the mean norm), lastblocks (AV trains only its last
 10 blocks, AR its last 7).
@@ -16,7 +16,7 @@ import ml_collections
 
 from nla_jax import config_defaults as common
 
-VARIANTS = ("quick", "add", "beta0", "beta0.1", "g8", "len16", "seqmean", "drgrpo", "center", "proj", "idhead",
+VARIANTS = ("quick", "add", "beta0", "beta0.1", "g8", "len16", "len32", "seqmean", "drgrpo", "center", "proj", "idhead",
             "rawhead", "scale80", "lastblocks")
 
 
@@ -58,7 +58,7 @@ def get_config(arg=None):
         cfg.sft_ar.update(steps=150, batch=16, eval_every=50, val_rows=128, ridge_rows=512)
         cfg.rl.update(steps=10, batch=4, group_size=4)
         cfg.train.ckpt_every = 50
-        cfg.eval.update(rows=64, n_examples=4)
+        cfg.eval.update(rows=1024, n_examples=4)   # all eval rows of the quick store (~120 from ~15 documents)
     # -- ablations: each one lever
     if "add" in variants:
         cfg.av.inject, cfg.av.add_after = "add", 1
@@ -70,6 +70,8 @@ def get_config(arg=None):
         cfg.rl.group_size = 8
     if "len16" in variants:
         cfg.av.max_len = 16
+    if "len32" in variants:
+        cfg.av.max_len = 32
     if "seqmean" in variants:
         cfg.rl.agg = "seq_mean_token_mean"
     if "drgrpo" in variants:

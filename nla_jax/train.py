@@ -93,6 +93,12 @@ def check_config(cfg) -> None:
     for sec in ("sft_av", "sft_ar", "rl"):
         if cfg[sec].steps < 0 or cfg[sec].batch < 1:
             raise UserError(f"config keys {sec}.steps / {sec}.batch must be >= 0 / >= 1")
+    mcfg = loader.peek_config(cfg.model)  # reads metadata only
+    if not 0 <= cfg.model.layer < mcfg.n_layers:
+        raise UserError(f"config key model.layer={cfg.model.layer} is out of range for {mcfg.n_layers} blocks")
+    if cfg.av.max_len >= mcfg.max_seq_len:
+        raise UserError(f"config key av.max_len={cfg.av.max_len}: the explanation cap must be below the model's "
+                        f"context ({mcfg.max_seq_len} tokens)")
 
 
 def fingerprint(cfg) -> str:
