@@ -8,7 +8,7 @@ Block K=20 of 30 (about 2/3 of depth) is the residual stream the NLA explains.
 Variants (`:name`, comma-separated, e.g. `:quick,add`): quick (sized for a 2-core CPU) and the
 ablations add (additive injection after block 1), beta0 / beta0.1 (KL coefficient), g8 (group
 size 8), len16 / len32 (explanation cap), seqmean / drgrpo (loss aggregation), center (centred targets),
-proj (learned input projection), idhead / rawhead (AR head: identity init / no input norm),
+proj (learned input projection), ridgehead / rawhead (AR head: ridge init / no input norm),
 scale80 (injection norm 80 instead of ~1.1x the mean norm), lastblocks (AV trains only its last
 10 blocks, AR its last 7).
 """
@@ -16,7 +16,7 @@ import ml_collections
 
 from nla_jax import config_defaults as common
 
-VARIANTS = ("quick", "add", "beta0", "beta0.1", "g8", "len16", "len32", "seqmean", "drgrpo", "center", "proj", "idhead",
+VARIANTS = ("quick", "add", "beta0", "beta0.1", "g8", "len16", "len32", "seqmean", "drgrpo", "center", "proj", "ridgehead",
             "rawhead", "scale80", "lastblocks")
 
 
@@ -56,7 +56,7 @@ def get_config(arg=None):
         cfg.av.max_len = 24
         cfg.sft_av.update(steps=150, batch=8, eval_every=50, val_rows=64)
         cfg.sft_ar.update(steps=150, batch=16, eval_every=50, val_rows=128, ridge_rows=512)
-        cfg.rl.update(steps=10, batch=4, group_size=4)
+        cfg.rl.update(steps=20, batch=4, group_size=4)
         cfg.train.ckpt_every = 50
         cfg.eval.update(rows=1024, n_examples=4)   # all eval rows of the quick store (~120 from ~15 documents)
     # -- ablations: each one lever
@@ -80,8 +80,8 @@ def get_config(arg=None):
         cfg.nla.center = True
     if "proj" in variants:
         cfg.av.input_proj = True
-    if "idhead" in variants:
-        cfg.ar.head_init = "identity"
+    if "ridgehead" in variants:
+        cfg.ar.head_init = "ridge"
     if "rawhead" in variants:
         cfg.ar.head_norm, cfg.ar.head_init = "none", "identity"
     if "scale80" in variants:

@@ -33,6 +33,7 @@ def get_config(arg=None):
     cfg.ar.prefix, cfg.ar.suffix = "E: ", "\nC:"
     cfg.sft_av.update(steps=4, batch=4, val_rows=8, eval_every=2)
     cfg.sft_ar.update(steps=4, batch=4, val_rows=8, eval_every=2, ridge_rows=16)
+    cfg.ar.head_init = "ridge"  # keep the ridge path exercised by the tests
     cfg.rl.update(steps=3, batch=2, group_size=4)
     cfg.train.update(ckpt_every=2, async_checkpoint=False)
     cfg.eval.update(rows=8, n_examples=2, n_boot=100)

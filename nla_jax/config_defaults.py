@@ -105,7 +105,7 @@ def nla(cfg: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDi
         prefix="Explanation: ",
         suffix="\nThe concept:",
         head_norm="rms",            # lever: rms-normalise the head input | none
-        head_init="ridge",          # lever: ridge | identity
+        head_init="identity",       # lever: identity | ridge (ridge from ~500 rows overfit: benchmarks/levers.py)
     ))
     cfg.sft_av = ml_collections.ConfigDict(dict(
         steps=200, batch=8, val_rows=64, eval_every=50,
@@ -113,7 +113,7 @@ def nla(cfg: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDi
     ))
     cfg.sft_ar = ml_collections.ConfigDict(dict(
         steps=200, batch=16, val_rows=128, eval_every=50,
-        ridge_rows=1024, ridge_lambda=1e-2,
+        ridge_rows=1024, ridge_lambda=1e-2,         # ar.head_init="ridge" only
         optim=optim(3e-5, lr_head=1e-4),
     ))
     cfg.rl = ml_collections.ConfigDict(dict(

@@ -101,9 +101,13 @@ def check_config(cfg) -> None:
                         f"context ({mcfg.max_seq_len} tokens)")
 
 
-def fingerprint(cfg) -> str:
-    """What must not change under a work directory's checkpoints: model, store, prompts, shapes."""
-    keep = {k: cfg[k].to_dict() for k in ("av", "ar", "nla")}
+STAGE_SECTIONS = {"sft_av": ("av", "nla"), "sft_ar": ("ar", "nla"), "rl": ("av", "ar", "nla")}
+
+
+def fingerprint(cfg, stage: str) -> str:
+    """What must not change under a stage's checkpoints: model, store, and the sections the stage's
+    state depends on (so an AR ablation can reuse a finished sft_av stage)."""
+    keep = {k: cfg[k].to_dict() for k in STAGE_SECTIONS[stage]}
     keep["model"] = {k: cfg.model[k] for k in ("source", "layer", "dtype")}
     keep["store"] = os.path.abspath(cfg.data.store)
     return ckpt_lib.fingerprint(keep)
@@ -272,7 +276,7 @@ class Stage:
     def __init__(self, S: Setup, name: str, total: int, abstract: dict, shardings: dict):
         self.S, self.name, self.total = S, name, total
         self.mgr = ckpt_lib.Checkpointer(os.path.join(S.workdir, name), keep=S.cfg.train.keep,
-                                         async_save=S.cfg.train.async_checkpoint, fingerprint=fingerprint(S.cfg))
+                                         async_save=S.cfg.train.async_checkpoint, fingerprint=fingerprint(S.cfg, name))
         self.abstract = abstract_with(abstract, shardings)
         self.bar = None
 
@@ -330,7 +334,7 @@ def load_final(S: Setup, name: str, key: str, init: Callable, txs_fn: Callable, 
     state0 = jax.eval_shape(init, S.target)
     sh = state_shardings(S, state0, txs_fn(), axes)
     mgr = ckpt_lib.Checkpointer(os.path.join(S.workdir, name), keep=S.cfg.train.keep, async_save=False,
-                                fingerprint=fingerprint(S.cfg))
+                                fingerprint=fingerprint(S.cfg, name))
     try:
         state, _ = mgr.restore(abstract_with(state0, sh))
     finally:
