@@ -10,7 +10,9 @@ KL (beta 0), one update per rollout. Ours is `nla_jax.rl.grpo.policy_step`: samp
 advantages, the clipped surrogate and the AdamW update in one jitted function.
 NLA step: `nla_jax.nla.steps.rl_step` at configs/smollm2_135m.py:quick settings (needs the quick
 store, runs/smollm2_135m_quick/acts), seconds per step, rollout tokens/s of the sampler alone.
-Peak memory: this process's max RSS (ours) and the peer subprocess's (getrusage children).
+Peak memory: max RSS of the peer subprocess (run first, while this process is still small: Linux
+keeps a forked child's RSS high-water mark across exec) and of this process after the plain step
+and after the NLA step.
 Compare ratios from one run: the machine is shared and noisy.
 """
 from __future__ import annotations
@@ -143,28 +145,30 @@ def main() -> int:
     args = p.parse_args()
     res: dict = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                  "shape": {"prompts": args.prompts, "group": args.group, "new_tokens": args.new_tokens}}
-    res["nla_jax"] = measure_plain(args)
-    if not args.skip_nla:
-        res["nla_step"] = measure_nla(args)
-    res["peak_rss_gb_ours"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     py = find_peer_python()
     if py and not args.skip_peer:
         res["trl"] = run_peer(py, ["trl-grpo", "--prompts", str(args.prompts), "--group", str(args.group),
                                    "--new-tokens", str(args.new_tokens), "--steps", str(args.steps + 1)])
         res["peak_rss_gb_peer"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2 ** 20
+    res["nla_jax"] = measure_plain(args)
+    res["peak_rss_gb_ours"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    if not args.skip_nla:
+        res["nla_step"] = measure_nla(args)
+        res["peak_rss_gb_nla_step"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     ours = res["nla_jax"]["median_step_s"]
     rows = [("plain GRPO step s (median)", f"{ours:.2f}",
              f"{res['trl']['median_step_s']:.2f}" if "trl" in res else "-",
              f"{res['trl']['median_step_s'] / ours:.2f}x" if "trl" in res else "-")]
     rows.append(("completions/s", f"{res['nla_jax']['completions_per_s']:.2f}",
                  f"{res['trl']['completions_per_s']:.2f}" if "trl" in res else "-", ""))
-    rows.append(("peak RSS GB", f"{res['peak_rss_gb_ours']:.2f}",
+    rows.append(("peak RSS GB (plain step)", f"{res['peak_rss_gb_ours']:.2f}",
                  f"{res.get('peak_rss_gb_peer', float('nan')):.2f}", ""))
     if res.get("nla_step"):
         n = res["nla_step"]
         rows.append((f"NLA step s ({n['rollouts_per_step']} rollouts x <= {n['max_len']} tok)",
                      f"{n['median_step_s']:.2f}", "", ""))
         rows.append(("NLA rollout tokens/s (sampler alone)", f"{n['rollout_tokens_per_s']:.1f}", "", ""))
+        rows.append(("peak RSS GB (after the NLA step too)", f"{res['peak_rss_gb_nla_step']:.2f}", "", ""))
     if "trl" in res:
         res["ratio_step_rate"] = res["trl"]["median_step_s"] / ours
     print(f"\n{'metric':44s} {'nla_jax':>10s} {'TRL':>10s} {'ratio':>8s}")

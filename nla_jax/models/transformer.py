@@ -328,7 +328,8 @@ def unembed(cfg: ModelConfig, params: Params, h: jax.Array) -> jax.Array:
 
 def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, *, valid: jax.Array | None = None,
             override: Override | None = None, capture_layer: int | None = None,
-            logits: bool = True, remat: bool = False, add_after: int | None = None) -> dict[str, jax.Array]:
+            logits: bool = True, remat: bool = False, add_after: int | None = None,
+            logits_from: int = 0) -> dict[str, jax.Array]:
     """Full forward pass.
 
     tokens: [b, s] int; valid: [b, s] bool (False = left padding), default all True.
@@ -336,6 +337,8 @@ def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, *, valid: jax.A
     residual stream after block K (Hugging Face hidden_states[K + 1]). With logits=False the
     blocks after K are not run at all. With add_after=j the override is not written into the
     embeddings but added (norm-matched, `add_at`) to the residual stream after block j.
+    logits_from=p computes logits only for positions p.. (the policy step needs the completion's
+    logits, not the prompt's: the vocabulary projection is a large share of a small model's FLOPs).
     """
     if valid is None:
         valid = jnp.ones(tokens.shape, bool)
@@ -349,7 +352,7 @@ def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, *, valid: jax.A
         x = embed(params, tokens)
         x = run_blocks(cfg, params["layers"], x, positions, mask, 0, add_after + 1, remat)
         x = run_blocks(cfg, params["layers"], add_at(x, override), positions, mask, add_after + 1, n, remat)
-        return {"logits": unembed(cfg, params, x)} if logits else {"last": x}
+        return {"logits": unembed(cfg, params, x[:, logits_from:])} if logits else {"last": x}
     x = embed(params, tokens, override)
     if capture_layer is not None:
         if not 0 <= capture_layer < n:
@@ -361,7 +364,7 @@ def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, *, valid: jax.A
     else:
         x = run_blocks(cfg, params["layers"], x, positions, mask, 0, n, remat)
     if logits:
-        out["logits"] = unembed(cfg, params, x)
+        out["logits"] = unembed(cfg, params, x[:, logits_from:])
     return out
 
 

@@ -155,8 +155,8 @@ def logprobs(params, extra, cfg: ModelConfig, spec: AVSpec, acts: jax.Array, tar
     prompt = jnp.broadcast_to(jnp.asarray(spec.prompt, jnp.int32), (b, P))
     tokens = jnp.concatenate([prompt, targets[:, :-1].astype(jnp.int32)], axis=1)  # [b, P + L - 1]
     ov = override(spec, acts, extra, mean)
-    out = T.forward(params, tokens, cfg, override=ov, add_after=add_after(spec), remat=remat)
-    logits = out["logits"][:, P - 1:]  # [b, L, V]
+    out = T.forward(params, tokens, cfg, override=ov, add_after=add_after(spec), remat=remat, logits_from=P - 1)
+    logits = out["logits"]  # [b, L, V]
     if temperature != 1.0:
         logits = logits / temperature
     lp = token_logprobs(logits, targets.astype(jnp.int32))

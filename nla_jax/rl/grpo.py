@@ -26,7 +26,7 @@ def completion_logprobs(params, cfg: ModelConfig, prompt, valid, tokens, tempera
     P = prompt.shape[1]
     seq = jnp.concatenate([prompt, tokens[:, :-1]], axis=1)
     v = jnp.concatenate([valid, jnp.ones(tokens[:, :-1].shape, bool)], axis=1)
-    logits = T.forward(params, seq, cfg, valid=v, remat=remat)["logits"][:, P - 1:]
+    logits = T.forward(params, seq, cfg, valid=v, remat=remat, logits_from=P - 1)["logits"]  # [N, L, V]
     if temperature != 1.0:
         logits = logits / temperature
     return token_logprobs(logits, tokens)
