@@ -101,6 +101,28 @@ def check_config(cfg) -> None:
                         f"context ({mcfg.max_seq_len} tokens)")
 
 
+def check_store(cfg, man: dict | None = None, d_model: int | None = None) -> None:
+    """The store must come from this target at this layer (DESIGN: a store from another target is
+    refused). Without arguments reads only the store manifest and the model's metadata."""
+    if man is None:
+        man = store_lib.open_store(cfg.data.store).manifest
+    if d_model is None:
+        d_model = loader.peek_config(cfg.model).d_model
+    meta = man.get("meta", {})
+    if meta.get("layer") != cfg.model.layer or man.get("d") != d_model:
+        raise UserError(f"store {cfg.data.store} holds layer {meta.get('layer')} (d={man.get('d')}) activations, "
+                        f"but the config trains layer {cfg.model.layer} of a d={d_model} model")
+
+
+def check_stages(cfg, stages: tuple[str, ...]) -> None:
+    """RL warm-started from SFT needs both SFT stages finished, or run before it by this command."""
+    if "rl" in stages and cfg.rl.init_from_sft:
+        for need in ("sft_av", "sft_ar"):
+            if need not in stages and not os.path.exists(os.path.join(cfg.train.workdir, need, "DONE")):
+                raise UserError(f"stage rl needs the finished {need} stage in {cfg.train.workdir} "
+                                f"(run it first, or set --config.rl.init_from_sft=False)")
+
+
 STAGE_SECTIONS = {"sft_av": ("av", "nla"), "sft_ar": ("ar", "nla"), "rl": ("av", "ar", "nla")}
 
 
@@ -121,11 +143,7 @@ def setup(cfg, writer_enabled: bool) -> Setup:
     mcfg, target, tok = loader.load_from_config(cfg.model, mesh, rules)
     if tok is None:
         raise UserError(f"model source {cfg.model.source!r} has no tokenizer; the NLA needs text")
-    # The store must come from this target at this layer (DESIGN: a store from another target is refused).
-    meta = man.get("meta", {})
-    if meta.get("layer") != cfg.model.layer or man.get("d") != mcfg.d_model:
-        raise UserError(f"store {cfg.data.store} holds layer {meta.get('layer')} (d={man.get('d')}) activations, "
-                        f"but the config trains layer {cfg.model.layer} of a d={mcfg.d_model} model")
+    check_store(cfg, man, mcfg.d_model)
     stats = stats_lib.from_store(store, cfg.nla.stats_splits, cfg.nla.stats_rows, cfg.nla.seed)
     av_spec = av_lib.build_spec(tok, mcfg, cfg.av, stats.mean_norm)
     ar_spec = ar_lib.build_spec(tok, mcfg, cfg.ar, cfg.model.layer, max_len=cfg.av.max_len)
@@ -508,6 +526,11 @@ def rl_step_fn(S: Setup, sh: dict, ref_sh, batch_sh=None):
 
 def run_rl(S: Setup) -> None:
     rl = S.cfg.rl
+    if rl.init_from_sft:  # before the Checkpointer exists (its threads must not outlive a refusal)
+        for need in ("sft_av", "sft_ar"):
+            if not finished(S, need):
+                raise UserError(f"stage rl needs the finished {need} stage in {S.workdir} "
+                                f"(run it first, or set --config.rl.init_from_sft=False)")
     tx_av, tx_ar, lab_av, lab_ar, init, txs, axes = rl_parts(S)
     sh = state_shardings(S, jax.eval_shape(init, S.target), txs, axes)
     st = Stage(S, "rl", rl.steps, jax.eval_shape(init, S.target), sh)
@@ -516,10 +539,6 @@ def run_rl(S: Setup) -> None:
     # The reference AV is the SFT AV (or the target itself without a warm start): where to find it is
     # recorded in every RL checkpoint's meta.
     if rl.init_from_sft:
-        for need in ("sft_av", "sft_ar"):
-            if not finished(S, need):
-                raise UserError(f"stage rl needs the finished {need} stage in {S.workdir} "
-                                f"(run it first, or set --config.rl.init_from_sft=False)")
         _, _, av_init, av_txs, av_ax = sft_av_parts(S)
         ref = load_final(S, "sft_av", "av", av_init, lambda: av_txs, av_ax)
     else:
@@ -566,6 +585,8 @@ def main(argv=None) -> int:
     bad = [s for s in stages if s not in STAGES]
     if bad:
         raise UserError(f"--stages: unknown stage {bad[0]!r} (expected some of {', '.join(STAGES)})")
+    check_store(cfg)
+    check_stages(cfg, stages)
     distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.distributed_auto)
     cli.enable_compilation_cache()
     os.makedirs(cfg.train.workdir, exist_ok=True)
