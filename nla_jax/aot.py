@@ -1,0 +1,419 @@
+"""Compile the training steps ahead of time for the config's target accelerators, without them.
+
+    python -m nla_jax.aot --config configs/qwen2_5_7b.py
+    python -m nla_jax.aot --config configs/llama3_3_70b.py --steps rl --json runs/aot_llama70b.json
+    python -m nla_jax.aot --config configs/qwen2_5_0_5b.py --config.aot.device_memory_gb=0.001   # must fail
+
+What MaxText's train_compile does for TPU topologies, done here with fake CPU devices: the process
+gets `aot.devices` host devices (XLA_FLAGS=--xla_force_host_platform_device_count=N, set before jax
+starts; the command re-runs itself in a fresh process if jax already started with another count),
+the config's mesh is built on them, and every step is lowered and compiled from abstract arrays
+(jax.ShapeDtypeStruct with the shardings the trainer would use): no weights are read, no store or
+tokenizer is opened. The AV/AR prompts are synthetic token ids of realistic lengths (config keys
+aot.prompt_len, closer_len, ar_prefix_len, ar_suffix_len). The steps are the trainer's own
+functions (nla_jax.train's parts, nla_jax.nla.steps), jitted with the trainer's shardings and the
+state donated.
+
+For each step it prints XLA's memory analysis of the compiled per-device program: arguments,
+outputs, outputs aliased to donated arguments, temporaries, and their total (args + outputs -
+aliased + temps), against aot.device_memory_gb x aot.usable_fraction of the target accelerator. It
+exits with status 2 and a one-line error when a step does not fit.
+
+The numbers are XLA:CPU's, not the GPU/TPU compiler's: buffer assignment, fusion and scheduling
+differ between backends, so treat the totals as an estimate; the argument bytes (params, optimizer
+state, batch) are exact. One CPU artefact is removed by default: XLA:CPU computes bfloat16 dots in
+float32 (it inserts float32 copies of both operands), and loop-invariant copies are hoisted out of
+loops, so a bf16 model would show float32 copies of whole weight stacks that no GPU/TPU allocates.
+With `--bf16-as f16` (the default) bfloat16 arrays are compiled as float16, which has the same size
+and which XLA:CPU multiplies natively once its `change-op-data-type` and `operand_upcaster` passes
+are disabled (done here via XLA_FLAGS; the compiled programs are only measured, never run, and
+XLA:CPU could not run their f16 x f16 -> f32 logit dots). `--bf16-as bf16` compiles the real dtype
+with XLA:CPU's upcasts (an upper bound).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import subprocess
+import sys
+import time
+import types
+from typing import Any, Sequence
+
+from nla_jax import cli
+from nla_jax.errors import UserError, cli_main
+
+STEPS = ("sft_av", "sft_ar", "rl")
+GB = 1e9
+NOTE = ("per-device bytes from XLA:CPU's memory analysis on fake CPU devices: an estimate of what the "
+        "GPU/TPU compiler needs, not its exact plan")
+NOTE_F16 = "bfloat16 compiled as float16 (same size) so that XLA:CPU keeps 16-bit dots as a GPU/TPU does"
+NOTE_BF16 = "bfloat16 compiled as is: XLA:CPU's float32 copies of dot operands inflate the temporaries"
+_REEXEC = "NLA_AOT_CHILD"
+
+
+def build_parser():
+    p = cli.parser(__doc__)
+    p.add_argument("--steps", default=",".join(STEPS), help="comma-separated subset of sft_av,sft_ar,rl")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the table as JSON here")
+    p.add_argument("--devices", type=int, default=None, help="fake devices (default: config aot.devices)")
+    p.add_argument("--device-memory-gb", type=float, default=None,
+                   help="memory of one accelerator in GB (default: config aot.device_memory_gb)")
+    p.add_argument("--bf16-as", choices=("f16", "bf16"), default="f16",
+                   help="compile bfloat16 as float16 with native 16-bit dots (default; see above), or as is")
+    return p
+
+
+# ============================================================================= target description
+
+@dataclasses.dataclass
+class Target:
+    devices: int
+    accelerator: str
+    memory_gb: float
+    usable_fraction: float
+    prompt_len: int
+    closer_len: int
+    ar_prefix_len: int
+    ar_suffix_len: int
+
+    @property
+    def budget_gb(self) -> float:
+        return self.memory_gb * self.usable_fraction
+
+
+def target_of(cfg, args) -> Target:
+    a = cfg.get("aot") or {}
+    devices = args.devices or a.get("devices")
+    mem = args.device_memory_gb if args.device_memory_gb is not None else a.get("device_memory_gb")
+    if not devices or mem is None:
+        raise UserError(f"config {args.config!r} has no aot section (aot.devices, aot.device_memory_gb); "
+                        "add one or pass --devices N --device-memory-gb G")
+    if devices < 1:
+        raise UserError(f"aot.devices={devices}: expected at least 1")
+    frac = float(a.get("usable_fraction", 0.9))
+    if not 0 < frac <= 1:
+        raise UserError(f"config key aot.usable_fraction={frac}: expected a fraction in (0, 1]")
+    return Target(int(devices), str(a.get("accelerator", "accelerator")), float(mem), frac,
+                  int(a.get("prompt_len", 64)), int(a.get("closer_len", 4)), int(a.get("ar_prefix_len", 4)),
+                  int(a.get("ar_suffix_len", 5)))
+
+
+# ============================================================================= fake devices
+
+NATIVE_16BIT_DOTS = "--xla_disable_hlo_passes=change-op-data-type,operand_upcaster"
+
+
+def _xla_flags(n: int, native16: bool) -> str:
+    keep = [f for f in os.environ.get("XLA_FLAGS", "").split()
+            if not f.startswith("--xla_force_host_platform_device_count") and f != NATIVE_16BIT_DOTS]
+    return " ".join(keep + [f"--xla_force_host_platform_device_count={n}"] + ([NATIVE_16BIT_DOTS] if native16 else []))
+
+
+def ensure_devices(n: int, native16: bool, argv: Sequence[str]) -> int | None:
+    """Give this process n CPU devices (and XLA:CPU's native 16-bit dots if asked). Returns None when it
+    has them, else the exit status of a fresh process that re-ran the command with them (jax had
+    already started, with other devices or flags)."""
+    import jax
+    from jax._src import xla_bridge
+    if not xla_bridge.backends_are_initialized():
+        os.environ["XLA_FLAGS"] = _xla_flags(n, native16)
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        jax.config.update("jax_platforms", "cpu")
+    flags_ok = (NATIVE_16BIT_DOTS in os.environ.get("XLA_FLAGS", "").split()) == native16
+    if jax.default_backend() == "cpu" and jax.device_count() == n and flags_ok:
+        return None
+    if os.environ.get(_REEXEC):
+        raise UserError(f"could not get {n} fake CPU devices (have {jax.device_count()} {jax.default_backend()} "
+                        "devices); is XLA_FLAGS overridden?")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, XLA_FLAGS=_xla_flags(n, native16), JAX_PLATFORMS="cpu", PYTHONPATH=path, **{_REEXEC: "1"})
+    print(f"aot: jax already started with {jax.device_count()} {jax.default_backend()} devices; "
+          f"re-running in a fresh process with {n} CPU devices", file=sys.stderr, flush=True)
+    return subprocess.call([sys.executable, "-m", "nla_jax.aot", *argv], env=env)
+
+
+# ============================================================================= abstract set-up
+
+def model_config(cfg):
+    """The architecture from model.arch (no weights); checked against model.source when it exists."""
+    from nla_jax.checkpoints import loader
+    from nla_jax.models.config import from_dict
+    arch = cfg.model.get("arch")
+    arch = arch.to_dict() if hasattr(arch, "to_dict") else dict(arch or {})
+    if not arch:
+        return loader.peek_config(cfg.model)  # reads metadata only (embedded / GGUF / HF directory)
+    mcfg = from_dict(arch)
+    src = cfg.model.source
+    if src != "random" and os.path.isdir(src):
+        real = loader.peek_config(cfg.model)
+        for f in ("family", "n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff", "vocab_size",
+                  "tie_embeddings", "qkv_bias"):
+            if getattr(real, f) != getattr(mcfg, f):
+                raise UserError(f"config key model.arch.{f}={getattr(mcfg, f)!r} disagrees with "
+                                f"{src}/config.json ({getattr(real, f)!r}); fix the config's arch")
+    return mcfg
+
+
+def specs(cfg, mcfg, t: Target):
+    """AV and AR specs with synthetic prompt ids of the configured lengths (no tokenizer)."""
+    from nla_jax.nla import ar as ar_lib
+    from nla_jax.nla import av as av_lib
+    V = mcfg.vocab_size
+    ids = lambda start, n: tuple((start + i) % V for i in range(n))
+    if t.prompt_len < 4 or t.closer_len < 1 or t.ar_suffix_len < 1:
+        raise UserError("config keys aot.prompt_len >= 4, aot.closer_len >= 1, aot.ar_suffix_len >= 1 expected")
+    marker_pos = t.prompt_len // 2
+    prompt = list(ids(1000, t.prompt_len))
+    prompt[marker_pos] = V - 1
+    max_len = int(cfg.av.max_len)
+    if t.prompt_len + max_len > mcfg.max_seq_len:
+        raise UserError(f"config key av.max_len={max_len}: prompt ({t.prompt_len}) + cap exceeds the model's "
+                        f"context ({mcfg.max_seq_len})")
+    av = av_lib.AVSpec(prompt=tuple(prompt), marker_pos=marker_pos, marker_id=V - 1, closer=ids(2000, t.closer_len),
+                       eos=(mcfg.eos_ids or (0,))[0], mode=cfg.av.inject, add_after=int(cfg.av.add_after),
+                       inject_norm=float(cfg.av.inject_norm) or 100.0, center=bool(cfg.av.center), max_len=max_len)
+    ar = ar_lib.ARSpec(prefix=ids(3000, t.ar_prefix_len), suffix=ids(4000, t.ar_suffix_len), max_len=max_len,
+                       pad_id=mcfg.pad_id, layer=int(cfg.model.layer), head_norm=cfg.ar.head_norm)
+    return av, ar
+
+
+def check(cfg) -> None:
+    """The trainer's own config checks, on the architecture from model.arch."""
+    from nla_jax import train
+    c = cfg.copy_and_resolve_references()
+    c.unlock()
+    if c.model.get("arch") and len(c.model.arch):
+        c.model.source = "random"
+    train.check_config(c)
+
+
+def setup(cfg, mesh, t: Target, bf16_as: str = "f16"):
+    """A duck-typed train.Setup holding what the stage parts need: abstract target, ctx, mesh."""
+    import jax.numpy as jnp
+    from nla_jax import sharding, train
+    from nla_jax.checkpoints import loader
+    from nla_jax.models import transformer as T
+    from nla_jax.nla import steps
+    mcfg = model_config(cfg)
+    dtype = loader.dtype_of(cfg.model.dtype)
+    if bf16_as == "f16" and dtype == jnp.bfloat16:
+        dtype = jnp.float16  # same bytes; see the module docstring
+    abstract = T.abstract_params(mcfg, dtype)
+    target = train.abstract_with(abstract, sharding.tree_shardings(T.param_axes(mcfg), abstract, mesh, cfg.rules))
+    av, ar = specs(cfg, mcfg, t)
+    ctx = steps.Ctx(cfg=mcfg, av=av, ar=ar, center=bool(cfg.nla.center), remat=bool(cfg.model.remat), var_nrm=1.0)
+    return types.SimpleNamespace(cfg=cfg, mcfg=mcfg, mesh=mesh, rules=cfg.rules, target=target, ctx=ctx, dtype=dtype)
+
+
+# ============================================================================= the steps
+
+def _batch(S, fields: dict[str, tuple[tuple[int, ...], Any]], key: str) -> dict:
+    """Abstract global batch sharded along its first axis like data_loader.to_global."""
+    import jax
+    from nla_jax import sharding
+    b = next(iter(fields.values()))[0][0]
+    shards = S.mesh.shape["data"] * S.mesh.shape["fsdp"]
+    if b % shards:
+        raise UserError(f"config key {key}={b} is not divisible by the mesh's data x fsdp = {shards} "
+                        f"(the batch is sharded over them)")
+    out = {}
+    for k, (shape, dt) in fields.items():
+        sh = sharding.named_sharding(("batch",) + (None,) * (len(shape) - 1), None, S.mesh, S.rules)
+        out[k] = jax.ShapeDtypeStruct(shape, dt, sharding=sh)
+    return out
+
+
+def _rep(S, shape=(), dtype=None):
+    import jax
+    import jax.numpy as jnp
+    from nla_jax import sharding
+    rep = sharding.named_sharding((), None, S.mesh, S.rules)
+    return jax.ShapeDtypeStruct(shape, dtype or jnp.float32, sharding=rep)
+
+
+def _state(S, init, txs, axes):
+    import jax
+    from nla_jax import train
+    abstract = jax.eval_shape(init, S.target)
+    sh = train.state_shardings(S, abstract, txs, axes)
+    return train.abstract_with(abstract, sh), sh
+
+
+def lower_rl(S):
+    import jax
+    import jax.numpy as jnp
+    from nla_jax import sharding, train
+    *_, init, txs, axes = train.rl_parts(S)
+    state, sh = _state(S, init, txs, axes)
+    ref_abs = jax.eval_shape(lambda t: train.init_av(S, t), S.target)
+    ref_sh = sharding.tree_shardings(train.av_axes(S), ref_abs, S.mesh, S.rules)
+    ref = train.abstract_with(ref_abs, ref_sh)
+    d = S.mcfg.d_model
+    batch = _batch(S, {"acts": ((S.cfg.rl.batch, d), jnp.dtype(S.cfg.data.dtype))}, "rl.batch")
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    fn = train.rl_step_fn(S, sh, ref_sh, {k: v.sharding for k, v in batch.items()})
+    args = (state, ref, batch, _rep(S, (d,)), _rep(S, key.shape, key.dtype))
+    return fn, args, {"state": state, "ref_av": ref}
+
+
+def _sft(S, name: str, parts, make_batch, n_blocks: int):
+    import jax
+    from nla_jax import optim, sharding
+    from nla_jax.nla import steps
+    sec = S.cfg[name]
+    tx, labels, init, txs, axes = parts(S)
+    state, sh = _state(S, init, txs, axes)
+    batch = make_batch(sec.batch)
+    rep = sharding.named_sharding((), None, S.mesh, S.rules)
+    step = {"sft_av": steps.sft_av_step, "sft_ar": steps.sft_ar_step}[name]
+    mask = optim.block_mask(n_blocks, sec.optim.train_blocks)
+    fn = functools.partial(step, ctx=S.ctx, tx=tx, labels=labels, block_mask=mask)
+    jitted = jax.jit(fn, in_shardings=(sh, {k: v.sharding for k, v in batch.items()}, rep), out_shardings=(sh, rep),
+                     donate_argnums=(0,))
+    return jitted, (state, batch, _rep(S, (S.mcfg.d_model,))), {"state": state}
+
+
+def lower_sft_av(S):
+    import jax.numpy as jnp
+    from nla_jax import train
+    d, L = S.mcfg.d_model, S.ctx.av.max_len
+    act = jnp.dtype(S.cfg.data.dtype)
+    mk = lambda b: _batch(S, {"acts": ((b, d), act), "targets": ((b, L), jnp.int32), "mask": ((b, L), jnp.bool_)},
+                          "sft_av.batch")
+    return _sft(S, "sft_av", train.sft_av_parts, mk, S.mcfg.n_layers)
+
+
+def lower_sft_ar(S):
+    import jax.numpy as jnp
+    from nla_jax import train
+    d, M = S.mcfg.d_model, S.ctx.ar.max_len
+    act = jnp.dtype(S.cfg.data.dtype)
+    mk = lambda b: _batch(S, {"acts": ((b, d), act), "expl": ((b, M), jnp.int32), "expl_len": ((b,), jnp.int32)},
+                          "sft_ar.batch")
+    return _sft(S, "sft_ar", train.sft_ar_parts, mk, S.cfg.model.layer + 1)
+
+
+LOWER = {"sft_av": lower_sft_av, "sft_ar": lower_sft_ar, "rl": lower_rl}
+
+
+def per_device_bytes(tree) -> int:
+    """Bytes one device holds of a pytree of sharded ShapeDtypeStructs (the largest shard per leaf)."""
+    import jax
+    import numpy as np
+    total = 0
+    for a in jax.tree.leaves(tree):
+        shape = a.sharding.shard_shape(a.shape) if a.sharding is not None else a.shape
+        total += int(np.prod(shape, dtype=np.int64)) * a.dtype.itemsize
+    return total
+
+
+def compile_step(S, name: str) -> dict:
+    from nla_jax import sharding
+    t0 = time.perf_counter()
+    fn, args, parts = LOWER[name](S)
+    with sharding.use_mesh(S.mesh, S.rules):
+        lowered = fn.lower(*args)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    m = compiled.memory_analysis()
+    row = {"step": name, "lower_s": t1 - t0, "compile_s": t2 - t1,
+           "argument_gb": m.argument_size_in_bytes / GB, "output_gb": m.output_size_in_bytes / GB,
+           "alias_gb": m.alias_size_in_bytes / GB, "temp_gb": m.temp_size_in_bytes / GB,
+           "code_gb": m.generated_code_size_in_bytes / GB}
+    row["total_gb"] = row["argument_gb"] + row["output_gb"] - row["alias_gb"] + row["temp_gb"] + row["code_gb"]
+    row["parts_gb"] = {}
+    for k, tree in parts.items():
+        if k == "state":
+            for sk in tree:
+                if sk not in ("step", "skipped", "streak"):
+                    row["parts_gb"][sk] = per_device_bytes(tree[sk]) / GB
+        else:
+            row["parts_gb"][k] = per_device_bytes(tree) / GB
+    return row
+
+
+# ============================================================================= report
+
+def table(rows: list[dict], t: Target) -> str:
+    head = (f"{'step':<8}{'lower s':>9}{'compile s':>11}{'args GB':>10}{'out GB':>9}{'alias GB':>10}"
+            f"{'temp GB':>10}{'total GB':>10}{'budget GB':>11}  fits")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['step']:<8}{r['lower_s']:>9.1f}{r['compile_s']:>11.1f}{r['argument_gb']:>10.2f}"
+                     f"{r['output_gb']:>9.2f}{r['alias_gb']:>10.2f}{r['temp_gb']:>10.2f}{r['total_gb']:>10.2f}"
+                     f"{t.budget_gb:>11.2f}  {'yes' if r['fits'] else 'NO'}")
+    return "\n".join(lines)
+
+
+def _params(mcfg) -> int:
+    import jax
+    import numpy as np
+    from nla_jax.models import transformer as T
+    return sum(int(np.prod(a.shape, dtype=np.int64)) for a in jax.tree.leaves(T.abstract_params(mcfg)))
+
+
+@cli_main
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, cfg = cli.parse(build_parser(), argv)
+    steps_ = [s for s in args.steps.split(",") if s]
+    bad = [s for s in steps_ if s not in STEPS]
+    if bad or not steps_:
+        raise UserError(f"--steps: unknown step {bad[0] if bad else ''!r} (expected some of {', '.join(STEPS)})")
+    t = target_of(cfg, args)
+    rc = ensure_devices(t.devices, args.bf16_as == "f16", argv)
+    if rc is not None:
+        return rc
+    import jax
+    from nla_jax import sharding
+    from nla_jax.models import transformer as T
+    jax.config.update("jax_enable_compilation_cache", False)  # compile times are part of the report
+    # Compile the accelerator's code path: the hand-written matmul gradient is an XLA:CPU speed fix.
+    T.CPU_HANDWRITTEN_MATMUL_GRAD = False
+    check(cfg)
+    mesh = sharding.mesh_from_config(cfg.mesh)
+    S = setup(cfg, mesh, t, args.bf16_as)
+    m = S.mcfg
+    print(f"config {args.config}: {m.name} ({m.family}, {_params(m) / 1e9:.2f}B params, {m.n_layers} blocks, "
+          f"d={m.d_model}), block K={cfg.model.layer}, {cfg.model.dtype}, remat={bool(cfg.model.remat)}")
+    print(f"target: {t.devices} x {t.accelerator} ({t.memory_gb:g} GB each, budget {t.usable_fraction:g} x = "
+          f"{t.budget_gb:.2f} GB); mesh {dict(mesh.shape)} on {t.devices} fake CPU devices")
+    print(f"batches: sft_av {cfg.sft_av.batch}, sft_ar {cfg.sft_ar.batch}, rl {cfg.rl.batch} x group "
+          f"{cfg.rl.group_size}; prompt {t.prompt_len} + explanation cap {cfg.av.max_len} tokens", flush=True)
+    rows = []
+    for name in steps_:
+        print(f"aot: lowering and compiling {name} ...", file=sys.stderr, flush=True)
+        r = compile_step(S, name)
+        r["fits"] = r["total_gb"] <= t.budget_gb
+        rows.append(r)
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in r["parts_gb"].items())
+        print(f"aot: {name} compiled in {r['compile_s']:.1f}s; per-device argument GB: {parts}", file=sys.stderr,
+              flush=True)
+    print(table(rows, t))
+    note = NOTE
+    if cfg.model.dtype == "bfloat16":
+        note += "; " + (NOTE_F16 if args.bf16_as == "f16" else NOTE_BF16)
+    print(f"note: {note}")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"config": args.config, "model": m.name, "params": _params(m), "layer": cfg.model.layer,
+                       "dtype": cfg.model.dtype, "mesh": dict(mesh.shape), "target": dataclasses.asdict(t),
+                       "budget_gb": t.budget_gb, "bf16_as": args.bf16_as, "steps": rows, "note": note,
+                       "jax": jax.__version__}, f, indent=1)
+    over = [r for r in rows if not r["fits"]]
+    if over:
+        what = "; ".join(f"{r['step']} needs {r['total_gb']:.3g} GB" for r in over)
+        raise UserError(f"does not fit: {what} per device, over the budget of {t.budget_gb:.3g} GB "
+                        f"({t.usable_fraction:g} x {t.memory_gb:g} GB of one {t.accelerator}; config keys "
+                        f"aot.device_memory_gb, aot.usable_fraction, mesh.shape)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

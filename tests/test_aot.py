@@ -1,0 +1,88 @@
+"""nla_jax.aot: the steps of a real mid-size architecture (Qwen2.5-0.5B) compile ahead of time for
+8 fake devices from abstract arrays, report per-device memory, and fit an H100; a budget they cannot
+fit exits non-zero with one line.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = "configs/qwen2_5_0_5b.py"
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.pop("NLA_AOT_CHILD", None)
+    return env
+
+
+def _aot(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nla_jax.aot", *args], cwd=REPO, env=_env(), capture_output=True,
+                          text=True, timeout=900)
+
+
+def test_grpo_step_compiles_for_8_devices_and_fits(tmp_path):
+    out = tmp_path / "aot.json"
+    r = _aot("--config", CONFIG, "--steps", "rl", "--json", str(out))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    table = [line for line in r.stdout.splitlines() if line.startswith("rl ")]
+    assert len(table) == 1 and table[0].split()[-1] == "yes", r.stdout
+    assert "XLA:CPU" in r.stdout  # says the numbers are an estimate
+    rep = json.loads(out.read_text())
+    assert rep["model"] == "Qwen2.5-0.5B-Instruct" and rep["target"]["devices"] == 8
+    assert rep["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    (row,) = rep["steps"]
+    assert row["step"] == "rl" and row["fits"]
+    assert 0 < row["argument_gb"] < row["total_gb"] <= rep["budget_gb"]
+    assert row["temp_gb"] > 0 and row["compile_s"] > 0
+    # The arguments are the sharded state and the reference AV (plus a [16, 896] batch): their
+    # per-device bytes, computed from the shardings, match XLA's count, and are about 1/8 of the
+    # unsharded bytes (2 bytes a param; Adam mu and nu for all but the frozen embeddings).
+    parts = row["parts_gb"]
+    assert abs(row["argument_gb"] - sum(parts.values())) < 0.001
+    params = rep["params"]  # 0.494B, tied embeddings
+    assert abs(parts["av"] - 2 * params / 8 / 1e9) < 0.01
+    assert abs(parts["ref_av"] - parts["av"]) < 1e-6
+    # donated state: the new state is written over the old one
+    assert row["alias_gb"] > 0.9 * (row["argument_gb"] - parts["ref_av"])
+
+
+def test_budget_it_cannot_fit_exits_nonzero_with_one_line(capfd):
+    # In-process with jax already started (one CPU device): aot re-runs itself in a fresh process
+    # with 8 devices and returns that process's exit status.
+    import jax
+    jax.devices()
+    from nla_jax import aot
+    rc = aot.main(["--config", CONFIG, "--steps", "sft_ar", "--config.aot.device_memory_gb=0.001"])
+    out, err = capfd.readouterr()
+    assert rc == 2, out + err
+    assert "re-running in a fresh process with 8 CPU devices" in err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err
+    assert "does not fit" in errors[0] and "sft_ar needs" in errors[0] and "aot.device_memory_gb" in errors[0]
+    assert [line.split()[-1] for line in out.splitlines() if line.startswith("sft_ar ")] == ["NO"]
+
+
+def test_real_scale_configs_describe_their_machine():
+    """Every real-scale config: the mesh uses exactly aot.devices, the trainer's config checks pass on
+    model.arch, and the architecture has the published parameter count (no compile here)."""
+    import math
+
+    from nla_jax import aot, configlib
+    from nla_jax.models import transformer as T
+    expected = {"qwen2_5_0_5b.py": 0.494, "qwen2_5_7b.py": 7.616, "llama3_3_70b.py": 70.554}  # 1e9 params
+    for name, billions in expected.items():
+        for variant in ("",) + (":v5p64",) * (name == "llama3_3_70b.py"):
+            cfg = configlib.get(os.path.join(REPO, "configs", name) + variant)
+            assert math.prod(cfg.mesh.shape) == cfg.aot.devices, (name, variant)
+            assert cfg.model.dtype == "bfloat16" and cfg.model.remat and cfg.av.max_len == 150
+            assert 4 <= cfg.rl.group_size <= 8
+            aot.check(cfg)
+            m = aot.model_config(cfg)
+            n = sum(math.prod(a.shape) for a in __import__("jax").tree.leaves(T.abstract_params(m)))
+            assert abs(n / 1e9 - billions) < 0.005, (name, n)
+            assert abs(cfg.model.layer / m.n_layers - 2 / 3) < 0.06, (name, cfg.model.layer)
