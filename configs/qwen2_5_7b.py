@@ -33,10 +33,7 @@ ARCH = dict(
 
 
 def get_config(arg=None):
-    variants = [v for v in (arg or "").split(",") if v]
-    for v in variants:
-        if v not in VARIANTS:
-            raise ValueError(f"unknown variant {v!r} (one of {', '.join(VARIANTS)})")
+    variants = common.variants(arg, VARIANTS)
     cfg = ml_collections.ConfigDict()
     cfg.model = ml_collections.ConfigDict(dict(
         source="/path/to/Qwen2.5-7B-Instruct",   # set this: a Hugging Face directory

@@ -21,10 +21,7 @@ VARIANTS = ("quick", "add", "beta0", "beta0.1", "g8", "len16", "len32", "seqmean
 
 
 def get_config(arg=None):
-    variants = [v for v in (arg or "").split(",") if v]
-    for v in variants:
-        if v not in VARIANTS:
-            raise ValueError(f"unknown variant {v!r} (one of {', '.join(VARIANTS)})")
+    variants = common.variants(arg, VARIANTS)
     cfg = ml_collections.ConfigDict()
     cfg.model = ml_collections.ConfigDict(dict(
         source="embedded",   # or a .gguf path, or a Hugging Face safetensors directory

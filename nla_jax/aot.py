@@ -33,7 +33,6 @@ with XLA:CPU's upcasts (an upper bound).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import subprocess
@@ -206,7 +205,7 @@ def setup(cfg, mesh, t: Target, bf16_as: str = "f16"):
     target = train.abstract_with(abstract, sharding.tree_shardings(T.param_axes(mcfg), abstract, mesh, cfg.rules))
     av, ar = specs(cfg, mcfg, t)
     ctx = steps.Ctx(cfg=mcfg, av=av, ar=ar, center=bool(cfg.nla.center), remat=bool(cfg.model.remat), var_nrm=1.0)
-    return types.SimpleNamespace(cfg=cfg, mcfg=mcfg, mesh=mesh, rules=cfg.rules, target=target, ctx=ctx, dtype=dtype)
+    return types.SimpleNamespace(cfg=cfg, mcfg=mcfg, mesh=mesh, rules=cfg.rules, target=target, ctx=ctx)
 
 
 # ============================================================================= the steps
@@ -260,20 +259,12 @@ def lower_rl(S):
     return fn, args, {"state": state, "ref_av": ref}
 
 
-def _sft(S, name: str, parts, make_batch, n_blocks: int):
-    import jax
-    from nla_jax import optim, sharding
-    from nla_jax.nla import steps
-    sec = S.cfg[name]
+def _sft(S, name: str, parts, make_batch):
+    from nla_jax import train
     tx, labels, init, txs, axes = parts(S)
     state, sh = _state(S, init, txs, axes)
-    batch = make_batch(sec.batch)
-    rep = sharding.named_sharding((), None, S.mesh, S.rules)
-    step = {"sft_av": steps.sft_av_step, "sft_ar": steps.sft_ar_step}[name]
-    mask = optim.block_mask(n_blocks, sec.optim.train_blocks)
-    fn = functools.partial(step, ctx=S.ctx, tx=tx, labels=labels, block_mask=mask)
-    jitted = jax.jit(fn, in_shardings=(sh, {k: v.sharding for k, v in batch.items()}, rep), out_shardings=(sh, rep),
-                     donate_argnums=(0,))
+    batch = make_batch(S.cfg[name].batch)
+    jitted = train.sft_step_fn(S, name, sh, {k: v.sharding for k, v in batch.items()})
     return jitted, (state, batch, _rep(S, (S.mcfg.d_model,))), {"state": state}
 
 
@@ -284,7 +275,7 @@ def lower_sft_av(S):
     act = jnp.dtype(S.cfg.data.dtype)
     mk = lambda b: _batch(S, {"acts": ((b, d), act), "targets": ((b, L), jnp.int32), "mask": ((b, L), jnp.bool_)},
                           "sft_av.batch")
-    return _sft(S, "sft_av", train.sft_av_parts, mk, S.mcfg.n_layers)
+    return _sft(S, "sft_av", train.sft_av_parts, mk)
 
 
 def lower_sft_ar(S):
@@ -294,7 +285,7 @@ def lower_sft_ar(S):
     act = jnp.dtype(S.cfg.data.dtype)
     mk = lambda b: _batch(S, {"acts": ((b, d), act), "expl": ((b, M), jnp.int32), "expl_len": ((b,), jnp.int32)},
                           "sft_ar.batch")
-    return _sft(S, "sft_ar", train.sft_ar_parts, mk, S.cfg.model.layer + 1)
+    return _sft(S, "sft_ar", train.sft_ar_parts, mk)
 
 
 LOWER = {"sft_av": lower_sft_av, "sft_ar": lower_sft_ar, "rl": lower_rl}

@@ -4,6 +4,15 @@ import ml_collections
 from nla_jax.sharding import DEFAULT_RULES
 
 
+def variants(arg: str | None, allowed) -> list[str]:
+    """The comma-separated `:variant` list of a config file, each checked against `allowed`."""
+    chosen = [v for v in (arg or "").split(",") if v]
+    for v in chosen:
+        if v not in allowed:
+            raise ValueError(f"unknown variant {v!r} (one of {', '.join(allowed)})")
+    return chosen
+
+
 def mesh(shape=(-1, 1, 1)) -> ml_collections.ConfigDict:
     """Mesh axes (data, fsdp, tensor); one -1 takes the remaining devices."""
     return ml_collections.ConfigDict({"shape": tuple(shape), "axes": ("data", "fsdp", "tensor")})

@@ -28,7 +28,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from nla_jax import checkpoint as ckpt_lib
-from nla_jax import cli, configlib, distributed, optim, sampling, sharding
+from nla_jax import cli, distributed, optim, sampling, sharding
 from nla_jax import metrics as metrics_lib
 from nla_jax.checkpoints import loader
 from nla_jax.data import loader as data_loader
@@ -75,7 +75,6 @@ class Setup:
     summaries: dict[int, str]
     workdir: str
     writer: metrics_lib.MetricsWriter
-    dtype: Any
 
 
 def check_config(cfg) -> None:
@@ -155,7 +154,7 @@ def setup(cfg, writer_enabled: bool) -> Setup:
     rep = sharding.named_sharding((), None, mesh, rules)
     mean = jax.device_put(jnp.asarray(stats.mean_array()), rep)
     return Setup(cfg, mesh, rules, mcfg, target, tok, store, stats, mean, ctx, summaries, workdir,
-                 metrics_lib.MetricsWriter(workdir, enabled=writer_enabled), loader.dtype_of(cfg.model.dtype))
+                 metrics_lib.MetricsWriter(workdir, enabled=writer_enabled))
 
 
 # ============================================================================= 3. state and shardings
@@ -221,10 +220,6 @@ def like_params(opt_abstract, params_abstract, param_shardings, rep):
     return jax.tree_util.tree_map_with_path(f, opt_abstract)
 
 
-def place(state: dict, shardings: dict) -> dict:
-    return jax.tree.map(lambda a, s: jax.device_put(a, s), state, shardings)
-
-
 def abstract_with(abstract: dict, shardings: dict) -> dict:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
@@ -237,7 +232,7 @@ def _global(S: Setup, local: dict) -> dict:
 
 def summary_rows(S: Setup, split: str) -> np.ndarray:
     rows = S.store.rows_of_split(split)
-    have = np.asarray(sorted(r for r in S.summaries if r in set(rows.tolist())), np.int64)
+    have = rows[np.isin(rows, np.fromiter(S.summaries, np.int64, len(S.summaries)))].astype(np.int64)
     if len(have) == 0:
         raise UserError(f"no teacher summaries for split {split!r} in {S.cfg.data.store}/summaries.jsonl; "
                         f"run: python -m nla_jax.summarize --config ...")
@@ -296,6 +291,7 @@ class Stage:
         self.mgr = ckpt_lib.Checkpointer(os.path.join(S.workdir, name), keep=S.cfg.train.keep,
                                          async_save=S.cfg.train.async_checkpoint, fingerprint=fingerprint(S.cfg, name))
         self.abstract = abstract_with(abstract, shardings)
+        self.abstract_shardings = shardings
         self.bar = None
 
     def restore(self) -> tuple[dict | None, dict]:
@@ -339,14 +335,6 @@ def mark_done(S: Setup, name: str, summary: dict) -> None:
     distributed.barrier(f"done-{name}")
 
 
-def _jit(S, fn, in_sh, out_sh, donate=(0,)):
-    return jax.jit(fn, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=donate)
-
-
-def _batch_sh(S, batch: dict) -> dict:
-    return {k: v.sharding for k, v in batch.items()}
-
-
 def load_final(S: Setup, name: str, key: str, init: Callable, txs_fn: Callable, axes: dict) -> dict:
     """The `key` params of a finished stage's final checkpoint (e.g. the SFT AV for RL)."""
     state0 = jax.eval_shape(init, S.target)
@@ -369,9 +357,51 @@ def sft_av_parts(S: Setup):
     return tx, labels, init, {"opt": (tx, "av")}, {"av": av_axes(S)}
 
 
+def sft_step_fn(S: Setup, name: str, sh: dict, batch_sh=None):
+    """The jitted SFT step of stage `name` (sft_av | sft_ar) with explicit shardings and the state donated."""
+    sec = S.cfg[name]
+    tx, labels, *_ = (sft_av_parts if name == "sft_av" else sft_ar_parts)(S)
+    step, n_blocks = ((steps.sft_av_step, S.mcfg.n_layers) if name == "sft_av"
+                      else (steps.sft_ar_step, S.cfg.model.layer + 1))
+    rep = sharding.named_sharding((), None, S.mesh, S.rules)
+    fn = functools.partial(step, ctx=S.ctx, tx=tx, labels=labels,
+                           block_mask=optim.block_mask(n_blocks, sec.optim.train_blocks))
+    return jax.jit(fn, in_shardings=(sh, batch_sh, rep), out_shardings=(sh, rep), donate_argnums=(0,))
+
+
+def sft_loop(S: Setup, st: Stage, name: str, split: str, make: Callable, state: dict, start: int,
+             evaluate: Callable[[dict, int], dict], extra: Callable[[dict], dict]) -> None:
+    """The SFT stages' shared loop: step, guard, log, evaluate, checkpoint; then the final evaluation,
+    the final checkpoint and the DONE marker. `extra(m)` adds logged values (the first also shows
+    on the progress bar instead of the loss)."""
+    sec = S.cfg[name]
+    step_fn = sft_step_fn(S, name, st.abstract_shardings)
+    bar = st.progress(start)
+    for step, batch in batches(S, split, sec.batch, start, make, only=summary_rows(S, split)):
+        if step >= sec.steps:
+            break
+        state, m = step_fn(state, batch, S.mean)
+        m = jax.device_get(m)
+        st.guard(state, m, step + 1)
+        more = extra(m)
+        if (step + 1) % S.cfg.train.log_every == 0:
+            S.writer.write(name, step + 1, {"loss": m["loss"], **more, "grad_norm": m["grad_norm"],
+                                            "skipped": state["skipped"]})
+        bar.update(1)
+        bar.set_postfix({k: f"{float(v):.3f}" for k, v in (more or {"loss": m["loss"]}).items()})
+        if (step + 1) % sec.eval_every == 0 and step + 1 < sec.steps:
+            evaluate(state, step + 1)
+        if (step + 1) % S.cfg.train.ckpt_every == 0 and step + 1 < sec.steps:
+            st.save(state, step + 1)
+    final = evaluate(state, sec.steps)
+    st.save(state, sec.steps, done=True)
+    st.close()
+    mark_done(S, name, final)
+
+
 def run_sft_av(S: Setup) -> None:
     sec = S.cfg.sft_av
-    tx, labels, init, txs, axes = sft_av_parts(S)
+    *_, init, txs, axes = sft_av_parts(S)
     sh = state_shardings(S, jax.eval_shape(init, S.target), txs, axes)
     st = Stage(S, "sft_av", sec.steps, jax.eval_shape(init, S.target), sh)
     state, meta = st.restore()
@@ -379,41 +409,17 @@ def run_sft_av(S: Setup) -> None:
     if state is None:
         state = jax.jit(init, out_shardings=sh)(S.target)
     val, val_docs = fixed_rows(S, summary_rows(S, "ar_sft"), sec.val_rows, av_batch)  # other documents than training
-    rep = sharding.named_sharding((), None, S.mesh, S.rules)
-    mask = optim.block_mask(S.mcfg.n_layers, sec.optim.train_blocks)
-    step_fn = _jit(S, functools.partial(steps.sft_av_step, ctx=S.ctx, tx=tx, labels=labels, block_mask=mask),
-                   None, (sh, rep))
     perm = jnp.asarray(np.random.default_rng(0).permutation(val["acts"].shape[0]))
     eval_fn = jax.jit(functools.partial(steps.sft_av_eval, ctx=S.ctx))
 
-    def evaluate(step):
+    def evaluate(state, step):
         e = {k: _host(v) for k, v in eval_fn(state["av"], val, S.mean, perm).items()}
         gap = stats_lib.bootstrap_ci(np.asarray(e["ce_shuffled"] - e["ce_real"]), val_docs)
         return S.writer.write("sft_av", step, {"kind": "eval", "ce_real": float(e["ce_real"].mean()),
                                                "ce_shuffled": float(e["ce_shuffled"].mean()),
                                                "ce_gap": gap[0], "ce_gap_lo": gap[1], "ce_gap_hi": gap[2]})
 
-    bar = st.progress(start)
-    rows = summary_rows(S, "av_sft")
-    for step, batch in batches(S, "av_sft", sec.batch, start, av_batch, only=rows):
-        if step >= sec.steps:
-            break
-        state, m = step_fn(state, batch, S.mean)
-        m = jax.device_get(m)
-        st.guard(state, m, step + 1)
-        if (step + 1) % S.cfg.train.log_every == 0:
-            S.writer.write("sft_av", step + 1, {"loss": m["loss"], "grad_norm": m["grad_norm"],
-                                                 "skipped": state["skipped"]})
-        bar.update(1)
-        bar.set_postfix(loss=f"{float(m['loss']):.3f}")
-        if (step + 1) % sec.eval_every == 0 and step + 1 < sec.steps:
-            evaluate(step + 1)
-        if (step + 1) % S.cfg.train.ckpt_every == 0 and step + 1 < sec.steps:
-            st.save(state, step + 1)
-    final = evaluate(sec.steps)
-    st.save(state, sec.steps, done=True)
-    st.close()
-    mark_done(S, "sft_av", final)
+    sft_loop(S, st, "sft_av", "av_sft", av_batch, state, start, evaluate, lambda m: {})
 
 
 def sft_ar_parts(S: Setup):
@@ -447,7 +453,7 @@ def ridge_head(S: Setup, state: dict, sh: dict) -> dict:
 
 def run_sft_ar(S: Setup) -> None:
     sec = S.cfg.sft_ar
-    tx, labels, init, txs, axes = sft_ar_parts(S)
+    *_, init, txs, axes = sft_ar_parts(S)
     sh = state_shardings(S, jax.eval_shape(init, S.target), txs, axes)
     st = Stage(S, "sft_ar", sec.steps, jax.eval_shape(init, S.target), sh)
     state, meta = st.restore()
@@ -458,41 +464,19 @@ def run_sft_ar(S: Setup) -> None:
             state = ridge_head(S, state, sh)
             # the optimizer state was built for the identity head; Adam moments are zero either way
     val, val_docs = fixed_rows(S, summary_rows(S, "av_sft"), sec.val_rows, ar_batch)  # other documents than training
-    rep = sharding.named_sharding((), None, S.mesh, S.rules)
-    mask = optim.block_mask(S.cfg.model.layer + 1, sec.optim.train_blocks)
-    step_fn = _jit(S, functools.partial(steps.sft_ar_step, ctx=S.ctx, tx=tx, labels=labels, block_mask=mask),
-                   None, (sh, rep))
     eval_fn = jax.jit(functools.partial(steps.ar_eval, ctx=S.ctx))
     var, floor = S.stats.var(S.ctx.center), S.stats.floor(S.ctx.center)
 
-    def evaluate(step):
+    def evaluate(state, step):
         mse = _host(eval_fn(state["ar"], val, S.mean))
         f = stats_lib.bootstrap_ci(1 - mse / var, val_docs)
         return S.writer.write("sft_ar", step, {"kind": "eval", "fve_nrm": f[0], "fve_lo": f[1], "fve_hi": f[2],
                                                "floor": floor})
 
-    evaluate(start) if start == 0 else None
-    bar = st.progress(start)
-    rows = summary_rows(S, "ar_sft")
-    for step, batch in batches(S, "ar_sft", sec.batch, start, ar_batch, only=rows):
-        if step >= sec.steps:
-            break
-        state, m = step_fn(state, batch, S.mean)
-        m = jax.device_get(m)
-        st.guard(state, m, step + 1)
-        if (step + 1) % S.cfg.train.log_every == 0:
-            S.writer.write("sft_ar", step + 1, {"loss": m["loss"], "fve_nrm": 1 - float(m["loss"]) / var,
-                                                 "grad_norm": m["grad_norm"], "skipped": state["skipped"]})
-        bar.update(1)
-        bar.set_postfix(fve=f"{1 - float(m['loss']) / var:.3f}")
-        if (step + 1) % sec.eval_every == 0 and step + 1 < sec.steps:
-            evaluate(step + 1)
-        if (step + 1) % S.cfg.train.ckpt_every == 0 and step + 1 < sec.steps:
-            st.save(state, step + 1)
-    final = evaluate(sec.steps)
-    st.save(state, sec.steps, done=True)
-    st.close()
-    mark_done(S, "sft_ar", final)
+    if start == 0:
+        evaluate(state, 0)
+    sft_loop(S, st, "sft_ar", "ar_sft", ar_batch, state, start, evaluate,
+             lambda m: {"fve_nrm": 1 - float(m["loss"]) / var})
 
 
 def rl_sample_config(S: Setup) -> sampling.SampleConfig:

@@ -19,7 +19,6 @@ import os
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 

@@ -10,8 +10,6 @@ current run of them; the host loop stops the run after `max_nonfinite` in a row.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
-
 import jax
 import jax.numpy as jnp
 
