@@ -295,6 +295,16 @@ class Checkpointer:
             self._warn_skip(step, why or "unreadable on another process")
         return None
 
+    def meta(self, step: int | None = None) -> tuple[int, dict]:
+        """(step, meta) of `step`, or of the newest step whose metadata reads; no arrays are read."""
+        step = self.latest_step() if step is None else int(step)
+        if step is None:
+            raise UserError(f"no readable checkpoints in {self.directory}")
+        payload, why = self._readable_meta(step)
+        if payload is None:
+            raise UserError(f"checkpoint step {step} in {self.directory} does not read: {why}")
+        return step, payload["meta"]
+
     def _warn_skip(self, step: int, why: str) -> None:
         if step not in self._warned:
             self._warned.add(step)
