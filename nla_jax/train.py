@@ -134,16 +134,19 @@ def fingerprint(cfg, stage: str) -> str:
     return ckpt_lib.fingerprint(keep)
 
 
-def setup(cfg, writer_enabled: bool) -> Setup:
+def setup(cfg, writer_enabled: bool, stats: stats_lib.ActStats | None = None, open_store: bool = True) -> Setup:
+    """Everything the stages share. Tools reading a finished run pass the checkpoint's `stats` (and
+    may skip the store, which then is None: `explain` needs only the models)."""
     mesh = sharding.mesh_from_config(cfg.mesh)
     rules = cfg.rules
-    store = store_lib.open_store(cfg.data.store)
-    man = store.manifest
+    store = store_lib.open_store(cfg.data.store) if open_store else None
     mcfg, target, tok = loader.load_from_config(cfg.model, mesh, rules)
     if tok is None:
         raise UserError(f"model source {cfg.model.source!r} has no tokenizer; the NLA needs text")
-    check_store(cfg, man, mcfg.d_model)
-    stats = stats_lib.from_store(store, cfg.nla.stats_splits, cfg.nla.stats_rows, cfg.nla.seed)
+    if store is not None:
+        check_store(cfg, store.manifest, mcfg.d_model)
+    if stats is None:
+        stats = stats_lib.from_store(store, cfg.nla.stats_splits, cfg.nla.stats_rows, cfg.nla.seed)
     av_spec = av_lib.build_spec(tok, mcfg, cfg.av, stats.mean_norm)
     ar_spec = ar_lib.build_spec(tok, mcfg, cfg.ar, cfg.model.layer, max_len=cfg.av.max_len)
     ctx = steps.Ctx(cfg=mcfg, av=av_spec, ar=ar_spec, center=bool(cfg.nla.center), remat=bool(cfg.model.remat),
