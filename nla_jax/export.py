@@ -1,0 +1,469 @@
+"""CLI: export a trained NLA pair as Hugging Face safetensors directories that PyTorch users can load.
+
+    python -m nla_jax.export --checkpoint runs/smollm2_135m_quick/train --out runs/smollm2_135m_quick/hf
+
+OUTDIR/
+  nla_export.json        provenance: checkpoint, stage and step, target model, layer, the training config
+  README.md              how to use both directories from PyTorch / transformers
+  av/                    the verbalizer: a complete causal LM (LlamaForCausalLM / Qwen2ForCausalLM)
+    config.json, model.safetensors (or shards + index), generation_config.json,
+    tokenizer.json, tokenizer_config.json (chat template, BOS/EOS/pad), special_tokens_map.json
+    nla_av.json          the fixed prompt (ids and text), the marker's position and id, the closing tag,
+                         the injection mode / norm / block, centring, the explanation cap, and the recipe
+    nla_av_extra.safetensors   "mean" [d] (the dataset mean, used with centring) and, when the run
+                         learned one, "proj" [d, d] (the input projection: v @ proj)
+  ar/                    the reconstructor: blocks 0..K of the target (K+1 blocks) as a base model
+    config.json          num_hidden_layers = K+1, architectures LlamaModel / Qwen2Model (no LM head),
+                         "tie_last_hidden_states": false (see below); model.norm.weight is all ones and
+                         is NOT part of the AR
+    model.safetensors, tokenizer files
+    ar_head.safetensors  "w" [d, d] (input-major: prediction = features @ w + b), "b" [d]
+    nla_ar.json          layer, wrapper prefix/suffix (ids and text; the prefix carries the BOS), the
+                         explanation cap, head normalisation (rms, eps 1e-6) and the dataset statistics
+                         (mean, Var(v_nrm), floor) with the centring switch
+
+The final norm: the AR reads block K's raw output (the residual stream after block K, Hugging Face
+`hidden_states[K+1]` of the full model) at the wrapper's last token. A K+1-layer transformers model
+applies `model.norm` to its last hidden state, and `hidden_states[-1]` is that normed state unless the
+config says `tie_last_hidden_states: false` (honoured by transformers >= 5; with older versions replace
+`model.norm` by `torch.nn.Identity()` or hook `model.layers[K]`). The weight is exported as ones so the
+directory loads without "newly initialised" warnings.
+
+Weights are written in the checkpoint's dtype, unchanged: loading an export back (`load(OUTDIR)`, or
+`nla_jax.checkpoints.loader.load(OUTDIR/av)` for the AV's transformer) gives the checkpoint's
+parameters bit for bit. RoPE: nla_jax keeps q/k in the rotate-half layout transformers uses, so
+the projections are written as they are (only transposed to [out, in]); no llama.cpp-style permutation.
+
+An existing non-empty OUTDIR is refused unless --force; the export is written to a temporary
+directory beside OUTDIR and renamed into place, so a failure leaves nothing half-written.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from typing import Any
+
+import numpy as np
+
+from nla_jax import cli
+from nla_jax.errors import UserError, cli_main
+
+FORMAT_AV = "nla_jax.av/1"
+FORMAT_AR = "nla_jax.ar/1"
+HEAD_NORM_EPS = 1e-6        # nla_jax.nla.ar.features: h * rsqrt(mean(h^2) + 1e-6)
+SHARD_BYTES = 4 << 30       # safetensors shard size above which the weights are split (index.json)
+_ARCH = {"llama": ("LlamaForCausalLM", "LlamaModel"), "qwen2": ("Qwen2ForCausalLM", "Qwen2Model")}
+_HF_LAYER = {  # nla_jax leaf -> transformers name inside model.layers.{i}.
+    "attn_norm": "input_layernorm.weight", "mlp_norm": "post_attention_layernorm.weight",
+    "wq": "self_attn.q_proj.weight", "wk": "self_attn.k_proj.weight", "wv": "self_attn.v_proj.weight",
+    "wo": "self_attn.o_proj.weight", "w_gate": "mlp.gate_proj.weight", "w_up": "mlp.up_proj.weight",
+    "w_down": "mlp.down_proj.weight", "bq": "self_attn.q_proj.bias", "bk": "self_attn.k_proj.bias",
+    "bv": "self_attn.v_proj.bias",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m nla_jax.export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, metavar="DIR",
+                   help="a trained pair: WORKDIR (final), WORKDIR/rl, WORKDIR/rl@STEP or WORKDIR/sft_av")
+    p.add_argument("--out", required=True, metavar="OUTDIR", help="the export directory (created)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty OUTDIR")
+    return p
+
+
+# ----------------------------------------------------------------------------- model directories
+
+def hf_config(mcfg, *, layers: int | None = None, base_model: bool = False, dtype: str = "float32") -> dict:
+    """transformers config.json for an nla_jax ModelConfig (optionally with fewer layers, no LM head)."""
+    if mcfg.family == "llama" and mcfg.qkv_bias:
+        # transformers' Llama puts `attention_bias` on q, k, v *and* o; ours has no o bias.
+        raise UserError(f"model {mcfg.name!r}: a llama-family model with q/k/v biases has no transformers "
+                        f"equivalent (Qwen2 has exactly those biases)")
+    causal, base = _ARCH[mcfg.family]
+    eos = list(mcfg.eos_ids)
+    c: dict[str, Any] = {
+        "architectures": [base if base_model else causal], "model_type": mcfg.family,
+        "hidden_size": mcfg.d_model, "intermediate_size": mcfg.d_ff,
+        "num_hidden_layers": mcfg.n_layers if layers is None else layers,
+        "num_attention_heads": mcfg.n_heads, "num_key_value_heads": mcfg.n_kv_heads, "head_dim": mcfg.head_dim,
+        "vocab_size": mcfg.vocab_size, "max_position_embeddings": mcfg.max_seq_len,
+        "rope_theta": float(mcfg.rope_theta), "rms_norm_eps": float(mcfg.rms_eps),
+        "rope_scaling": dict(mcfg.rope_scaling) if mcfg.rope_scaling else None,
+        "hidden_act": "silu", "mlp_bias": False, "attention_dropout": 0.0, "initializer_range": 0.02,
+        "tie_word_embeddings": bool(mcfg.tie_embeddings) and not base_model,
+        "bos_token_id": mcfg.bos_id, "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+        "pad_token_id": mcfg.pad_id, "use_cache": True, "torch_dtype": dtype, "dtype": dtype,
+    }
+    if mcfg.family == "llama":
+        c["attention_bias"] = False
+    else:
+        # transformers' Qwen2 always has q/k/v biases (zeros are written when ours has none);
+        # nla_jax's loader reads `attention_bias` to know whether they are part of the model.
+        c.update(attention_bias=bool(mcfg.qkv_bias), use_sliding_window=False, sliding_window=None,
+                 max_window_layers=c["num_hidden_layers"])
+    return c
+
+
+def hf_tensors(mcfg, params: dict, layers: int | None = None, final_norm: bool = True,
+               lm_head: bool = True) -> dict[str, np.ndarray]:
+    """nla_jax params -> {transformers name: array} (HF [out, in] layout, the params' dtype, unchanged)."""
+    D, H, KV, hd = mcfg.d_model, mcfg.n_heads, mcfg.n_kv_heads, mcfg.head_dim
+    host = lambda a: np.asarray(a)
+    out = {"model.embed_tokens.weight": host(params["embed"])}
+    L = params["layers"]
+    n = jax_leaves_len(L) if layers is None else layers
+    stacked = {k: host(v) for k, v in L.items()}
+
+    def hf(leaf: str, w: np.ndarray) -> np.ndarray:
+        if leaf in ("attn_norm", "mlp_norm"):
+            return w
+        if leaf == "wq":
+            return w.reshape(D, H * hd).T
+        if leaf in ("wk", "wv"):
+            return w.reshape(D, KV * hd).T
+        if leaf == "wo":
+            return w.reshape(H * hd, D).T
+        if leaf in ("w_gate", "w_up", "w_down"):
+            return w.T
+        if leaf == "bq":
+            return w.reshape(H * hd)
+        if leaf in ("bk", "bv"):
+            return w.reshape(KV * hd)
+        raise KeyError(leaf)
+
+    for i in range(n):
+        for leaf, w in stacked.items():
+            out[f"model.layers.{i}.{_HF_LAYER[leaf]}"] = np.ascontiguousarray(hf(leaf, w[i]))
+    if mcfg.family == "qwen2" and not mcfg.qkv_bias:
+        z = np.zeros((), out["model.embed_tokens.weight"].dtype)
+        for i in range(n):
+            out[f"model.layers.{i}.self_attn.q_proj.bias"] = np.broadcast_to(z, (H * hd,)).copy()
+            for b in ("k", "v"):
+                out[f"model.layers.{i}.self_attn.{b}_proj.bias"] = np.broadcast_to(z, (KV * hd,)).copy()
+    if final_norm:
+        out["model.norm.weight"] = host(params["final_norm"]) if "final_norm" in params else \
+            np.ones((D,), out["model.embed_tokens.weight"].dtype)
+    if lm_head and not mcfg.tie_embeddings:
+        out["lm_head.weight"] = np.ascontiguousarray(host(params["lm_head"]).T)
+    return out
+
+
+def jax_leaves_len(layers: dict) -> int:
+    return int(next(iter(layers.values())).shape[0])
+
+
+def write_safetensors(d: str, tensors: dict[str, np.ndarray], shard_bytes: int = SHARD_BYTES) -> None:
+    """model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json."""
+    from safetensors.numpy import save_file
+    meta = {"format": "pt"}
+    total = sum(a.nbytes for a in tensors.values())
+    if total <= shard_bytes:
+        save_file(tensors, os.path.join(d, "model.safetensors"), metadata=meta)
+        return
+    shards, cur, size = [], {}, 0
+    for k, a in tensors.items():
+        if cur and size + a.nbytes > shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k] = a
+        size += a.nbytes
+    shards.append(cur)
+    weight_map = {}
+    for i, sh in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(sh, os.path.join(d, name), metadata=meta)
+        weight_map.update({k: name for k in sh})
+    _write_json(os.path.join(d, "model.safetensors.index.json"),
+                {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def write_tokenizer(d: str, tok, mcfg) -> None:
+    """tokenizer.json (with a BOS post-processor when the model wants one, so transformers' tokenizer
+    adds it as nla_jax does), tokenizer_config.json (chat template), special_tokens_map.json."""
+    from tokenizers import processors
+    t = tok.tok
+    if tok.add_bos and tok.bos_id is not None:
+        from tokenizers import Tokenizer as HFTokenizer
+        t = HFTokenizer.from_str(t.to_str())
+        b = tok.id_to_token(tok.bos_id)
+        t.post_processor = processors.TemplateProcessing(single=f"{b} $A", pair=f"{b} $A $B", special_tokens=[(b, tok.bos_id)])
+    with open(os.path.join(d, "tokenizer.json"), "w", encoding="utf-8") as f:
+        f.write(t.to_str())
+    name = lambda i: tok.id_to_token(i) if i is not None else None
+    specials = {"bos_token": name(tok.bos_id), "eos_token": name(tok.eos_ids[0]) if tok.eos_ids else None,
+                "pad_token": name(tok.pad_id)}
+    tc = {"tokenizer_class": "PreTrainedTokenizerFast", **specials, "add_bos_token": bool(tok.add_bos),
+          "add_eos_token": False, "clean_up_tokenization_spaces": False, "model_max_length": int(mcfg.max_seq_len)}
+    if tok.chat_template:
+        tc["chat_template"] = tok.chat_template
+    _write_json(os.path.join(d, "tokenizer_config.json"), tc)
+    _write_json(os.path.join(d, "special_tokens_map.json"), {k: v for k, v in specials.items() if v is not None})
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+
+
+def _dtype_name(a) -> str:
+    return {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(str(np.asarray(a).dtype), "float32")
+
+
+def write_model_dir(d: str, mcfg, params: dict, tok, *, layers: int | None = None, base_model: bool = False) -> None:
+    """A transformers model directory for nla_jax params (all blocks, or the first `layers`)."""
+    os.makedirs(d, exist_ok=True)
+    dtype = _dtype_name(params["embed"])
+    _write_json(os.path.join(d, "config.json"), hf_config(mcfg, layers=layers, base_model=base_model, dtype=dtype))
+    write_safetensors(d, hf_tensors(mcfg, params, layers, lm_head=not base_model))
+    eos = list(mcfg.eos_ids)
+    _write_json(os.path.join(d, "generation_config.json"),
+                {"bos_token_id": mcfg.bos_id, "eos_token_id": eos[0] if len(eos) == 1 else eos,
+                 "pad_token_id": mcfg.pad_id})
+    if tok is not None:
+        write_tokenizer(d, tok, mcfg)
+
+
+# ----------------------------------------------------------------------------- NLA extras
+
+def av_json(spec, tok, mcfg, layer: int, input_proj: bool) -> dict:
+    dec = lambda ids: tok.decode(list(ids), skip_special=False)
+    return {
+        "format": FORMAT_AV, "layer": int(layer), "d_model": int(mcfg.d_model),
+        "prompt_ids": list(spec.prompt), "prompt_text": dec(spec.prompt), "marker_pos": spec.marker_pos,
+        "marker_id": spec.marker_id, "marker_token": tok.id_to_token(spec.marker_id),
+        "closer_ids": list(spec.closer), "closer_text": dec(spec.closer), "eos_id": spec.eos,
+        "inject": spec.mode, "add_after": spec.add_after, "inject_norm": spec.inject_norm, "center": spec.center,
+        "max_len": spec.max_len, "input_proj": bool(input_proj),
+        "recipe": [
+            "v = the target's residual stream after block `layer` (HF hidden_states[layer+1]) at one token, float32",
+            "if center: v = v - mean            (mean: nla_av_extra.safetensors)",
+            "if input_proj: v = v @ proj        (proj: nla_av_extra.safetensors, [d, d], row vector on the left)",
+            "u = v / max(|v|, 1e-12)",
+            "inject == 'replace': the input embedding at prompt position marker_pos is replaced by u * inject_norm",
+            "inject == 'add': the residual stream h after block add_after at marker_pos becomes h + |h| * u",
+            "generate from prompt_ids (up to max_len new tokens, EOS eos_id); the explanation is the text "
+            "before the first closer_ids",
+        ],
+    }
+
+
+def ar_json(spec, tok, stats, center: bool) -> dict:
+    dec = lambda ids: tok.decode(list(ids), skip_special=False)
+    return {
+        "format": FORMAT_AR, "layer": spec.layer, "blocks": spec.layer + 1,
+        "prefix_ids": list(spec.prefix), "prefix_text": dec(spec.prefix),
+        "suffix_ids": list(spec.suffix), "suffix_text": dec(spec.suffix), "max_len": spec.max_len,
+        "pad_id": spec.pad_id, "head_norm": spec.head_norm, "head_norm_eps": HEAD_NORM_EPS, "center": bool(center),
+        "var_nrm": stats.var(center), "floor_fve": stats.floor(center), "stats": stats.to_json(),
+        "recipe": [
+            "ids = prefix_ids + (explanation ids, at most max_len) + suffix_ids   (the prefix carries the BOS)",
+            "h = the residual stream after block `layer` (the last of the `blocks` blocks, BEFORE model.norm) at "
+            "the last token",
+            "if head_norm == 'rms': h = h / sqrt(mean(h**2) + head_norm_eps)",
+            "prediction = h @ w + b   (ar_head.safetensors; w is [in, out])",
+            "compare with the activation after normalising both: x_nrm = sqrt(d) * u/|u|, u = x - mean if center "
+            "else x (mean: stats.mean); mse_nrm = mean((p_nrm - t_nrm)**2) = 2 (1 - cos); "
+            "fve_nrm = 1 - mse_nrm / var_nrm",
+        ],
+    }
+
+
+_README = """# NLA export ({label})
+
+Exported by `python -m nla_jax.export` from `{checkpoint}` (stage {kind}, step {step}); target
+`{model}`, block K = {layer}. Both directories load with transformers; the NLA-specific pieces
+are in their own files (`av/nla_av.json`, `av/nla_av_extra.safetensors`, `ar/nla_ar.json`,
+`ar/ar_head.safetensors`), each with a `recipe`.
+
+```python
+import json, torch, transformers
+from safetensors.torch import load_file
+
+# verbalizer: inject an activation v [d] (float32) and generate its explanation
+av = transformers.AutoModelForCausalLM.from_pretrained("av", dtype=torch.float32)
+tok = transformers.AutoTokenizer.from_pretrained("av")
+spec, extra = json.load(open("av/nla_av.json")), load_file("av/nla_av_extra.safetensors")
+if spec["center"]: v = v - extra["mean"]
+if spec["input_proj"]: v = v @ extra["proj"]
+u = v / v.norm().clamp_min(1e-12)
+ids = torch.tensor([spec["prompt_ids"]])
+emb = av.get_input_embeddings()(ids)
+emb[0, spec["marker_pos"]] = u * spec["inject_norm"]          # inject == "replace"
+out = av.generate(inputs_embeds=emb, attention_mask=torch.ones_like(ids), max_new_tokens=spec["max_len"])
+text = tok.decode(out[0]).split(spec["closer_text"])[0]
+
+# reconstructor: explanation text -> predicted activation direction
+ar = transformers.AutoModel.from_pretrained("ar", dtype=torch.float32)   # K+1 blocks
+ar.norm = torch.nn.Identity()               # the AR reads block K's raw output (any transformers version)
+rs, head = json.load(open("ar/nla_ar.json")), load_file("ar/ar_head.safetensors")
+e = tok(" ".join(text.split()), add_special_tokens=False).input_ids[: rs["max_len"]]
+x = torch.tensor([rs["prefix_ids"] + e + rs["suffix_ids"]])
+h = ar(x, output_hidden_states=True).hidden_states[-1][0, -1]
+if rs["head_norm"] == "rms": h = h * torch.rsqrt(h.pow(2).mean() + rs["head_norm_eps"])
+pred = h @ head["w"] + head["b"]
+```
+"""
+
+
+# ----------------------------------------------------------------------------- export / load
+
+def export_pair(pair, out: str, force: bool = False) -> str:
+    """Write the export of a loaded pair (nla_jax.nla.pair.load) to `out`, atomically."""
+    import jax
+    if jax.process_count() > 1:
+        raise UserError("export runs in one process (it gathers every parameter onto the host)")
+    out = os.path.abspath(out)
+    _check_out(out, force)
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
+    try:
+        _write_export(pair, tmp)
+        _publish_modes(tmp)
+        _check_out(out, force)  # again: another process may have written it meanwhile
+        if os.path.lexists(out):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
+            os.rename(out, os.path.join(old, "x"))
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _publish_modes(root: str) -> None:
+    """mkdtemp makes 0700 directories and safetensors writes 0600 files: give the export the
+    modes of ordinary files (0666 / 0777 less the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for d, _, files in os.walk(root):
+        os.chmod(d, 0o777 & ~umask)
+        for f in files:
+            os.chmod(os.path.join(d, f), 0o666 & ~umask)
+
+
+def _check_out(out: str, force: bool) -> None:
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out}: exists and is not a directory")
+    if os.path.isdir(out) and os.listdir(out) and not force:
+        raise UserError(f"--out {out}: directory exists and is not empty (pass --force to replace it)")
+
+
+def _write_export(pair, d: str) -> None:
+    from safetensors.numpy import save_file
+    S, cfg = pair.S, pair.cfg
+    K = int(cfg.model.layer)
+    mcfg, tok, ctx = S.mcfg, S.tok, S.ctx
+    av, ar = pair.av, pair.ar
+    # the AV: a full causal LM plus its prompt/injection and extra parameters
+    write_model_dir(os.path.join(d, "av"), mcfg, av["model"], tok)
+    use_proj = "proj" in av["extra"]
+    _write_json(os.path.join(d, "av", "nla_av.json"), av_json(ctx.av, tok, mcfg, K, use_proj))
+    extra = {"mean": np.asarray(S.mean, np.float32)}
+    if use_proj:
+        extra["proj"] = np.asarray(av["extra"]["proj"])
+    save_file(extra, os.path.join(d, "av", "nla_av_extra.safetensors"), metadata={"format": "pt"})
+    # the AR: K+1 blocks as a base model, its head and wrapper
+    ar_params = {"embed": ar["embed"], "layers": ar["layers"]}
+    write_model_dir(os.path.join(d, "ar"), mcfg, ar_params, tok, layers=K + 1, base_model=True)
+    with open(os.path.join(d, "ar", "config.json")) as f:
+        c = json.load(f)
+    c["tie_last_hidden_states"] = False
+    _write_json(os.path.join(d, "ar", "config.json"), c)
+    save_file({"w": np.asarray(ar["head"]["w"]), "b": np.asarray(ar["head"]["b"])},
+              os.path.join(d, "ar", "ar_head.safetensors"), metadata={"format": "pt"})
+    _write_json(os.path.join(d, "ar", "nla_ar.json"), ar_json(ctx.ar, tok, S.stats, ctx.center))
+    prov = {"checkpoint": os.path.abspath(pair.path), "label": pair.label, "kind": pair.kind, "step": int(pair.step),
+            "workdir": pair.workdir, "model": cfg.model.source, "layer": K, "center": bool(ctx.center),
+            "config": cfg.to_dict()}
+    _write_json(os.path.join(d, "nla_export.json"), prov)
+    with open(os.path.join(d, "README.md"), "w") as f:
+        f.write(_README.format(label=pair.label, checkpoint=pair.path, kind=pair.kind, step=pair.step,
+                               model=cfg.model.source, layer=K))
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: missing (not an nla_jax export?)")
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: not valid JSON ({e})") from e
+
+
+def load(outdir: str, dtype=None) -> tuple[dict, dict, dict]:
+    """An export back into nla_jax: (av params {"model", "extra"}, ar params {"embed", "layers", "head"},
+    specs {"mcfg", "av" (AVSpec), "ar" (ARSpec), "stats" (ActStats), "center", "tok"}).
+
+    The AV's transformer goes through nla_jax's ordinary Hugging Face loader; dtype defaults to
+    the exported one, so float32 (and bfloat16) weights come back bit for bit."""
+    import jax.numpy as jnp
+    from safetensors.numpy import load_file
+    from nla_jax.checkpoints import loader
+    from nla_jax.checkpoints import tokenizer as tokenizer_lib
+    from nla_jax.models import transformer as T
+    from nla_jax.nla import ar as ar_lib
+    from nla_jax.nla import av as av_lib
+    from nla_jax.nla import stats as stats_lib
+
+    av_dir, ar_dir = os.path.join(outdir, "av"), os.path.join(outdir, "ar")
+    a, r = _read_json(os.path.join(av_dir, "nla_av.json")), _read_json(os.path.join(ar_dir, "nla_ar.json"))
+    if a.get("format") != FORMAT_AV or r.get("format") != FORMAT_AR:
+        raise UserError(f"{outdir}: export format {a.get('format')!r}/{r.get('format')!r}, this nla_jax reads "
+                        f"{FORMAT_AV}/{FORMAT_AR}")
+    if dtype is None:
+        dtype = loader.DTYPES[_read_json(os.path.join(av_dir, "config.json")).get("torch_dtype", "float32")]
+    mcfg, model, tok = loader.load(av_dir, dtype)
+    extra_f = load_file(os.path.join(av_dir, "nla_av_extra.safetensors"))
+    extra = {"proj": jnp.asarray(extra_f["proj"])} if a["input_proj"] else {}
+    av_spec = av_lib.AVSpec(prompt=tuple(a["prompt_ids"]), marker_pos=a["marker_pos"], marker_id=a["marker_id"],
+                            closer=tuple(a["closer_ids"]), eos=a["eos_id"], mode=a["inject"],
+                            add_after=a["add_after"], inject_norm=a["inject_norm"], center=a["center"],
+                            max_len=a["max_len"])
+    # the AR: embed + K+1 blocks read through the same safetensors reader, then its head
+    K = int(r["layer"])
+    acfg, _ = loader.hf_config(ar_dir)
+    if acfg.n_layers != K + 1:
+        raise UserError(f"{ar_dir}/config.json: {acfg.n_layers} layers, nla_ar.json says layer {K} (K+1 blocks)")
+    read = loader.hf_reader(ar_dir, acfg)
+    abstract = T.abstract_params(acfg, dtype)
+    full = lambda s: tuple(slice(None) for _ in s.shape)
+    ar_params = {"embed": jnp.asarray(read("embed", full(abstract["embed"])), dtype),
+                 "layers": {k: jnp.asarray(read(f"layers/{k}", full(v)), dtype) for k, v in abstract["layers"].items()}}
+    head = load_file(os.path.join(ar_dir, "ar_head.safetensors"))
+    ar_params["head"] = {"w": jnp.asarray(head["w"]), "b": jnp.asarray(head["b"])}
+    ar_spec = ar_lib.ARSpec(prefix=tuple(r["prefix_ids"]), suffix=tuple(r["suffix_ids"]), max_len=r["max_len"],
+                            pad_id=r["pad_id"], layer=K, head_norm=r["head_norm"])
+    specs = {"mcfg": mcfg, "av": av_spec, "ar": ar_spec, "stats": stats_lib.ActStats.from_json(r["stats"]),
+             "center": bool(r["center"]), "tok": tok, "mean": extra_f["mean"]}
+    return {"model": model, "extra": extra}, ar_params, specs
+
+
+@cli_main
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    out = os.path.abspath(args.out)
+    _check_out(out, args.force)  # before the slow load
+    cli.enable_compilation_cache()
+    from nla_jax.nla import pair as pair_lib
+    pair = pair_lib.load(args.checkpoint)
+    export_pair(pair, out, args.force)
+    sizes = {sub: sum(os.path.getsize(os.path.join(out, sub, f)) for f in os.listdir(os.path.join(out, sub)))
+             for sub in ("av", "ar")}
+    print(f"exported {pair.label} to {out}: av/ ({sizes['av'] / 1e6:.1f} MB, {pair.S.mcfg.n_layers} blocks), "
+          f"ar/ ({sizes['ar'] / 1e6:.1f} MB, {pair.cfg.model.layer + 1} blocks + head)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
