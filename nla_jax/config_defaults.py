@@ -142,5 +142,15 @@ def nla(cfg: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDi
     ))
     cfg.eval = ml_collections.ConfigDict(dict(
         rows=128, split="eval", temperature=0.0, n_examples=4, n_boot=1000, seed=0,
+        # -- `python -m nla_jax.evaluate` only (the trainer's eval stage ignores these)
+        batch=16,                   # rows per compiled batch (explain, AR, KL, downstream)
+        context_tokens=16,          # raw-context baseline: the last N tokens up to the position, read by the AR
+        quote_window=0,             # quote hallucinations: tokens up to the position that count as context; 0 = all
+        position_bins=4,            # fve by token position: equal-count bins of the evaluated positions
+        downstream=True,            # next-token KL with block K's output replaced (target forwards over contexts)
+        kl_ref=True,                # KL of the AV to its reference verbalizer along its explanations
+        summaries="",               # teacher-summary baseline: a summaries.jsonl; "" = STORE/summaries.jsonl
+        seq_multiple=64,            # downstream contexts are cut to a multiple of this (few compiled shapes)
+        sample_context_tokens=32,   # the report's sample explanations show this many context tokens
     ))
     return cfg

@@ -157,9 +157,10 @@ def jax_leaves_len(layers: dict) -> int:
     return int(next(iter(layers.values())).shape[0])
 
 
-def write_safetensors(d: str, tensors: dict[str, np.ndarray], shard_bytes: int = SHARD_BYTES) -> None:
+def write_safetensors(d: str, tensors: dict[str, np.ndarray], shard_bytes: int | None = None) -> None:
     """model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json."""
     from safetensors.numpy import save_file
+    shard_bytes = SHARD_BYTES if shard_bytes is None else shard_bytes
     meta = {"format": "pt"}
     total = sum(a.nbytes for a in tensors.values())
     if total <= shard_bytes:

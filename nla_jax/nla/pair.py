@@ -39,6 +39,7 @@ class Pair:
     S: Any                      # train.Setup built from the saved config (store may be None)
     av: dict
     ar: dict
+    meta: dict = dataclasses.field(default_factory=dict)  # the checkpoint's saved meta (config, stats, ref_av, ...)
 
 
 def resolve(path: str) -> tuple[str, str, int | None]:
@@ -127,7 +128,34 @@ def load(path: str, mesh_cfg=None, rules=None, label: str | None = None, open_st
             av = _restore(S, first, None, i_av, t_av, a_av)["av"]
             ar = _restore(S, os.path.join(workdir, "sft_ar"), None, i_ar, t_ar, a_ar)["ar"]
     name = label or f"{os.path.basename(workdir)}/{kind}@{step}"
-    return Pair(name, path, workdir, kind, step, cfg, S, av, ar)
+    return Pair(name, path, workdir, kind, step, cfg, S, av, ar, meta)
+
+
+def reference_av(p: Pair) -> tuple[str, dict]:
+    """(where, params) of the verbalizer a pair's AV is compared with by KL.
+
+    RL pair: the reference of its KL penalty, as its meta records it ("ref_av": the sft_av stage
+    directory, or "target:SOURCE" without a warm start). The recorded directory is looked up next to
+    the pair first (WORKDIR/sft_av), so a moved work directory still finds its own reference.
+    SFT pair: the target-initialised verbalizer (the target's weights, the same prompt and injection,
+    input projection at identity), i.e. the point SFT started from: the KL then says how far the
+    warm start moved the verbalizer along its own explanations."""
+    from nla_jax import sharding, train
+    S = p.S
+    ref = p.meta.get("ref_av") if p.kind == "rl" else None
+    if ref is None or str(ref).startswith("target:"):
+        with sharding.use_mesh(S.mesh, S.rules):
+            *_, init, txs, axes = train.sft_av_parts(S)
+            sh = train.state_shardings(S, jax.eval_shape(init, S.target), txs, axes)["av"]
+            av = jax.jit(lambda t: train.init_av(S, t), out_shardings=sh)(S.target)
+        return f"target:{S.cfg.model.source}", av
+    here = os.path.join(p.workdir, "sft_av")
+    d = here if os.path.basename(str(ref).rstrip("/")) == "sft_av" and _has_steps(here) else str(ref)
+    if not _has_steps(d):
+        raise UserError(f"checkpoint {p.path}: its reference verbalizer {ref} holds no checkpoints")
+    with sharding.use_mesh(S.mesh, S.rules):
+        *_, init, txs, axes = train.sft_av_parts(S)
+        return d, _restore(S, d, None, init, txs, axes)["av"]
 
 
 def _restore(S, d: str, step: int | None, init, txs, axes) -> dict:

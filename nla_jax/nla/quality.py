@@ -13,75 +13,28 @@ together), and real - shuffled with a paired interval. Writes WORKDIR/eval.json.
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
 from nla_jax import sampling
-from nla_jax.data import loader as data_loader
+from nla_jax.nla import measure
 from nla_jax.nla import stats as stats_lib
-from nla_jax.nla import steps
 
 
 def _rows(S, split: str, n: int, seed: int) -> np.ndarray:
-    rows = S.store.rows_of_split(split)
-    rng = np.random.default_rng(seed)
-    rows = np.sort(rng.choice(rows, min(n, len(rows)), replace=False))
+    rows = measure.pick_rows(S.store, split, n, seed)
     shards = jax.process_count() * int(np.prod([S.mesh.shape[a] for a in ("data", "fsdp")]))
     return rows[:len(rows) - len(rows) % shards]
 
 
-def derangement_by_doc(docs: np.ndarray, seed: int) -> np.ndarray:
-    """A permutation p with docs[p[i]] != docs[i] wherever possible (shuffled control)."""
-    rng = np.random.default_rng(seed)
-    n = len(docs)
-    p = rng.permutation(n)
-    for _ in range(20):
-        bad = np.nonzero(docs[p] == docs)[0]
-        if len(bad) == 0:
-            break
-        for i in bad:
-            j = rng.integers(n)
-            p[i], p[j] = p[j], p[i]
-    return p
-
-
-def _gather(x) -> np.ndarray:
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True)) if jax.process_count() > 1 else np.asarray(x)
-
-
-def explain_rows(S, av: dict, acts: np.ndarray, batch: int, sc: sampling.SampleConfig, seed: int) -> dict:
-    """Explanations of host rows [n, d] in global batches; numpy outputs on every process."""
-    fn = jax.jit(functools.partial(steps.explain, ctx=S.ctx, sc=sc))
-    outs = []
-    per = batch // jax.process_count()
-    for i in range(0, len(acts), batch):
-        chunk = acts[i:i + batch]
-        mine = chunk[jax.process_index() * per:(jax.process_index() + 1) * per]
-        g = data_loader.to_global({"acts": mine}, S.mesh, S.rules)["acts"]
-        o = fn(av, g, S.mean, jax.random.fold_in(jax.random.key(seed), i))
-        outs.append({k: _gather(v) for k, v in o.items()})
-    return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
-
-
-def score(S, ar: dict, ex: dict, acts: np.ndarray, batch: int) -> np.ndarray:
-    """Per-row mse_nrm of the AR reading the explanations. A row without a closing tag is read up to
-    its cap (as the RL metrics do); the failure rate is reported beside it."""
-    fn = jax.jit(functools.partial(steps.ar_eval, ctx=S.ctx))
-    per = batch // jax.process_count()
-    out = []
-    for i in range(0, len(acts), batch):
-        sl = slice(i, i + batch)
-        p = jax.process_index()
-        local = {"acts": acts[sl][p * per:(p + 1) * per], "expl": ex["tokens"][sl][p * per:(p + 1) * per],
-                 "expl_len": ex["expl_len"][sl][p * per:(p + 1) * per]}
-        out.append(_gather(fn(ar, data_loader.to_global(local, S.mesh, S.rules), S.mean)))
-    return np.concatenate(out)
+# shared with `python -m nla_jax.evaluate` (nla/measure.py); kept here under their old names
+derangement_by_doc = measure.derangement_by_doc
+explain_rows = measure.explain_rows
+score = measure.score
 
 
 def run(S) -> dict:
@@ -92,8 +45,7 @@ def run(S) -> dict:
     acts, docs = got["acts"], got["doc_id"]
     center = S.ctx.center
     var = S.stats.var(center)
-    target = stats_lib.normalise_np(acts, S.stats.mean_array() if center else None)
-    floor_mse = ((target - S.stats.floor_prediction(center)[None]) ** 2).mean(1)
+    floor_mse = measure.floor_mse(measure.targets(acts, S.stats, center), S.stats, center)
     fve = lambda mse: 1.0 - mse / var
     ci = lambda v: stats_lib.bootstrap_ci(v, docs, E.n_boot, E.seed)
     perm = derangement_by_doc(docs, E.seed)
@@ -120,9 +72,7 @@ def run(S) -> dict:
         shuf = explain_rows(S, av, acts[perm], batch, sc, E.seed)
         zero = explain_rows(S, av, np.zeros_like(acts), batch, sc, E.seed)
         m_real, m_shuf = score(S, ar, real, acts, batch), score(S, ar, shuf, acts, batch)
-        t_real = [S.tok.decode(r[:n].tolist()) for r, n in zip(real["tokens"], real["expl_len"])]
-        t_zero = [S.tok.decode(r[:n].tolist()) for r, n in zip(zero["tokens"], zero["expl_len"])]
-        t_shuf = [S.tok.decode(r[:n].tolist()) for r, n in zip(shuf["tokens"], shuf["expl_len"])]
+        t_real, t_zero, t_shuf = (measure.decode_explanations(S.tok, e) for e in (real, zero, shuf))
         res["checkpoints"][name] = {
             "real": dict(zip(("mean", "lo", "hi"), ci(fve(m_real)))),
             "shuffled": dict(zip(("mean", "lo", "hi"), ci(fve(m_shuf)))),

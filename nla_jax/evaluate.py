@@ -1,0 +1,484 @@
+"""Evaluate trained NLA checkpoints on the held-out split of an activation store, side by side.
+
+    python -m nla_jax.evaluate --config configs/smollm2_135m.py:quick \\
+        --checkpoint runs/smollm2_135m_quick/train/sft_av --checkpoint runs/smollm2_135m_quick/train/rl \\
+        --out runs/smollm2_135m_quick/evaluate
+
+A checkpoint is a trainer work directory (its final pair), WORKDIR/rl, WORKDIR/rl@STEP or
+WORKDIR/sft_av (the SFT pair); see nla_jax/nla/pair.py. Each pair is loaded with the config and
+statistics it was trained with; the --config supplies the store (data.store; its split eval.split
+is evaluated), the mesh and the `eval` section. Every pair's target (model file, layer, width) must
+be the store's.
+
+Per checkpoint, on the same rows (eval.rows of eval.split, a seeded choice), each number a mean
+over rows with a 95% bootstrap interval over documents (nla/measure.py has the exact definitions):
+  fve_nrm and cosine of the AR reading the AV's explanation (greedy unless eval.temperature > 0),
+    beside: the renormalised-mean floor; the unnormalised training mean (fve ~0: a check);
+    shuffled activations (explanations of other documents' rows, same AR); the empty explanation;
+    the raw context (last eval.context_tokens tokens, decoded, read by the AR as an explanation);
+    the teacher summary (rows that have one in the summaries file), with the explanation on the
+    same rows;
+  explanation length (mean, histogram) and extraction failures (no closing tag or empty);
+  KL to the reference verbalizer: exact KL(AV || ref) over the vocabulary at each generated token
+    of the AV's own explanations (teacher forced), per token and per explanation. The reference is
+    the RL checkpoint's KL reference (its sft_av stage); for an SFT pair, the target-initialised
+    verbalizer SFT started from;
+  quote hallucination rate: quoted spans ("...", “...”, «...», `...`) absent from the context up to
+    the position (measure.quote_check), span-level; beside it the same for shuffled explanations;
+  downstream: block K's output at the position replaced by the reconstruction (its direction at the
+    original norm, the mean added back when centred) and the next-token KL to the unmodified model,
+    against mean-ablation (the training mean vector there): loss recovered = 1 - KL_recon / KL_mean
+    (ratio of totals); beside it the floor direction and the shuffled reconstruction;
+  fve_nrm by token position (equal-count bins) and sample explanations.
+
+Writes OUTDIR/evaluate.json and OUTDIR/report.html (self-contained: inline SVG, no external
+resources) only once everything is computed, through temporary files renamed into place, and
+prints the side-by-side table. OUTDIR defaults to FIRST_CHECKPOINT_WORKDIR/evaluate.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+from nla_jax import cli
+from nla_jax.errors import UserError, cli_main
+
+FORMAT = "nla_jax.evaluate/1"
+
+
+def build_parser():
+    p = cli.parser(__doc__)
+    p.add_argument("--checkpoint", action="append", default=[], required=True, metavar="DIR",
+                   help="WORKDIR, WORKDIR/rl, WORKDIR/rl@STEP or WORKDIR/sft_av (repeatable: one column each)")
+    p.add_argument("--out", default=None, metavar="OUTDIR",
+                   help="where evaluate.json and report.html go (default: FIRST_WORKDIR/evaluate)")
+    return p
+
+
+# ============================================================================= checks (cheap, before any model)
+
+@dataclasses.dataclass
+class Plan:
+    path: str
+    workdir: str
+    kind: str
+    step: int
+    cfg: object          # the saved training config
+
+
+def check_settings(E) -> None:
+    for key in ("batch", "position_bins", "context_tokens", "n_boot"):
+        if int(E[key]) < 1:
+            raise UserError(f"config key eval.{key}={E[key]} must be >= 1")
+    for key in ("rows", "n_examples", "quote_window", "seq_multiple", "sample_context_tokens"):
+        if int(E[key]) < 0 or (key in ("rows", "seq_multiple") and int(E[key]) < 1):
+            raise UserError(f"config key eval.{key}={E[key]} is out of range")
+
+
+def plan(path: str) -> Plan:
+    """Resolve a checkpoint path and read its saved config (metadata only)."""
+    from nla_jax.nla import pair
+    workdir, kind, step = pair.resolve(path)
+    first = os.path.join(workdir, "rl" if kind == "rl" else "sft_av")
+    step, meta = pair.saved_meta(first, step)
+    return Plan(path, workdir, kind, step, pair.config_from_meta(meta, first))
+
+
+def check_target(p: Plan, store) -> None:
+    """The store must hold activations of the pair's own target at its layer (one line otherwise)."""
+    from nla_jax import extract
+    from nla_jax.checkpoints import loader
+    man = store.manifest
+    meta = man.get("meta", {})
+    try:
+        d = loader.peek_config(p.cfg.model).d_model
+    except UserError as e:
+        raise UserError(f"checkpoint {p.path}: its target model does not load ({e})") from None
+    if meta.get("layer") != p.cfg.model.layer or man.get("d") != d:
+        raise UserError(f"store {store.root} holds layer {meta.get('layer')} (d={man.get('d')}) activations, but "
+                        f"checkpoint {p.path} explains layer {p.cfg.model.layer} of a d={d} model")
+    want = meta.get("model", {}).get("checksum")
+    if want:
+        have = extract.model_checksum(p.cfg.model.source)
+        if have != want:
+            raise UserError(f"store {store.root} was extracted from model {meta['model'].get('source')!r} "
+                            f"(sha256 {want[:12]}), but checkpoint {p.path} was trained on "
+                            f"{p.cfg.model.source!r} (sha256 {have[:12]})")
+
+
+def read_summaries(path: str) -> dict[int, str]:
+    """{row: text} of a summaries.jsonl (read only; a torn last line is ignored)."""
+    if not os.path.exists(path):
+        return {}
+    out = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.endswith("\n"):
+                break
+            if line.strip():
+                try:
+                    rec = json.loads(line)
+                    out[int(rec["row"])] = str(rec["text"])
+                except (ValueError, KeyError, TypeError):
+                    raise UserError(f"{path}:{n}: not a summary record ({{row, text}})") from None
+    return out
+
+
+def unique_labels(plans: list[Plan]) -> list[str]:
+    labels = [f"{os.path.basename(p.workdir)}/{p.kind}@{p.step}" for p in plans]
+    for i, lab in enumerate(labels):
+        if labels.count(lab) > 1:
+            labels[i] = f"{os.path.basename(os.path.dirname(plans[i].workdir))}/{lab}"
+    for i, lab in enumerate(labels):
+        if labels.count(lab) > 1:
+            labels[i] = f"{lab}#{i + 1}"
+    return labels
+
+
+# ============================================================================= one pair
+
+def evaluate_pair(p, D: dict, E, bar) -> dict:
+    """Every measurement of one loaded pair on the rows D (acts, doc_id, position, tokens, summaries)."""
+    from nla_jax import sampling, sharding
+    from nla_jax.nla import measure
+    from nla_jax.nla import pair as pair_lib
+    S = p.S
+    tok = S.tok
+    acts, docs, pos, toks = D["acts"], D["doc_id"], D["position"], D["tokens"]
+    n, B = len(acts), int(E.batch)
+    center = S.ctx.center
+    var = S.stats.var(center)
+    t = measure.targets(acts, S.stats, center)
+    ci = lambda v, d=docs: measure.ci(v, d, E.n_boot, E.seed)
+    sc = sampling.SampleConfig(max_new_tokens=S.ctx.av.max_len, temperature=max(float(E.temperature), 1e-6),
+                               greedy=E.temperature <= 0)
+    perm = measure.derangement_by_doc(docs, E.seed)
+    tick = lambda k: bar.update(k)
+    res: dict = {"label": p.label, "path": p.path, "workdir": p.workdir, "kind": p.kind, "step": p.step,
+                 "center": center, "var_nrm": var, "inject": S.ctx.av.mode, "max_len": S.ctx.av.max_len}
+    with sharding.use_mesh(S.mesh, S.rules):
+        bar.set_postfix_str("explain")
+        real = measure.explain_rows(S, p.av, acts, B, sc, E.seed, tick)
+        bar.set_postfix_str("explain shuffled")
+        shuf = measure.explain_rows(S, p.av, acts[perm], B, sc, E.seed, tick)
+        bar.set_postfix_str("reconstruct")
+        pred = measure.reconstruct(S, p.ar, real["tokens"], real["expl_len"], B, tick)
+        pred_shuf = measure.reconstruct(S, p.ar, shuf["tokens"], shuf["expl_len"], B, tick)
+        pred_empty = measure.reconstruct(S, p.ar, np.zeros((1, S.ctx.ar.max_len), np.int32), np.zeros(1, np.int32),
+                                         B, tick)
+        ctx_texts = [measure.context_text(tok, toks[i], int(pos[i]), E.context_tokens) for i in range(n)]
+        ce, cl = measure.texts_to_expl(tok, ctx_texts, S.ctx.ar, keep="end")
+        pred_ctx = measure.reconstruct(S, p.ar, ce, cl, B, tick)
+        have = np.array([i for i in range(n) if D["rows"][i] in D["summaries"]], np.int64)
+        pred_teacher = None
+        if len(have):
+            te, tl = measure.texts_to_expl(tok, [D["summaries"][D["rows"][i]] for i in have], S.ctx.ar)
+            pred_teacher = measure.reconstruct(S, p.ar, te, tl, B, tick)
+
+        # -- fve / cosine, each beside the floor and the shuffled control
+        mse = {"real": measure.mse_rows(pred, t), "floor": measure.floor_mse(t, S.stats, center),
+               "mean": measure.mean_mse(t, S.stats, center), "shuffled": measure.mse_rows(pred_shuf, t),
+               "empty": measure.mse_rows(pred_empty, t), "context": measure.mse_rows(pred_ctx, t)}
+        f = {k: measure.fve(v, var) for k, v in mse.items()}
+        res["fve"] = {k: ci(v) for k, v in f.items()}
+        res["fve"]["real_minus_shuffled"] = ci(f["real"] - f["shuffled"])
+        res["cosine"] = {k: ci(measure.cosine(v)) for k, v in mse.items() if k != "mean"}
+        if pred_teacher is not None:
+            m_t = measure.mse_rows(pred_teacher, t[have])
+            res["fve"]["teacher"] = ci(measure.fve(m_t, var), docs[have])
+            res["fve"]["teacher_rows_real"] = ci(f["real"][have], docs[have])
+            res["cosine"]["teacher"] = ci(measure.cosine(m_t), docs[have])
+        else:
+            res["fve"]["teacher"] = res["fve"]["teacher_rows_real"] = res["cosine"]["teacher"] = ci([], [])
+        eval_nrm = t - t.mean(0, keepdims=True)
+        res["var_nrm_eval"] = float((eval_nrm ** 2).mean())
+
+        # -- explanations: failures, length, quotes
+        ok = real["ok"].astype(bool)
+        res["extract_fail"] = ci((~ok).astype(np.float64))
+        res["extract_fail_shuffled"] = ci((~shuf["ok"].astype(bool)).astype(np.float64))
+        lens = real["expl_len"].astype(np.int64)
+        res["length"] = {"mean": ci(lens[ok], docs[ok]) if ok.any() else ci([], []),
+                         "mean_all_rows": ci(lens),
+                         "hist": np.bincount(lens[ok], minlength=S.ctx.av.max_len + 1).tolist(),
+                         "failed": int((~ok).sum())}
+        texts = measure.decode_explanations(tok, real)
+        texts_shuf = measure.decode_explanations(tok, shuf)
+        windows = [measure.context_text(tok, toks[i], int(pos[i]), E.quote_window) for i in range(n)]
+        q = np.array([measure.quote_check(texts[i], windows[i]) for i in range(n)], np.float64).reshape(n, 2)
+        qs = np.array([measure.quote_check(texts_shuf[i], windows[i]) for i in range(n)], np.float64).reshape(n, 2)
+        res["quotes"] = {"rate": measure.ratio_ci(q[:, 1], q[:, 0], docs, E.n_boot, E.seed),
+                         "rate_shuffled": measure.ratio_ci(qs[:, 1], qs[:, 0], docs, E.n_boot, E.seed),
+                         "spans": int(q[:, 0].sum()), "absent": int(q[:, 1].sum()),
+                         "with_quotes": ci((q[:, 0] > 0).astype(np.float64))}
+
+        # -- KL to the reference verbalizer
+        res["kl_ref"] = {"ref": None, "per_token": ci([], []), "per_explanation": ci([], [])}
+        if E.kl_ref:
+            bar.set_postfix_str("KL to reference")
+            where, ref = pair_lib.reference_av(p)
+            kl = measure.av_kl_rows(S, p.av, ref, acts, real, B, tick)
+            del ref
+            res["kl_ref"] = {"ref": where, "per_token": measure.ratio_ci(kl["kl_sum"], kl["tokens"], docs, E.n_boot, E.seed),
+                             "per_explanation": ci(kl["kl_sum"])}
+
+        # -- downstream: block K's output replaced at the position
+        res["downstream"] = None
+        if E.downstream:
+            bar.set_postfix_str("downstream")
+            mean_raw = S.stats.mean_array().astype(np.float64)
+            cmean = mean_raw if center else None
+            floor_dir = S.stats.floor_prediction(center)
+            kls = np.zeros((n, 4))
+            rel = np.zeros(n)
+            for idx, tk, ps in measure.context_batches(toks, pos, B, E.seq_multiple, S.mcfg.pad_id):
+                xk, h = measure.block_output(S, tk, ps)
+                repl = np.stack([np.broadcast_to(mean_raw, h.shape),
+                                 measure.denormalise(np.broadcast_to(floor_dir, h.shape), h, cmean),
+                                 measure.denormalise(pred[idx], h, cmean),
+                                 measure.denormalise(pred_shuf[idx], h, cmean)], axis=1)
+                kls[idx] = measure.next_token_kl(S, xk, ps, repl)
+                rel[idx] = np.linalg.norm(h - acts[idx], axis=-1) / np.maximum(np.linalg.norm(acts[idx], axis=-1), 1e-12)
+                tick(1)
+            km = kls[:, 0]
+            lr = lambda k: measure.ratio_ci(k, km, docs, E.n_boot, E.seed, transform=lambda r: 1.0 - r)
+            res["downstream"] = {
+                "kl_mean": ci(km), "kl_floor": ci(kls[:, 1]), "kl_recon": ci(kls[:, 2]), "kl_shuffled": ci(kls[:, 3]),
+                "loss_recovered": lr(kls[:, 2]), "loss_recovered_floor": lr(kls[:, 1]),
+                "loss_recovered_shuffled": lr(kls[:, 3]),
+                # block K recomputed from the stored context vs the stored activation: a store/target check
+                "recompute_rel_err_max": float(rel.max()), "recompute_rel_err_median": float(np.median(rel))}
+
+    # -- fve by token position (equal-count bins of the evaluated positions)
+    edges = np.unique(np.quantile(pos, np.linspace(0, 1, int(E.position_bins) + 1)).round().astype(np.int64))
+    which = np.clip(np.searchsorted(edges[1:-1], pos, side="right"), 0, max(len(edges) - 2, 0))
+    res["by_position"] = []
+    for b in range(max(len(edges) - 1, 1)):
+        sel = which == b
+        if not sel.any():
+            continue
+        res["by_position"].append({"lo": int(pos[sel].min()), "hi": int(pos[sel].max()), "n": int(sel.sum()),
+                                   "real": ci(f["real"][sel], docs[sel]), "floor": ci(f["floor"][sel], docs[sel]),
+                                   "shuffled": ci(f["shuffled"][sel], docs[sel])})
+
+    # -- samples: one row per document, first documents in row order
+    first = sorted(np.unique(docs, return_index=True)[1])[:int(E.n_examples)]
+    res["samples"] = [{"row": int(D["rows"][i]), "doc_id": str(docs[i]), "position": int(pos[i]),
+                       "context": measure.context_text(tok, toks[i], int(pos[i]), E.sample_context_tokens),
+                       "explanation": texts[i], "ok": bool(ok[i]), "fve": float(f["real"][i]),
+                       "floor": float(f["floor"][i]), "shuffled_explanation": texts_shuf[i],
+                       "fve_shuffled": float(f["shuffled"][i])} for i in first]
+    return res
+
+
+def total_batches(n: int, n_teacher: int, E) -> int:
+    from nla_jax.nla.measure import n_batches
+    nb = n_batches(n, int(E.batch))
+    return 5 * nb + 1 + (n_batches(n_teacher, int(E.batch)) if n_teacher else 0) + nb * bool(E.kl_ref) \
+        + nb * bool(E.downstream)
+
+
+# ============================================================================= training curves
+
+def training_curves(workdir: str) -> dict:
+    """fve and reward against step from a run's metrics.jsonl (RL rollouts; SFT-AR validation)."""
+    from nla_jax import metrics
+    recs = metrics.read(os.path.join(workdir, "metrics.jsonl"))
+    rl = sorted((r for r in recs if r.get("stage") == "rl" and r.get("kind") is None and "fve_nrm" in r),
+                key=lambda r: r["step"])
+    ar = sorted((r for r in recs if r.get("stage") == "sft_ar" and r.get("kind") == "eval" and "fve_nrm" in r),
+                key=lambda r: r["step"])
+    return {"rl": [{"step": r["step"], "fve_nrm": r["fve_nrm"], "reward_mean": r.get("reward_mean")} for r in rl],
+            "sft_ar_val": [{"step": r["step"], "fve_nrm": r["fve_nrm"], "floor": r.get("floor")} for r in ar]}
+
+
+# ============================================================================= table
+
+ROWS = (  # (key path, label); one line per row, one column per checkpoint
+    ("fve.real", "fve_nrm   explanation"),
+    ("fve.floor", "fve_nrm   floor: renormalised training mean"),
+    ("fve.mean", "fve_nrm   unnormalised training mean (check ~0)"),
+    ("fve.shuffled", "fve_nrm   shuffled activations (control)"),
+    ("fve.real_minus_shuffled", "fve_nrm   explanation - shuffled (paired)"),
+    ("fve.empty", "fve_nrm   empty explanation"),
+    ("fve.context", "fve_nrm   raw context, last N tokens"),
+    ("fve.teacher", "fve_nrm   teacher summary (its rows)"),
+    ("fve.teacher_rows_real", "fve_nrm   explanation on teacher rows"),
+    ("cosine.real", "cosine    explanation"),
+    ("cosine.floor", "cosine    floor"),
+    ("cosine.shuffled", "cosine    shuffled activations"),
+    ("cosine.empty", "cosine    empty explanation"),
+    ("cosine.context", "cosine    raw context"),
+    ("cosine.teacher", "cosine    teacher summary"),
+    ("downstream.loss_recovered", "loss recovered   reconstruction"),
+    ("downstream.loss_recovered_floor", "loss recovered   floor direction"),
+    ("downstream.loss_recovered_shuffled", "loss recovered   shuffled reconstruction"),
+    ("downstream.kl_recon", "next-token KL    reconstruction (nats)"),
+    ("downstream.kl_floor", "next-token KL    floor direction"),
+    ("downstream.kl_shuffled", "next-token KL    shuffled reconstruction"),
+    ("downstream.kl_mean", "next-token KL    mean-ablation"),
+    ("kl_ref.per_token", "KL to reference AV, per token"),
+    ("kl_ref.per_explanation", "KL to reference AV, per explanation"),
+    ("extract_fail", "extraction failures"),
+    ("extract_fail_shuffled", "extraction failures, shuffled"),
+    ("length.mean", "explanation length (tokens, extracted)"),
+    ("quotes.rate", "quote hallucination rate (spans)"),
+    ("quotes.rate_shuffled", "quote hallucination rate, shuffled"),
+    ("quotes.with_quotes", "explanations with a quote"),
+)
+
+
+def lookup(res: dict, key: str):
+    cur = res
+    for k in key.split("."):
+        if not isinstance(cur, dict) or k not in cur:
+            return None
+        cur = cur[k]
+    return cur
+
+
+def fmt(v) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, dict):
+        if v.get("mean") is None:
+            return "n/a"
+        small = max(abs(v["mean"]), abs(v["lo"]), abs(v["hi"])) < 0.01 and v["hi"] > 0
+        f = (lambda x: f"{x:+.1e}") if small else (lambda x: f"{x:+.3f}")
+        return f"{f(v['mean'])} [{f(v['lo'])}, {f(v['hi'])}]"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v)
+
+
+def table(doc: dict) -> str:
+    cks = doc["checkpoints"]
+    w0 = max(len(lab) for _, lab in ROWS) + 2
+    w = max(len(x) for c in cks for x in [c["label"], *(fmt(lookup(c, k)) for k, _ in ROWS)]) + 3
+    lines = [f"\n{doc['rows']} rows of split {doc['split']!r} from {doc['documents']} documents in {doc['store']} "
+             f"(mean [95% CI over documents])",
+             " " * w0 + "".join(c["label"].rjust(w) for c in cks)]
+    for key, lab in ROWS:
+        lines.append(lab.ljust(w0) + "".join(fmt(lookup(c, key)).rjust(w) for c in cks))
+    extra = [("Var(v_nrm) train / eval rows", lambda c: f"{c['var_nrm']:.3f} / {c['var_nrm_eval']:.3f}"),
+             ("teacher rows", lambda c: str(c["fve"]["teacher"]["n"])),
+             ("reference AV", lambda c: os.path.basename(str(c["kl_ref"]["ref"])) if c["kl_ref"]["ref"] else "n/a")]
+    for lab, get in extra:
+        lines.append(lab.ljust(w0) + "".join(get(c).rjust(w) for c in cks))
+    return "\n".join(lines)
+
+
+# ============================================================================= output
+
+def write_atomic(path: str, text: str) -> str:
+    """Write to a temporary file beside `path` (fsynced); returns its name. Rename it to commit."""
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return tmp
+
+
+def _plain(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def write_outputs(out: str, doc: dict, html: str) -> None:
+    """evaluate.json and report.html, both renamed into place only after both are written."""
+    os.makedirs(out, exist_ok=True)
+    targets = [os.path.join(out, "evaluate.json"), os.path.join(out, "report.html")]
+    tmps = []
+    try:
+        tmps.append(write_atomic(targets[0], json.dumps(doc, indent=1, default=_plain, allow_nan=True)))
+        tmps.append(write_atomic(targets[1], html))
+        for tmp, dst in zip(tmps, targets):
+            os.replace(tmp, dst)
+    finally:
+        for tmp in tmps:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+# ============================================================================= main
+
+class _QuietReadOnly(logging.Filter):
+    """Drop orbax's per-manager 'Given directory is read only' notice (evaluate only reads)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith("Given directory is read only")
+
+
+@cli_main
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.getLogger("absl").addFilter(_QuietReadOnly())
+    args, cfg = cli.parse(build_parser(), argv)
+    E = cfg.eval
+    check_settings(E)
+    from nla_jax.data import store as store_lib
+    plans = [plan(c) for c in args.checkpoint]        # bad paths / damaged metadata: one line, before any model
+    store = store_lib.open_store(cfg.data.store)
+    for p in plans:
+        check_target(p, store)
+    out = os.path.abspath(args.out or os.path.join(plans[0].workdir, "evaluate"))
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out}: exists and is not a directory")
+    rows = np.sort(store.rows_of_split(E.split))
+    if len(rows) == 0:
+        raise UserError(f"store {cfg.data.store} has no rows in split {E.split!r} (config key eval.split)")
+    from nla_jax.nla import measure
+    rows = measure.pick_rows(store, E.split, int(E.rows), int(E.seed))
+    D = store.read(None, rows, fields=("acts", "doc_id", "position", "tokens"))
+    D["rows"] = rows.tolist()
+    summ_path = E.summaries or os.path.join(cfg.data.store, "summaries.jsonl")
+    D["summaries"] = {r: t for r, t in read_summaries(summ_path).items() if r in set(D["rows"])}
+
+    import jax
+    from nla_jax.nla import pair as pair_lib
+    cli.enable_compilation_cache()
+    t0 = time.time()
+    labels = unique_labels(plans)
+    results = []
+    for p, label in zip(plans, labels):
+        pr = pair_lib.load(p.path, mesh_cfg=cfg.mesh, rules=cfg.rules, label=label)
+        with tqdm(total=total_batches(len(rows), len(D["summaries"]), E), desc=label, unit="batch",
+                  dynamic_ncols=True, file=sys.stderr) as bar:
+            results.append(evaluate_pair(pr, D, E, bar))
+        del pr
+
+    from nla_jax import report
+    docs = D["doc_id"]
+    doc = {"format": FORMAT, "command": ["python", "-m", "nla_jax.evaluate", *argv],
+           "config": args.config, "store": os.path.abspath(cfg.data.store), "split": E.split,
+           "rows": int(len(rows)), "documents": int(len(np.unique(docs))),
+           "teacher_summaries": summ_path, "teacher_rows": len(D["summaries"]),
+           "settings": E.to_dict(), "devices": jax.device_count(), "elapsed_s": None,
+           "checkpoints": results,
+           "training_curves": {w: training_curves(w) for w in dict.fromkeys(r["workdir"] for r in results)}}
+    doc["elapsed_s"] = round(time.time() - t0, 1)
+    html = report.render(doc, ROWS, fmt, lookup)
+    write_outputs(out, doc, html)
+    print(table(doc), flush=True)
+    print(f"\nwrote {os.path.join(out, 'evaluate.json')} and report.html in {doc['elapsed_s']:.0f}s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
