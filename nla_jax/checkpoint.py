@@ -21,13 +21,13 @@ import logging
 import os
 import socket
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
 
 from nla_jax import distributed
-from nla_jax.errors import UserError
+from nla_jax.errors import UserError, disk_full, disk_full_error
 
 log = logging.getLogger(__name__)
 
@@ -156,11 +156,15 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str, *, keep: int | None = 3, async_save: bool = True,
-                 fingerprint: str | None = None, read_only: bool = False) -> None:
+                 fingerprint: str | None = None, read_only: bool = False,
+                 describe: Callable[[dict], str] | None = None) -> None:
         if keep is not None and keep < 1:
             raise UserError(f"checkpoint keep must be >= 1 (or None for all), got {keep}")
         self.directory = os.path.abspath(directory)
         self.fingerprint = fingerprint
+        # describe(meta of a step written under another fingerprint) -> what differs, for the message
+        self.describe = describe
+        self._saving: int | None = None  # the step an async save is writing
         self.read_only = read_only
         self.restored_step: int | None = None  # the step the last restore() actually loaded
         self._warned: set[int] = set()
@@ -204,12 +208,24 @@ class Checkpointer:
             raise UserError(f"cannot save checkpoint step {step}: {self.directory} already has the later "
                             f"step {max(steps)} (resume from the latest step, or use a fresh work directory)")
         payload = {"format": _FORMAT, "fingerprint": self.fingerprint, "meta": meta}
-        return bool(self._mgr.save(step, args=ocp.args.Composite(
-            **{_STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(payload)})))
+        self._saving = step
+        try:
+            return bool(self._mgr.save(step, args=ocp.args.Composite(
+                **{_STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(payload)})))
+        except Exception as e:
+            raise self._disk_full(e) if disk_full(e) else e
+
+    def _disk_full(self, e: BaseException) -> UserError:
+        steps = [s for s in self._mgr.all_steps() if s != self._saving]
+        last = f"the last complete step, {max(steps)}, is intact" if steps else "no earlier step"
+        return disk_full_error(f"checkpoint step {self._saving} in {self.directory} ({last})", e)
 
     def wait(self) -> None:
         """Block until the in-flight async save (and its pruning of old steps) is committed."""
-        self._mgr.wait_until_finished()
+        try:
+            self._mgr.wait_until_finished()
+        except Exception as e:
+            raise self._disk_full(e) if disk_full(e) else e
 
     def close(self) -> None:
         self._mgr.close()
@@ -230,7 +246,7 @@ class Checkpointer:
     def _refresh(self) -> None:
         # An in-flight async step is listed by orbax before it is committed; wait for it,
         # then re-list so steps written or moved by someone else are seen.
-        self._mgr.wait_until_finished()
+        self.wait()
         self._mgr.reload()
 
     def _payload(self, step: int) -> dict:
@@ -240,8 +256,15 @@ class Checkpointer:
             raise ValueError(f"meta item of step {step} is not a checkpoint meta record")
         theirs = got.get("fingerprint")
         if self.fingerprint is not None and theirs != self.fingerprint:
+            detail = ""
+            if self.describe is not None:
+                try:
+                    detail = self.describe(got.get("meta") or {})
+                except Exception:  # noqa: BLE001 - the message is best effort, the refusal is not
+                    detail = ""
+            detail = f": {detail}" if detail else ""
             raise UserError(f"checkpoints in {self.directory} were written by a different config "
-                            f"(fingerprint {theirs} != {self.fingerprint}); use a fresh work directory")
+                            f"(fingerprint {theirs} != {self.fingerprint}{detail}); use a fresh work directory")
         return got
 
     def _saved_tree(self, step: int) -> Any:

@@ -6,6 +6,7 @@ with status 2. Programming errors keep their tracebacks.
 """
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
@@ -21,6 +22,50 @@ def require(cond: bool, message: str) -> None:
         raise UserError(message)
 
 
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full(e: BaseException) -> bool:
+    """True if `e` (or an exception it was raised from / during) is a full disk or quota.
+
+    tensorstore and orbax re-raise OS errors as ValueError / RuntimeError with the strerror in
+    the message, so the message is checked too.
+    """
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _FULL:
+            return True
+        text = str(e)
+        if "No space left on device" in text or "Disk quota exceeded" in text:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def disk_full_error(what: str, e: BaseException) -> UserError:
+    """The one-line report of a full disk while writing `what` (names the file or directory)."""
+    return UserError(f"no space left on device while writing {what} ({_first_line(e)}); "
+                     f"free space and rerun the same command: it resumes from what was committed")
+
+
+def _first_line(e: BaseException) -> str:
+    msg = " ".join(str(e).split())
+    msg = f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+    return msg if len(msg) <= 200 else msg[:200] + "..."
+
+
+def _close_progress_bars() -> None:
+    """Finish any tqdm bar still open, so the error line starts a line of its own (a bar's
+    carriage-return updates would otherwise run into it)."""
+    tq = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tq, "tqdm", None), "_instances", ()) or ()):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 - cosmetic only
+            pass
+
+
 def cli_main(fn: Callable[..., int | None]) -> Callable[..., int | None]:
     """Decorator for CLI entry points: UserError -> one line on stderr, exit 2."""
 
@@ -30,7 +75,17 @@ def cli_main(fn: Callable[..., int | None]) -> Callable[..., int | None]:
             return fn(*args, **kwargs)
         except UserError as e:
             msg = str(e).strip().replace("\n", " ")
+            _close_progress_bars()
             print(f"error: {msg}", file=sys.stderr, flush=True)
+            if os.environ.get("NLA_TRACEBACK"):
+                raise
+            sys.exit(2)
+        except OSError as e:
+            if not disk_full(e):
+                raise
+            what = getattr(e, "filename", None) or "a file"
+            _close_progress_bars()
+            print(f"error: {disk_full_error(what, e)}", file=sys.stderr, flush=True)
             if os.environ.get("NLA_TRACEBACK"):
                 raise
             sys.exit(2)

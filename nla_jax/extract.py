@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from nla_jax import cli
+from nla_jax import cli, faults
 from nla_jax.errors import UserError, cli_main
 
 CODE_VERSION = "extract-v1"
@@ -94,6 +94,8 @@ def extract(cfg, args) -> int:
 
     d = cfg.data
     positions.check_fractions([(n, f) for n, f in d.splits])
+    if d.dtype not in store_lib.DTYPES:
+        raise UserError(f"config key data.dtype={d.dtype!r}: expected one of {', '.join(sorted(store_lib.DTYPES))}")
     if d.k < 1 or d.min_position < 1 or d.max_len <= d.min_position:
         raise UserError(f"config data: need k >= 1 and 1 <= min_position < max_len, got k={d.k}, "
                         f"min_position={d.min_position}, max_len={d.max_len}")
@@ -141,6 +143,7 @@ def extract(cfg, args) -> int:
     bar = tqdm(total=n_steps, desc=f"extract[{pid}]", unit="batch", disable=pid != 0 and nproc > 1)
     doc_iter = plan_lib.batches(mine, start, B)
     for _ in range(n_steps):
+        faults.point("extract.batch")
         first, chunk = next(doc_iter, (len(mine), []))
         toks, valid, pos, pos_valid = plan_lib.pad_batch(chunk, B, d.seq_multiple, d.k)
         g = [distributed.global_batch(x, sh, mesh) for x, sh in
@@ -173,6 +176,7 @@ def extract(cfg, args) -> int:
     writer.close()
     finished = distributed.all_true(done)
     if pid == 0 and finished:
+        faults.point("extract.before_manifest")
         m = store_lib.finalize_manifest(d.store, dict(meta, corpus_stats={
             "documents": stats.documents, "skipped": dict(stats.skipped), "planned": len(plan)}), num_parts=nproc)
         print(f"store {d.store}: {m['num_rows']} rows, splits {_split_rows(m)}", file=sys.stderr)

@@ -1,7 +1,8 @@
 """Metrics sinks for long-running jobs: JSONL (always) and TensorBoard (when tensorboardX is there).
 
 Only process 0 writes. JSONL lines are appended and flushed per record, so a crash loses at
-most the line being written; a resumed run appends after the old lines (records carry their
+most the line being written; a resumed run first cuts such a torn last line off (else the next
+record would be glued to it and lost too), then appends after the old lines (records carry their
 step, so a reader keeps the last record per (stage, step)).
 """
 from __future__ import annotations
@@ -12,6 +13,8 @@ import time
 from typing import Any
 
 import numpy as np
+
+from nla_jax import faults
 
 
 def _plain(v: Any):
@@ -31,6 +34,7 @@ class MetricsWriter:
         self.tb = None
         if enabled:
             os.makedirs(workdir, exist_ok=True)
+            drop_torn_tail(self.path)
             if tensorboard:
                 try:
                     from tensorboardX import SummaryWriter
@@ -43,8 +47,13 @@ class MetricsWriter:
         rec.update({k: _plain(v) for k, v in values.items()})
         if not self.enabled:
             return rec
+        line = json.dumps(rec) + "\n"
         with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+            if faults.point(f"metrics.write.{stage}") == "torn":  # tests: half a line reaches the disk, then kill -9
+                f.write(line[:len(line) // 2])
+                f.flush()
+                faults.kill()
+            f.write(line)
         if self.tb is not None:
             for k, v in rec.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "time"):
@@ -54,6 +63,31 @@ class MetricsWriter:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def drop_torn_tail(path: str) -> None:
+    """Truncate a file to its last newline: what a kill in the middle of a write leaves behind."""
+    try:
+        with open(path, "rb+") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size == 0:
+                return
+            f.seek(size - 1)
+            if f.read(1) == b"\n":
+                return
+            pos = size
+            while pos > 0:
+                step = min(4096, pos)
+                f.seek(pos - step)
+                chunk = f.read(step)
+                i = chunk.rfind(b"\n")
+                if i >= 0:
+                    f.truncate(pos - step + i + 1)
+                    return
+                pos -= step
+            f.truncate(0)
+    except FileNotFoundError:
+        pass
 
 
 def read(path: str) -> list[dict]:

@@ -28,7 +28,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from nla_jax import checkpoint as ckpt_lib
-from nla_jax import cli, distributed, optim, sampling, sharding
+from nla_jax import cli, distributed, faults, optim, sampling, sharding
 from nla_jax import metrics as metrics_lib
 from nla_jax.checkpoints import loader
 from nla_jax.data import loader as data_loader
@@ -92,6 +92,15 @@ def check_config(cfg) -> None:
     for sec in ("sft_av", "sft_ar", "rl"):
         if cfg[sec].steps < 0 or cfg[sec].batch < 1:
             raise UserError(f"config keys {sec}.steps / {sec}.batch must be >= 0 / >= 1")
+    for key in ("train.ckpt_every", "train.log_every", "train.max_nonfinite", "train.keep",
+                "sft_av.eval_every", "sft_ar.eval_every"):
+        sec, name = key.split(".")
+        if not isinstance(cfg[sec][name], int) or cfg[sec][name] < 1:
+            raise UserError(f"config key {key}={cfg[sec][name]!r}: must be an integer >= 1")
+    for key in ("sft_av.optim", "sft_ar.optim", "rl.optim_av", "rl.optim_ar"):
+        sec, name = key.split(".")
+        if cfg[sec][name].schedule not in ("constant", "cosine"):
+            raise UserError(f"config key {key}.schedule={cfg[sec][name].schedule!r}: expected 'constant' or 'cosine'")
     mcfg = loader.peek_config(cfg.model)  # reads metadata only
     if not 0 <= cfg.model.layer < mcfg.n_layers:
         raise UserError(f"config key model.layer={cfg.model.layer} is out of range for {mcfg.n_layers} blocks")
@@ -122,16 +131,81 @@ def check_stages(cfg, stages: tuple[str, ...]) -> None:
                                 f"(run it first, or set --config.rl.init_from_sft=False)")
 
 
-STAGE_SECTIONS = {"sft_av": ("av", "nla"), "sft_ar": ("ar", "nla"), "rl": ("av", "ar", "nla")}
+STAGE_SECTIONS = {"sft_av": ("av", "nla", "sft_av"), "sft_ar": ("ar", "nla", "sft_ar"),
+                  "rl": ("av", "ar", "nla", "rl")}
+# Keys of those sections that may change under existing checkpoints. `steps`: rerunning with a
+# larger (or smaller) value is how a run is extended (or cut short), and the state so far does not
+# depend on it (with a cosine schedule the decay follows the new length from the resumed step on,
+# which is what extending means). `eval_every` / `val_rows` only change what is evaluated.
+# `share_prompt` and model.remat change how a step is computed (rounding), not what it computes.
+# Everything else (optimizer, batch, group size, sampling, seeds, model, store) defines the run:
+# checkpoints written under other values are refused, naming the key.
+FREE_KEYS = {"steps", "eval_every", "val_rows", "share_prompt"}
+FREE_MODEL_KEYS = {"remat"}
+
+
+def fingerprint_subset(cfg: dict, stage: str) -> dict:
+    """The settings a stage's checkpoints depend on, from a plain (JSON) config dict: the current
+    config's, or the one saved in a checkpoint's meta."""
+    keep = {k: {kk: v for kk, v in cfg[k].items() if kk not in FREE_KEYS} for k in STAGE_SECTIONS[stage]}
+    keep["model"] = {k: v for k, v in cfg["model"].items() if k not in FREE_MODEL_KEYS}
+    keep["data"] = {"seed": cfg["data"]["seed"], "store": os.path.abspath(cfg["data"]["store"])}
+    return keep
 
 
 def fingerprint(cfg, stage: str) -> str:
-    """What must not change under a stage's checkpoints: model, store, and the sections the stage's
-    state depends on (so an AR ablation can reuse a finished sft_av stage)."""
-    keep = {k: cfg[k].to_dict() for k in STAGE_SECTIONS[stage]}
-    keep["model"] = {k: cfg.model[k] for k in ("source", "layer", "dtype")}
-    keep["store"] = os.path.abspath(cfg.data.store)
-    return ckpt_lib.fingerprint(keep)
+    """What must not change under a stage's checkpoints: model, store, data seed, the stage's own
+    section and the sections its state depends on (so an AR ablation can reuse a finished sft_av
+    stage); see FREE_KEYS for what may change."""
+    return ckpt_lib.fingerprint(fingerprint_subset(json.loads(cfg.to_json()), stage))
+
+
+def describe_change(cfg, stage: str) -> Callable[[dict], str]:
+    """For Checkpointer(describe=): which fingerprinted keys differ between a checkpoint's saved
+    config and `cfg` (e.g. "sft_av.optim.lr is 5e-05 there, 0.001 now")."""
+    def flat(d, pre=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{pre}{k}.") if isinstance(v, dict) else {f"{pre}{k}": json.dumps(v)})
+        return out
+    now = flat(fingerprint_subset(json.loads(cfg.to_json()), stage))
+
+    def describe(meta: dict) -> str:
+        if "config" not in meta:
+            return ""
+        then = flat(fingerprint_subset(meta["config"], stage))
+        diff = [k for k in sorted(set(now) | set(then)) if now.get(k) != then.get(k)]
+        if not diff:
+            return "the same settings, fingerprinted by an older trainer"
+        more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""
+        return "; ".join(f"{k} is {then.get(k, 'unset')} there, {now.get(k, 'unset')} now" for k in diff[:3]) + more
+    return describe
+
+
+def check_run(cfg, stages: tuple[str, ...]) -> None:
+    """Checks that need jax (after distributed start-up) but no compute, before the work directory is
+    touched: the mesh fits the devices, each batch fits its split, and existing checkpoints of the
+    stages this run will read were written under this config."""
+    sharding.mesh_from_config(cfg.mesh)
+    man = store_lib.open_store(cfg.data.store).manifest
+    for stage, split in (("sft_av", "av_sft"), ("sft_ar", "ar_sft"), ("rl", "rl")):
+        rows = man.get("splits", {}).get(split, {}).get("rows", 0)
+        if stage in stages and cfg[stage].steps > 0 and cfg[stage].batch > rows:
+            raise UserError(f"config key {stage}.batch={cfg[stage].batch} is larger than split {split!r} "
+                            f"of store {cfg.data.store} ({rows} rows)")
+    reads = {s for s in stages if s in STAGE_SECTIONS}
+    if "rl" in stages and cfg.rl.init_from_sft:
+        reads |= {"sft_av", "sft_ar"}
+    for stage in sorted(reads):
+        d = os.path.join(cfg.train.workdir, stage)
+        if not os.path.isdir(d) or not any(n.isdigit() for n in os.listdir(d)):
+            continue
+        mgr = ckpt_lib.Checkpointer(d, keep=None, async_save=False, read_only=True,
+                                    fingerprint=fingerprint(cfg, stage), describe=describe_change(cfg, stage))
+        try:
+            mgr.latest_step()
+        finally:
+            mgr.close()
 
 
 def setup(cfg, writer_enabled: bool, stats: stats_lib.ActStats | None = None, open_store: bool = True) -> Setup:
@@ -254,9 +328,12 @@ def ar_batch(S: Setup, local: dict) -> dict:
     return {"acts": local["acts"], "expl": expl, "expl_len": lens}
 
 
-def batches(S: Setup, split: str, batch: int, start: int, make: Callable | None, only=None) -> Iterator[tuple[int, dict]]:
+def batches(S: Setup, split: str, batch: int, start: int, make: Callable | None, only=None,
+            stage: str | None = None) -> Iterator[tuple[int, dict]]:
     for step, local in data_loader.iterate(S.cfg.data.store, split, batch=batch, seed=S.cfg.data.seed + zlib.crc32(split.encode()) % 997,
                                            start_step=start, fields=("acts",), only=only):
+        if stage is not None and (poison := faults.point(f"train.{stage}.batch")) in ("nan", "inf"):
+            local["acts"] = np.full_like(local["acts"], np.nan if poison == "nan" else np.inf)  # tests only
         yield step, _global(S, make(S, local) if make else {"acts": local["acts"]})
 
 
@@ -286,26 +363,39 @@ def _data_shards(S: Setup) -> int:
 
 # ============================================================================= 5. stages
 
+_OPEN_STAGES: list["Stage"] = []
+
+
 class Stage:
     """Checkpointing, metrics, progress bar and the non-finite guard shared by the stage loops."""
 
     def __init__(self, S: Setup, name: str, total: int, abstract: dict, shardings: dict):
         self.S, self.name, self.total = S, name, total
         self.mgr = ckpt_lib.Checkpointer(os.path.join(S.workdir, name), keep=S.cfg.train.keep,
-                                         async_save=S.cfg.train.async_checkpoint, fingerprint=fingerprint(S.cfg, name))
+                                         async_save=S.cfg.train.async_checkpoint, fingerprint=fingerprint(S.cfg, name),
+                                         describe=describe_change(S.cfg, name))
         self.abstract = abstract_with(abstract, shardings)
         self.abstract_shardings = shardings
         self.bar = None
+        self.streak = 0
+        _OPEN_STAGES.append(self)
 
     def restore(self) -> tuple[dict | None, dict]:
         if self.mgr.latest_step() is None:
+            if self.mgr.all_steps():  # never start over on top of steps that exist but do not read
+                raise UserError(f"no checkpoint in {self.mgr.directory} reads (steps "
+                                f"{', '.join(map(str, self.mgr.all_steps()))}); move that directory aside "
+                                f"to start stage {self.name} over")
             return None, {}
         return self.mgr.restore(self.abstract)
 
     def save(self, state: dict, step: int, done: bool = False, extra: dict | None = None) -> None:
+        if self.streak and not done:
+            return  # inside a run of non-finite steps: the last checkpoint stays the last good one
         meta = {"stage": self.name, "step": step, "done": done, "data_step": step,
                 "config": json.loads(self.S.cfg.to_json()), "stats": self.S.stats.to_json(), **(extra or {})}
         self.mgr.save(step, state, meta)
+        faults.point(f"train.{self.name}.saving")
 
     def progress(self, start: int):
         self.bar = tqdm(total=self.total, initial=start, desc=self.name, unit="step",
@@ -313,7 +403,7 @@ class Stage:
         return self.bar
 
     def guard(self, state: dict, m: dict, step: int) -> None:
-        streak = int(jax.device_get(state["streak"]))
+        streak = self.streak = int(jax.device_get(state["streak"]))
         if streak >= self.S.cfg.train.max_nonfinite:
             self.mgr.wait()
             raise UserError(f"stage {self.name}: {streak} non-finite steps in a row up to step {step}; stopped. "
@@ -324,6 +414,22 @@ class Stage:
             self.bar.close()
         self.mgr.wait()
         self.mgr.close()
+        if self in _OPEN_STAGES:
+            _OPEN_STAGES.remove(self)
+
+    def abort(self) -> None:
+        """After an error: let an in-flight save of a good state finish, then stop orbax's threads,
+        so nothing of theirs prints after the one-line error (best effort: the error that got us
+        here is the one reported)."""
+        if self in _OPEN_STAGES:
+            _OPEN_STAGES.remove(self)
+        if self.bar is not None:
+            self.bar.close()
+        for fn in (self.mgr.wait, self.mgr.close):
+            try:
+                fn()
+            except Exception:  # noqa: BLE001
+                pass
 
 
 def finished(S: Setup, name: str) -> bool:
@@ -332,6 +438,7 @@ def finished(S: Setup, name: str) -> bool:
 
 
 def mark_done(S: Setup, name: str, summary: dict) -> None:
+    faults.point(f"train.{name}.before_done")
     if jax.process_index() == 0:
         with open(os.path.join(S.workdir, name, "DONE"), "w") as f:
             json.dump(summary, f, indent=1)
@@ -380,7 +487,7 @@ def sft_loop(S: Setup, st: Stage, name: str, split: str, make: Callable, state: 
     sec = S.cfg[name]
     step_fn = sft_step_fn(S, name, st.abstract_shardings)
     bar = st.progress(start)
-    for step, batch in batches(S, split, sec.batch, start, make, only=summary_rows(S, split)):
+    for step, batch in batches(S, split, sec.batch, start, make, only=summary_rows(S, split), stage=name):
         if step >= sec.steps:
             break
         state, m = step_fn(state, batch, S.mean)
@@ -392,6 +499,7 @@ def sft_loop(S: Setup, st: Stage, name: str, split: str, make: Callable, state: 
                                             "skipped": state["skipped"]})
         bar.update(1)
         bar.set_postfix({k: f"{float(v):.3f}" for k, v in (more or {"loss": m["loss"]}).items()})
+        faults.point(f"train.{name}.step")
         if (step + 1) % sec.eval_every == 0 and step + 1 < sec.steps:
             evaluate(state, step + 1)
         if (step + 1) % S.cfg.train.ckpt_every == 0 and step + 1 < sec.steps:
@@ -540,7 +648,7 @@ def run_rl(S: Setup) -> None:
     step_fn = rl_step_fn(S, sh, jax.tree.map(lambda a: a.sharding, ref))
     bar = st.progress(start)
     key0 = jax.random.key(rl.seed)
-    for step, batch in batches(S, "rl", rl.batch, start, None):
+    for step, batch in batches(S, "rl", rl.batch, start, None, stage="rl"):
         if step >= rl.steps:
             break
         state, m = step_fn(state, ref, batch, S.mean, jax.random.fold_in(key0, step))
@@ -550,6 +658,7 @@ def run_rl(S: Setup) -> None:
         bar.update(1)
         bar.set_postfix(reward=f"{float(m['reward_mean']):.3f}", fve=f"{float(m['fve_nrm']):.3f}",
                         fail=f"{float(m['extract_fail']):.2f}")
+        faults.point("train.rl.step")
         if (step + 1) % S.cfg.train.ckpt_every == 0 and step + 1 < rl.steps:
             st.save(state, step + 1, extra={"ref_av": ref_where})
     st.save(state, rl.steps, done=True, extra={"ref_av": ref_where})
@@ -576,6 +685,7 @@ def main(argv=None) -> int:
     check_stages(cfg, stages)
     distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.distributed_auto)
     cli.enable_compilation_cache()
+    check_run(cfg, stages)
     os.makedirs(cfg.train.workdir, exist_ok=True)
     with ckpt_lib.WorkdirLock(cfg.train.workdir, jax.process_index()):
         S = setup(cfg, writer_enabled=jax.process_index() == 0)
@@ -590,7 +700,12 @@ def main(argv=None) -> int:
                 if name != "eval" and finished(S, name):
                     print(f"{name}: finished earlier, skipped", file=sys.stderr)
                     continue
-                {"sft_av": run_sft_av, "sft_ar": run_sft_ar, "rl": run_rl, "eval": run_eval}[name](S)
+                try:
+                    {"sft_av": run_sft_av, "sft_ar": run_sft_ar, "rl": run_rl, "eval": run_eval}[name](S)
+                except BaseException:
+                    for st in list(_OPEN_STAGES):
+                        st.abort()
+                    raise
         S.writer.close()
         print(f"done in {time.time() - t0:.0f}s; work directory {S.workdir}", file=sys.stderr)
     return 0

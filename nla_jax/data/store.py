@@ -33,7 +33,8 @@ import ml_dtypes
 import numpy as np
 import tensorstore as ts
 
-from nla_jax.errors import UserError
+from nla_jax import faults
+from nla_jax.errors import UserError, disk_full, disk_full_error
 
 ARRAYS = ("acts", "doc_id", "position", "split", "tokens")
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
@@ -382,16 +383,25 @@ class PartWriter:
         if n == 0:
             return
         json.dumps(cursor)  # fail before writing anything if the cursor is not JSON
-        futures = [self._arrays[name][start:stop].write(rows[name]) for name in ARRAYS]
-        for f in futures:
-            f.result()
-        stats = {k: v.copy() for k, v in self._stats.items()}
-        add_stats(stats, rows["acts"], rows["split"])
-        commits = self._ledger["commits"] + [
-            {"start": start, "stop": stop, "sha256": {name: _sha(rows[name]) for name in ARRAYS}}]
-        ledger = dict(self._ledger, committed=stop, cursor=dict(cursor), commits=commits)
-        ledger["stats"] = self._write_stats(self.part_dir, len(commits), stats)
-        self._write_ledger(ledger)  # the commit point
+        try:
+            futures = [self._arrays[name][start:stop].write(rows[name]) for name in ARRAYS]
+            for f in futures:
+                f.result()
+            faults.point("store.append.data")
+            stats = {k: v.copy() for k, v in self._stats.items()}
+            add_stats(stats, rows["acts"], rows["split"])
+            commits = self._ledger["commits"] + [
+                {"start": start, "stop": stop, "sha256": {name: _sha(rows[name]) for name in ARRAYS}}]
+            ledger = dict(self._ledger, committed=stop, cursor=dict(cursor), commits=commits)
+            ledger["stats"] = self._write_stats(self.part_dir, len(commits), stats)
+            faults.point("store.append.stats")
+            self._write_ledger(ledger)  # the commit point
+        except Exception as e:
+            if disk_full(e):  # nothing was committed: the old ledger still describes the part
+                raise disk_full_error(f"rows {start}:{stop} of store part {self.part_dir} "
+                                      f"({self.committed} rows committed before)", e) from None
+            raise
+        faults.point("store.append.ledger")
         old = self._ledger["stats"]["file"]
         self._ledger, self._stats = ledger, stats
         try:
@@ -488,10 +498,40 @@ class Store:
         self._rows = np.array([p["rows"] for p in m["parts"]], np.int64)           # [P]
         self._offsets = np.concatenate([[0], np.cumsum(self._rows)])               # [P+1]
         self._arrays = []
+        if m.get("num_rows") != int(self._rows.sum()):
+            raise UserError(f"store {root}: manifest.json says {m.get('num_rows')} rows but its parts list "
+                            f"{int(self._rows.sum())}; {_VERIFY}")
         for p in m["parts"]:
             pdir = os.path.join(root, p["name"])
-            self._arrays.append(_open_arrays(pdir, _load_json(os.path.join(pdir, LEDGER))["config"]))
+            ledger = _load_json(os.path.join(pdir, LEDGER))
+            _check_part(root, p, ledger)
+            self._arrays.append(_open_arrays(pdir, ledger["config"]))
         self._split_rows: dict[str, np.ndarray] = {}
+
+    def _result(self, fut, part: int, name: str, local: np.ndarray) -> np.ndarray:
+        """A read's numpy result; a damaged shard (crc32c, truncated index) becomes a one-line
+        UserError naming the part, array and rows."""
+        try:
+            return fut.result()
+        except Exception as e:  # noqa: BLE001 - tensorstore raises ValueError/OSError variants
+            first = " ".join(str(e).split())[:200]
+            lo, hi = self._bad_chunk(part, name, local)
+            raise UserError(f"store {self.root}: {self.manifest['parts'][part]['name']} {name} rows {lo}:{hi} "
+                            f"do not read ({first}); {_VERIFY}") from None
+
+    def _bad_chunk(self, part: int, name: str, local: np.ndarray) -> tuple[int, int]:
+        """On the error path only: the first inner chunk among `local`'s rows that fails to read."""
+        arr = self._arrays[part][name]
+        step = int(arr.chunk_layout.read_chunk.shape[0] or 1)
+        if len(local) == 0:
+            return 0, 0
+        for c in np.unique(np.asarray(local) // step):
+            lo, hi = int(c) * step, min(int(c + 1) * step, int(self._rows[part]))
+            try:
+                arr[lo:hi].read().result()
+            except Exception:  # noqa: BLE001
+                return lo, hi
+        return int(local.min()), int(local.max()) + 1
 
     @property
     def num_rows(self) -> int:
@@ -503,7 +543,8 @@ class Store:
             raise UserError(f"split {name!r} not in store {self.root} (has {self.split_names})")
         if name not in self._split_rows:
             k = self.split_names.index(name)
-            sp = np.concatenate([a["split"][:n].read().result() for a, n in zip(self._arrays, self._rows)]
+            sp = np.concatenate([self._result(a["split"][:n].read(), i, "split", np.arange(n))
+                                 for i, (a, n) in enumerate(zip(self._arrays, self._rows))]
                                 + [np.zeros(0, np.uint8)])
             self._split_rows[name] = np.flatnonzero(sp == k).astype(np.int64)
         return self._split_rows[name]
@@ -535,10 +576,33 @@ class Store:
             local = rows[sel] - self._offsets[p]
             uniq, inv = np.unique(local, return_inverse=True)  # sorted reads, then scatter back
             for name in fields:
-                pending.append((name, sel, inv, self._arrays[p][name][uniq].read()))
-        for name, sel, inv, fut in pending:
-            out[name][sel] = fut.result()[inv]
+                pending.append((name, sel, inv, p, uniq, self._arrays[p][name][uniq].read()))
+        for name, sel, inv, p, uniq, fut in pending:
+            out[name][sel] = self._result(fut, p, name, uniq)[inv]
         return out
+
+
+_VERIFY = "run: python -m nla_jax.extract --config ... --verify"
+
+
+def _check_part(root: str, mpart: dict, ledger: dict) -> None:
+    """Cheap open-time checks of one part against the manifest (no array data read): the row
+    count and data checksum the manifest recorded, and every shard file of the committed rows
+    (a missing shard would otherwise read back as fill values, silently)."""
+    name = mpart["name"]
+    committed = int(ledger.get("committed", -1))
+    if mpart.get("rows") != committed:
+        raise UserError(f"store {root}: manifest.json says {name} has {mpart.get('rows')} rows, its {LEDGER} "
+                        f"{committed}; {_VERIFY}")
+    if mpart.get("sha256") != _commits_sha(ledger.get("commits", [])):
+        raise UserError(f"store {root}: {name}'s commits differ from the checksum in manifest.json; {_VERIFY}")
+    cfg = ledger["config"]
+    for arr in ARRAYS:
+        for i, key in enumerate(_shard_keys(cfg, arr, committed)):
+            if not os.path.exists(os.path.join(root, name, arr, key)):
+                lo, hi = i * cfg["shard_rows"], min((i + 1) * cfg["shard_rows"], committed)
+                raise UserError(f"store {root}: {name} {arr} rows {lo}:{hi}: shard file {arr}/{key} is missing; "
+                                f"{_VERIFY}")
 
 
 def open_store(root: str) -> Store:
