@@ -7,7 +7,9 @@ Plain policy step (both sides): SmolLM2-135M-Instruct float32, 8 chat prompts x 
 up to 32 new tokens, temperature 1, reward = -completion length (TRL: characters; ours: tokens,
 computed inside the compiled step; the reward's value does not change the work), no reference
 KL (beta 0), one update per rollout. Ours is `nla_jax.rl.grpo.policy_step`: sampling, reward,
-advantages, the clipped surrogate and the AdamW update in one jitted function.
+advantages, the clipped surrogate and the AdamW update in one jitted function. By default its
+update runs each prompt once for its group (`rl.share_prompt`, `transformer.forward_grouped`);
+the same step in TRL's layout (every completion with its own prompt copy) is timed beside it.
 NLA step: `nla_jax.nla.steps.rl_step` at configs/smollm2_135m.py:quick settings (needs the quick
 store, runs/smollm2_135m_quick/acts), seconds per step, rollout tokens/s of the sampler alone.
 Peak memory: max RSS of the peer subprocess (run first, while this process is still small: Linux
@@ -58,7 +60,8 @@ def measure_plain(args) -> dict:
     prompts = (PROMPTS * (args.prompts // len(PROMPTS) + 1))[:args.prompts]
     toks, valid = sampling.pad_prompts([tok.encode_chat(p) for p in prompts], cfg.pad_id)
     rl = ml_collections.ConfigDict(dict(group_size=args.group, advantage="grpo", adv_eps=1e-4, adv_ddof=1, beta=0.0,
-                                        kl="k3", eps_low=0.2, eps_high=0.2, agg="token_mean"))
+                                        kl="k3", eps_low=0.2, eps_high=0.2, agg="token_mean",
+                                        share_prompt=args.share_prompt))
     ocfg = ml_collections.ConfigDict(dict(lr=1e-6, lr_head=0.0, lr_proj=0.0, warmup=0, schedule="constant", clip=1.0,
                                           weight_decay=0.0, b1=0.9, b2=0.999, train_embed=True,
                                           train_blocks=(0, -1)))
@@ -139,6 +142,10 @@ def main() -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--steps", type=int, default=4, help="timed steps after the compiling one")
     p.add_argument("--nla-steps", type=int, default=3)
+    p.add_argument("--no-share-prompt", dest="share_prompt", action="store_false",
+                   help="run every completion's prompt in the update (the TRL layout) instead of once per group")
+    p.add_argument("--skip-unshared", action="store_true",
+                   help="do not also time our step without prompt sharing (the lever's effect)")
     p.add_argument("--skip-peer", action="store_true")
     p.add_argument("--skip-nla", action="store_true")
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "grpo_speed.json"))
@@ -151,7 +158,10 @@ def main() -> int:
                                    "--new-tokens", str(args.new_tokens), "--steps", str(args.steps + 1)])
         res["peak_rss_gb_peer"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2 ** 20
     res["nla_jax"] = measure_plain(args)
+    res["nla_jax"]["share_prompt"] = args.share_prompt
     res["peak_rss_gb_ours"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    if args.share_prompt and not args.skip_unshared:
+        res["nla_jax_unshared"] = measure_plain(argparse.Namespace(**{**vars(args), "share_prompt": False}))
     if not args.skip_nla:
         res["nla_step"] = measure_nla(args)
         res["peak_rss_gb_nla_step"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
@@ -159,6 +169,11 @@ def main() -> int:
     rows = [("plain GRPO step s (median)", f"{ours:.2f}",
              f"{res['trl']['median_step_s']:.2f}" if "trl" in res else "-",
              f"{res['trl']['median_step_s'] / ours:.2f}x" if "trl" in res else "-")]
+    if "nla_jax_unshared" in res:
+        u = res["nla_jax_unshared"]["median_step_s"]
+        rows.append(("  same, prompt not shared (TRL layout)", f"{u:.2f}",
+                     f"{res['trl']['median_step_s']:.2f}" if "trl" in res else "-",
+                     f"{res['trl']['median_step_s'] / u:.2f}x" if "trl" in res else "-"))
     rows.append(("completions/s", f"{res['nla_jax']['completions_per_s']:.2f}",
                  f"{res['trl']['completions_per_s']:.2f}" if "trl" in res else "-", ""))
     rows.append(("peak RSS GB (plain step)", f"{res['peak_rss_gb_ours']:.2f}",

@@ -133,6 +133,7 @@ def nla(cfg: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDi
         agg="token_mean",                           # token_mean | seq_mean_token_mean | seq_mean_token_sum | drgrpo
         fail_reward=-2.0,                           # explanation without a closing tag, or empty
         temperature=1.0, top_k=0, top_p=1.0,
+        share_prompt=True,                          # run each group's shared prompt once in the update's forward
         init_from_sft=True, seed=0,
         optim_av=optim(5e-6, warmup=0), optim_ar=optim(3e-5, lr_head=1e-4, warmup=0),
     ))

@@ -69,17 +69,44 @@ def _choose(logits: jax.Array, key: jax.Array, sc: SampleConfig) -> tuple[jax.Ar
         vals, idx = jax.lax.top_k(scaled, sc.top_k)  # [b, k], descending
         if sc.top_p < 1.0:
             vals = _top_p_mask(vals, sc.top_p)
-        choice = jax.random.categorical(key, vals, axis=-1)
+        choice = categorical(key, vals)
         tok = jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0]
     elif sc.top_p < 1.0:
         order = jnp.argsort(-scaled, axis=-1)
         vals = _top_p_mask(jnp.take_along_axis(scaled, order, axis=-1), sc.top_p)
-        choice = jax.random.categorical(key, vals, axis=-1)
+        choice = categorical(key, vals)
         tok = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
     else:
-        tok = jax.random.categorical(key, scaled, axis=-1)
+        tok = categorical(key, scaled)
     tok = tok.astype(jnp.int32)
     return tok, jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
+
+
+def categorical(key: jax.Array, logits: jax.Array, block: int = 1024) -> jax.Array:
+    """One draw per row from softmax(logits) [b, V] (float32; -inf allowed) -> [b] int32.
+
+    Inverse-CDF sampling with one uniform per row, in two levels (which block of `block` ids, then
+    which id in it) so each cumulative sum is short. `jax.random.categorical` draws b*V Gumbel
+    variates instead: at b=32, V=49k that was ~100 ms of a ~200 ms decode step on a 2-core CPU;
+    this takes ~5 ms. Same distribution, a different random stream.
+    """
+    b, V = logits.shape
+    nb = -(-V // block)
+    x = logits.astype(jnp.float32)
+    p = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))                      # [b, V] unnormalised
+    p = jnp.pad(p, ((0, 0), (0, nb * block - V))).reshape(b, nb, block)     # [b, nb, block]
+    mass = p.sum(-1)                                                         # [b, nb]
+    upto = jnp.cumsum(mass, axis=-1)                                         # [b, nb]
+    u = jax.random.uniform(key, (b, 1), jnp.float32) * upto[:, -1:]          # [b, 1] in [0, total)
+    blk = jnp.minimum(jnp.sum(upto <= u, axis=-1), nb - 1)                   # [b] first block past u
+    rest = u[:, 0] - jnp.take_along_axis(upto - mass, blk[:, None], axis=-1)[:, 0]
+    row = jnp.take_along_axis(p, blk[:, None, None], axis=1)[:, 0]           # [b, block]
+    idx = jnp.minimum(jnp.sum(jnp.cumsum(row, axis=-1) <= rest[:, None], axis=-1), block - 1)
+    tok = jnp.minimum(blk * block + idx, V - 1)
+    # rounding can land on a zero-probability id at a block's end: step back to the last live one
+    live = jnp.take_along_axis(x, tok[:, None], axis=-1)[:, 0] > -jnp.inf
+    fallback = jnp.argmax(x, axis=-1)
+    return jnp.where(live, tok, fallback).astype(jnp.int32)
 
 
 def _top_p_mask(sorted_vals: jax.Array, p: float) -> jax.Array:

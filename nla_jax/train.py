@@ -612,7 +612,10 @@ def rl_step_fn(S: Setup, sh: dict, ref_sh, batch_sh=None):
     rl = S.cfg.rl
     tx_av, tx_ar, lab_av, lab_ar, _, _, _ = rl_parts(S)
     rep = sharding.named_sharding((), None, S.mesh, S.rules)
+    # prompt sharing runs the B injected prompts at batch B: only when B splits over the batch shards
+    share = bool(rl.share_prompt) and rl.batch % (jax.process_count() * _data_shards(S)) == 0
     fn = functools.partial(steps.rl_step, ctx=S.ctx, rl=rl, sc=rl_sample_config(S), tx_av=tx_av, tx_ar=tx_ar,
+                           share_prompt=share,
                            labels_av=lab_av, labels_ar=lab_ar,
                            mask_av=optim.block_mask(S.mcfg.n_layers, rl.optim_av.train_blocks),
                            mask_ar=optim.block_mask(S.cfg.model.layer + 1, rl.optim_ar.train_blocks))

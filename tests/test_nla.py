@@ -174,12 +174,14 @@ def test_block_mask_freezes_blocks_exactly():
         optim.block_mask(3, (2, 1))
 
 
-def test_grpo_raises_a_toy_reward(tiny_llama):
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_grpo_raises_a_toy_reward(tiny_llama, share_prompt):
     """A plain GRPO policy step on the tiny model: reward = share of even token ids (about 0.5 at start)."""
     from nla_jax.rl import grpo
     cfg, params, _ = tiny_llama
     rl = ml_collections.ConfigDict(dict(group_size=8, advantage="grpo", adv_eps=1e-4, adv_ddof=1, beta=0.0,
-                                        kl="k3", eps_low=0.2, eps_high=0.2, agg="token_mean"))
+                                        kl="k3", eps_low=0.2, eps_high=0.2, agg="token_mean",
+                                        share_prompt=share_prompt))
     sc = sampling.SampleConfig(max_new_tokens=8, temperature=1.0, stop_at_eos=False)
     ocfg = configlib.ConfigDict(dict(lr=3e-2, lr_head=0.0, lr_proj=0.0, warmup=0, schedule="constant", clip=1.0,
                                      weight_decay=0.0, b1=0.9, b2=0.999, train_embed=True, train_blocks=(0, -1)))

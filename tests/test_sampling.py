@@ -219,3 +219,38 @@ def test_real_greedy_chat_is_coherent(real):
     assert "Tokyo" in replies[1], replies
     assert "4" in replies[2], replies
     assert not any("<|im" in r for r in replies)  # special tokens are stripped from the text
+
+
+@pytest.mark.parametrize("V,block", [(37, 8), (3000, 1024), (16, 16)])
+def test_categorical_matches_softmax_frequencies(V, block):
+    """The two-level inverse-CDF sampler draws from softmax(logits): empirical frequencies of 40k
+    draws agree with the probabilities (chi-square), and masked (-inf) ids are never drawn."""
+    rng = np.random.default_rng(V)
+    logits = rng.normal(0, 2.0, V).astype(np.float32)
+    logits[rng.choice(V, V // 4, replace=False)] = -np.inf      # masked ids (top-k / top-p style)
+    n = 40_000
+    x = jnp.broadcast_to(jnp.asarray(logits), (n, V))
+    draws = np.asarray(jax.jit(sampling.categorical, static_argnames="block")(jax.random.key(0), x, block=block))
+    assert draws.min() >= 0 and draws.max() < V
+    assert np.isfinite(logits[draws]).all()
+    p = np.exp(logits - logits[np.isfinite(logits)].max())
+    p /= p.sum()
+    counts = np.bincount(draws, minlength=V)
+    keep = p * n >= 5                                           # chi-square needs expected counts >= 5
+    expected = p[keep] * n
+    rest_obs, rest_exp = counts[~keep].sum(), n - expected.sum()
+    chi2 = (((counts[keep] - expected) ** 2) / expected).sum()
+    if rest_exp >= 5:
+        chi2 += (rest_obs - rest_exp) ** 2 / rest_exp
+    dof = int(keep.sum()) + (rest_exp >= 5) - 1
+    # 99.9th percentile of chi-square(dof) via Wilson-Hilferty (no scipy): a 1-in-1000 false alarm
+    z = 3.09
+    bound = dof * (1 - 2 / (9 * dof) + z * np.sqrt(2 / (9 * dof))) ** 3
+    assert chi2 < bound, (chi2, bound, dof)
+
+
+def test_categorical_is_seeded():
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 100)), jnp.float32)
+    a = sampling.categorical(jax.random.key(1), x)
+    assert (np.asarray(a) == np.asarray(sampling.categorical(jax.random.key(1), x))).all()
+    assert (np.asarray(a) != np.asarray(sampling.categorical(jax.random.key(2), x))).any()

@@ -368,6 +368,66 @@ def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, *, valid: jax.A
     return out
 
 
+def forward_grouped(params: Params, prompt: jax.Array, valid: jax.Array, completion: jax.Array, cfg: ModelConfig,
+                    *, group: int, override: Override | None = None, add_after: int | None = None,
+                    remat: bool = False) -> jax.Array:
+    """Logits of G continuations per prompt, running each shared prompt once.
+
+    prompt, valid: [B, P] (left-padded); completion: [B*G, C] int, rows b*G..b*G+G-1 continuing
+    prompt b. Returns float32 logits [B*G, 1 + C, V]: at the prompt's last position (the same for
+    the whole group), then at each completion position. Equal to `forward` on the concatenated
+    rows with logits_from=P-1, but the prompt's blocks run for B rows instead of B*G: the
+    completions attend to the prompt's keys/values repeated over the group (the gradient sums
+    back through the repeat). A GRPO step's forward+backward shrinks by the prompt's share.
+    `override` / `add_after` act on the prompt, as in `forward`.
+    """
+    B, P = prompt.shape
+    N, C = completion.shape
+    positions_p = positions_from_mask(valid)                          # [B, P]
+    cos_p, sin_p = rope_tables(positions_p, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    start = jnp.repeat(positions_p[:, -1] + 1, group, axis=0)         # [N]
+    cos_c, sin_c = rope_tables(start[:, None] + jnp.arange(C)[None], cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    mask_p = causal_mask(valid)                                       # [B, P, P]
+    mask_c = jnp.concatenate([jnp.broadcast_to(jnp.repeat(valid, group, axis=0)[:, None, :], (N, C, P)),
+                              jnp.broadcast_to(jnp.tril(jnp.ones((C, C), bool))[None], (N, C, C))], axis=2)
+
+    def body(carry, lp):
+        xp, xc = carry
+        xp, (kp, vp) = block(cfg, lp, xp, cos_p, sin_p, mask_p)
+
+        def with_prompt(k, v):  # [N, KV, C, hd] -> keys over prompt + completion [N, KV, P + C, hd]
+            return (jnp.concatenate([jnp.repeat(kp, group, axis=0), k], axis=2),
+                    jnp.concatenate([jnp.repeat(vp, group, axis=0), v], axis=2), None)
+
+        xc, _ = block(cfg, lp, xc, cos_c, sin_c, mask_c, cache_write=with_prompt)
+        return (xp, xc), None
+
+    if remat:
+        body = jax.checkpoint(body, prevent_cse=False)
+
+    def run(carry, a, b):
+        n = jax.tree.leaves(params["layers"])[0].shape[0]
+        if b <= a:
+            return carry
+        layers = params["layers"] if (a, b) == (0, n) else _slice_layers(params["layers"], a, b)
+        return jax.lax.scan(body, carry, layers)[0]
+
+    n = cfg.n_layers
+    xp = embed(params, prompt, None if add_after is not None else override)
+    carry = (xp, embed(params, completion))
+    if add_after is not None:
+        if override is None:
+            raise ValueError("add_after needs an override")
+        xp, xc = run(carry, 0, add_after + 1)
+        carry = (add_at(xp, override), xc)
+        carry = run(carry, add_after + 1, n)
+    else:
+        carry = run(carry, 0, n)
+    xp, xc = carry
+    h = jnp.concatenate([jnp.repeat(xp[:, -1:], group, axis=0), xc], axis=1)   # [N, 1 + C, d]
+    return unembed(cfg, params, h)
+
+
 # ----------------------------------------------------------------------------- compile boundary
 
 def make_forward(cfg: ModelConfig, mesh, rules, *, capture_layer: int | None = None, logits: bool = True,

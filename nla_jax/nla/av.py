@@ -145,18 +145,25 @@ def sft_targets(tok, texts: Sequence[str], spec: AVSpec) -> tuple[np.ndarray, np
 
 def logprobs(params, extra, cfg: ModelConfig, spec: AVSpec, acts: jax.Array, targets: jax.Array,
              mean: jax.Array | None = None, temperature: float = 1.0, remat: bool = False,
-             entropy: bool = False):
+             entropy: bool = False, group: int = 1):
     """Per-token log-probs [b, L] of `targets` after the injected prompt (float32).
 
     acts: [b, d]; targets: [b, L]. One forward over prompt + targets[:, :-1].
+    group=G > 1: acts is [b / G, d], one per group of G consecutive target rows, and each injected
+    prompt runs once for its group (`transformer.forward_grouped`; same values, fewer FLOPs).
     """
     b, L = targets.shape
     P = len(spec.prompt)
-    prompt = jnp.broadcast_to(jnp.asarray(spec.prompt, jnp.int32), (b, P))
-    tokens = jnp.concatenate([prompt, targets[:, :-1].astype(jnp.int32)], axis=1)  # [b, P + L - 1]
     ov = override(spec, acts, extra, mean)
-    out = T.forward(params, tokens, cfg, override=ov, add_after=add_after(spec), remat=remat, logits_from=P - 1)
-    logits = out["logits"]  # [b, L, V]
+    if group > 1:
+        prompt = jnp.broadcast_to(jnp.asarray(spec.prompt, jnp.int32), (b // group, P))
+        logits = T.forward_grouped(params, prompt, jnp.ones(prompt.shape, bool), targets[:, :-1].astype(jnp.int32),
+                                   cfg, group=group, override=ov, add_after=add_after(spec), remat=remat)
+    else:
+        prompt = jnp.broadcast_to(jnp.asarray(spec.prompt, jnp.int32), (b, P))
+        tokens = jnp.concatenate([prompt, targets[:, :-1].astype(jnp.int32)], axis=1)  # [b, P + L - 1]
+        logits = T.forward(params, tokens, cfg, override=ov, add_after=add_after(spec), remat=remat,
+                           logits_from=P - 1)["logits"]  # [b, L, V]
     if temperature != 1.0:
         logits = logits / temperature
     lp = token_logprobs(logits, targets.astype(jnp.int32))

@@ -127,10 +127,11 @@ def explain(av: dict, acts, mean, key, *, ctx: Ctx, sc: sampling.SampleConfig) -
 # ----------------------------------------------------------------------------- RL: one GRPO step
 
 def rl_step(state: dict, ref_av: dict, batch: dict, mean, key, *, ctx: Ctx, rl, sc: sampling.SampleConfig,
-            tx_av, tx_ar, labels_av, labels_ar, mask_av, mask_ar) -> tuple[dict, dict]:
+            tx_av, tx_ar, labels_av, labels_ar, mask_av, mask_ar, share_prompt: bool = False) -> tuple[dict, dict]:
     """Sample G explanations per activation, reward them by the live AR, update AV and AR.
 
     batch: acts [B, d]. Everything (rollout, extraction, reward, both updates) is one function.
+    share_prompt: the AV's teacher-forced passes run each group's injected prompt once.
     """
     G = rl.group_size
     acts = jnp.repeat(batch["acts"], G, axis=0)                     # [N, d], N = B * G
@@ -152,15 +153,16 @@ def rl_step(state: dict, ref_av: dict, batch: dict, mean, key, *, ctx: Ctx, rl, 
     adv = adv_lib.group_advantages(reward.reshape(B, G), rl.advantage, eps=rl.adv_eps, ddof=rl.adv_ddof).reshape(N)
 
     # -- AV policy update: clipped surrogate + beta * KL to the reference (SFT) verbalizer
+    inject, group = (batch["acts"], G) if share_prompt else (acts, 1)
     ref_lp = None
     if rl.beta > 0:
-        ref_lp = jax.lax.stop_gradient(av_lib.logprobs(ref_av["model"], ref_av["extra"], ctx.cfg, ctx.av, acts,
-                                                       tokens, mean, sc.temperature, ctx.remat))
+        ref_lp = jax.lax.stop_gradient(av_lib.logprobs(ref_av["model"], ref_av["extra"], ctx.cfg, ctx.av, inject,
+                                                       tokens, mean, sc.temperature, ctx.remat, group=group))
 
     def av_loss(av):
         av = optim.stop_frozen(av, labels_av)
-        lp, ent = av_lib.logprobs(av["model"], av["extra"], ctx.cfg, ctx.av, acts, tokens, mean, sc.temperature,
-                                  ctx.remat, entropy=True)
+        lp, ent = av_lib.logprobs(av["model"], av["extra"], ctx.cfg, ctx.av, inject, tokens, mean, sc.temperature,
+                                  ctx.remat, entropy=True, group=group)
         loss, m = rl_losses.policy_loss(lp, jax.lax.stop_gradient(lp), ref_lp, adv, tmask, eps_low=rl.eps_low,
                                         eps_high=rl.eps_high, beta=rl.beta, kl_kind=rl.kl, agg=rl.agg,
                                         max_len=ctx.av.max_len)

@@ -32,6 +32,17 @@ def completion_logprobs(params, cfg: ModelConfig, prompt, valid, tokens, tempera
     return token_logprobs(logits, tokens)
 
 
+def grouped_completion_logprobs(params, cfg: ModelConfig, prompt, valid, tokens, group: int,
+                                temperature: float = 1.0, remat: bool = False, **inject) -> jax.Array:
+    """`completion_logprobs` for G completions per prompt (prompt [B, P], tokens [B*G, L]) with each
+    prompt run once (`transformer.forward_grouped`); `inject` passes override / add_after."""
+    logits = T.forward_grouped(params, prompt, valid, tokens[:, :-1], cfg, group=group, remat=remat,
+                               **inject)  # [N, L, V]
+    if temperature != 1.0:
+        logits = logits / temperature
+    return token_logprobs(logits, tokens)
+
+
 def policy_step(state: dict, ref_params, prompt, valid, key, *, cfg: ModelConfig, sc: sampling.SampleConfig, rl,
                 tx, labels, reward_fn: Callable, remat: bool = False) -> tuple[dict, dict]:
     """state: {"params", "opt", "step"}; prompt, valid: [B, P] left-padded. Returns (state, metrics)."""
@@ -44,14 +55,15 @@ def policy_step(state: dict, ref_params, prompt, valid, key, *, cfg: ModelConfig
     mask = jnp.arange(L)[None, :] < out.lengths[:, None]
     reward = jax.lax.stop_gradient(reward_fn(out.tokens, out.lengths)).astype(jnp.float32)   # [N]
     adv = group_advantages(reward.reshape(B, G), rl.advantage, eps=rl.adv_eps, ddof=rl.adv_ddof).reshape(N)
-    ref_lp = None
-    if rl.beta > 0:
-        ref_lp = jax.lax.stop_gradient(completion_logprobs(ref_params, cfg, prompt_g, valid_g, out.tokens,
-                                                           sc.temperature, remat))
+    if rl.share_prompt:  # each prompt's blocks run once for its group (same values, fewer FLOPs)
+        logprobs = lambda p: grouped_completion_logprobs(p, cfg, prompt, valid, out.tokens, G, sc.temperature, remat)
+    else:
+        logprobs = lambda p: completion_logprobs(p, cfg, prompt_g, valid_g, out.tokens, sc.temperature, remat)
+    ref_lp = jax.lax.stop_gradient(logprobs(ref_params)) if rl.beta > 0 else None
 
     def loss_fn(p):
         p = optim.stop_frozen(p, labels)
-        lp = completion_logprobs(p, cfg, prompt_g, valid_g, out.tokens, sc.temperature, remat)
+        lp = logprobs(p)
         loss, m = policy_loss(lp, jax.lax.stop_gradient(lp), ref_lp, adv, mask, eps_low=rl.eps_low,
                               eps_high=rl.eps_high, beta=rl.beta, kl_kind=rl.kl, agg=rl.agg, max_len=L)
         return loss, (m, lp)
