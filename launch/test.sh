@@ -5,6 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p build && bash launch/setup.sh
+# Headless Chromium for the viewer/report browser tests (Playwright drives this system browser; it
+# never downloads one). Needs root and apt; without them those tests skip and say why.
+if ! command -v chromium >/dev/null && [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } \
+    >/dev/null 2>&1 || echo "warning: could not install chromium (browser tests will skip)" >&2
+fi
 if [[ -z ${NLA_SKIP_PEERS:-} && -z ${NLA_PEERS_PYTHON:-} && -f ../shared/peers/setup.sh ]]; then
   if peers_py=$(bash ../shared/peers/setup.sh "$PWD/build/peers-venv" 2>build/peers-setup.log | tail -n 1); then
     export NLA_PEERS_PYTHON=$peers_py

@@ -42,6 +42,13 @@ from nla_jax import cli
 from nla_jax.errors import UserError, cli_main
 
 
+def quiet_readonly_warning() -> None:
+    """Orbax warns "Given directory is read only" for every read-only checkpoint manager, which is
+    what reading a finished run means; drop that one message from the absl logger."""
+    import logging
+    logging.getLogger("absl").addFilter(lambda r: not str(r.getMessage()).startswith("Given directory is read only"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m nla_jax.explain", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -435,6 +442,7 @@ def main(argv=None) -> int:
         if out and not os.path.isdir(os.path.dirname(os.path.abspath(out))):
             raise UserError(f"output {out!r}: directory {os.path.dirname(os.path.abspath(out))} does not exist")
     cli.enable_compilation_cache()
+    quiet_readonly_warning()
     from nla_jax.nla import pair as pair_lib
     pair = pair_lib.load(args.checkpoint)
     result = run(pair, text, args.positions, args.samples, args.temperature, args.top_p, args.top_k, args.seed,

@@ -13,6 +13,11 @@ import sys
 from test_train import REPO, TINY, _corpus, _env  # the trainer tests' corpus and environment
 
 _cache: dict[tuple, str] = {}
+# The pair the explain and export tests share: every optional AV/AR part present (a learned input
+# projection, centring) and an RL stage whose rollouts can close (see test_train.RL_LIVE).
+NLA_FLAGS = ("--config.av.input_proj=True", "--config.nla.center=True", "--config.av.closer=8",
+             "--config.rl.temperature=0.5")
+NLA_STAGES = "sft_av,sft_ar,rl"
 
 
 def _run(cmd, timeout=300):

@@ -25,14 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from _tiny_run import trained_workdir
+from _tiny_run import NLA_FLAGS, NLA_STAGES, trained_workdir
 from test_train import _env, _one_error_line
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEER = os.path.join(REPO, "tests", "_hf_export_peer.py")
-FLAGS = ("--config.av.input_proj=True", "--config.nla.center=True", "--config.av.closer=8",
-         "--config.rl.temperature=0.5")
-STAGES = "sft_av,sft_ar,rl"
 
 
 def peers_python() -> str | None:
@@ -73,7 +70,7 @@ def _close(ours, theirs, what):
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    return trained_workdir(tmp_path_factory, *FLAGS, stages=STAGES)
+    return trained_workdir(tmp_path_factory, *NLA_FLAGS, stages=NLA_STAGES)
 
 
 @pytest.fixture(scope="module")
