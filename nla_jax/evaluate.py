@@ -467,7 +467,7 @@ def main(argv=None) -> int:
     docs = D["doc_id"]
     doc = {"format": FORMAT, "command": ["python", "-m", "nla_jax.evaluate", *argv],
            "config": args.config, "store": os.path.abspath(cfg.data.store), "split": E.split,
-           "rows": int(len(rows)), "documents": int(len(np.unique(docs))),
+           "rows": int(len(rows)), "documents": int(len(np.unique(docs))), "row_ids": D["rows"],
            "teacher_summaries": summ_path, "teacher_rows": len(D["summaries"]),
            "settings": E.to_dict(), "devices": jax.device_count(), "elapsed_s": None,
            "checkpoints": results,

@@ -241,7 +241,7 @@ def trained(store, tmp_path_factory):
     with open(summ, "w") as f:
         for r_ in rows:
             f.write(json.dumps({"row": int(r_), "text": "The text ends with: \u00abthe river\u00bb"}) + "\n")
-    return types.SimpleNamespace(wd=wd, store=store, summ=summ, teacher_rows=len(rows), tmp=tmp)
+    return types.SimpleNamespace(wd=wd, store=store, summ=summ, summarised=set(int(x) for x in rows), tmp=tmp)
 
 
 class _Ids(html.parser.HTMLParser):
@@ -265,7 +265,9 @@ def run_two(trained):
     out = str(trained.tmp / "out")
     r = _evaluate(f"--config.data.store={trained.store}", "--checkpoint", os.path.join(trained.wd, "sft_av"),
                   "--checkpoint", os.path.join(trained.wd, "rl"), "--out", out, "--config.eval.temperature=0.7",
-                  f"--config.eval.summaries={trained.summ}", "--config.eval.n_examples=3")
+                  f"--config.eval.summaries={trained.summ}", "--config.eval.n_examples=3",
+                  # 20 rows in batches of 8: the last batch is padded (and trimmed back)
+                  "--config.eval.rows=20", "--config.eval.batch=8")
     return types.SimpleNamespace(r=r, out=out)
 
 
@@ -284,14 +286,15 @@ def test_cli_two_checkpoints_one_table_and_json(run_two, trained):
     header = [ln for ln in r.stdout.splitlines() if labels[0] in ln and labels[1] in ln]
     assert len(header) == 1, r.stdout
     for _, lab in ROWS:
-        assert sum(ln.startswith(lab) for ln in r.stdout.splitlines()) == 1, lab
+        assert sum(ln.startswith(lab + "  ") for ln in r.stdout.splitlines()) == 1, lab
     n = doc["rows"]
-    assert n > 0 and doc["teacher_rows"] == trained.teacher_rows
+    teacher_rows = len(set(doc["row_ids"]) & trained.summarised)
+    assert n == len(doc["row_ids"]) == 20 and doc["teacher_rows"] == teacher_rows > 0
     for c in cks:
         for group in ("fve", "cosine"):
             for k, v in c[group].items():
                 assert v["mean"] is not None and v["lo"] <= v["mean"] <= v["hi"], (c["label"], group, k, v)
-        assert c["fve"]["teacher"]["n"] == trained.teacher_rows
+        assert c["fve"]["teacher"]["n"] == teacher_rows
         for k in ("kl_mean", "kl_recon", "kl_floor", "kl_shuffled", "loss_recovered", "loss_recovered_floor",
                   "loss_recovered_shuffled"):
             v = c["downstream"][k]
@@ -350,9 +353,10 @@ def test_outputs_are_replaced_only_when_complete(tmp_path):
 # ----------------------------------------------------------------------------- bad inputs
 
 def _damaged_copy(wd, dst):
+    """A copy of the work directory whose every rl step has its array files cut in half (a damaged
+    newest step alone is skipped: the pair loads from the newest step that reads, as training does)."""
     shutil.copytree(wd, dst)
-    newest = max(int(s) for s in os.listdir(os.path.join(dst, "rl")) if s.isdigit())
-    files = [f for f in glob.glob(os.path.join(dst, "rl", str(newest), "state", "**", "d", "*"), recursive=True)
+    files = [f for f in glob.glob(os.path.join(dst, "rl", "*", "state", "**", "d", "*"), recursive=True)
              if os.path.isfile(f)]
     assert files
     for f in files:
@@ -375,7 +379,7 @@ def _other_layer_store(store, dst):
 @pytest.mark.parametrize("case,needle", [
     ("missing", "no such directory"),
     ("not_workdir", "not a trainer work directory"),
-    ("damaged", "does not restore"),
+    ("damaged", "no readable checkpoints"),
     ("other_layer", "holds layer 1"),
     ("bad_step", "step 99"),
     ("bad_setting", "eval.batch=0"),
@@ -403,6 +407,17 @@ def test_bad_inputs_refused_with_one_line_and_old_result_kept(trained, run_two, 
     # the bad checkpoint first: its error comes before any progress output
     r = _evaluate(f"--config.data.store={store}", "--checkpoint", ck, "--checkpoint", os.path.join(trained.wd, "sft_av"),
                   "--out", out, *extra, timeout=300)
+    if case == "damaged":
+        # Besides the reader's warnings (one per damaged step it skipped) orbax's leftover reads of the
+        # damaged files may print "RuntimeError: Event loop is closed" tracebacks from its own threads
+        # (asyncio frames only, nondeterministic). What must hold: exit 2, exactly one `error:` line (ours),
+        # and no traceback runs through nla_jax code.
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert r.returncode == 2, r.stderr[-3000:]
+        assert not [ln for ln in lines if ln.lstrip().startswith("File ") and "nla_jax" in ln], r.stderr[-3000:]
+        errors = [ln for ln in lines if ln.startswith("error: ")]
+        assert len(errors) == 1, lines
+        r = subprocess.CompletedProcess(r.args, r.returncode, r.stdout, errors[0] + "\n")
     line = _one_error_line(r)
     assert needle in line, line
     assert {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in before} == before
