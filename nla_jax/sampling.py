@@ -206,12 +206,15 @@ def _sample_jit(params, prompt, valid, key, *, cfg, sc, override=None, add_after
 
 
 def _sample(params, prompt: jax.Array, valid: jax.Array, key: jax.Array, *, cfg: ModelConfig,
-            sc: SampleConfig, override: T.Override | None = None, add_after: int | None = None) -> SampleOutput:
+            sc: SampleConfig, override: T.Override | None = None, add_after: int | None = None,
+            group: int = 1) -> SampleOutput:
     """Generate up to sc.max_new_tokens for a left-padded batch.
 
     params: with "layers" split per layer; prompt, valid: [b, P] (int tokens, bool
     not-padding); override: vectors written in place of prompt embeddings (the verbalizer's
     injection); with add_after=j they are added, norm-matched, after block j instead.
+    group=G: G samples per prompt, rows b*G..b*G+G-1 of the output continuing prompt b; the
+    prompt is prefilled once and its KV cache repeated (GRPO's groups share their prompt).
     """
     b, P = prompt.shape
     N = sc.max_new_tokens
@@ -221,7 +224,6 @@ def _sample(params, prompt: jax.Array, valid: jax.Array, key: jax.Array, *, cfg:
     cache = tuple((jnp.zeros((b, cfg.n_kv_heads, Tn, cfg.head_dim), dtype),
                    jnp.zeros((b, cfg.n_kv_heads, Tn, cfg.head_dim), dtype)) for _ in layers)
     kv_valid = jnp.concatenate([valid, jnp.ones((b, N), bool)], axis=1)  # [b, T]
-    prompt_len = valid.sum(axis=1).astype(jnp.int32)  # [b]
     slots = jnp.arange(Tn)
     eos = jnp.asarray(cfg.eos_ids if cfg.eos_ids else (-1,), jnp.int32)
 
@@ -236,6 +238,11 @@ def _sample(params, prompt: jax.Array, valid: jax.Array, key: jax.Array, *, cfg:
     mask = (slots[None, None, :] <= jnp.arange(P)[None, :, None]) & kv_valid[:, None, :]  # [b, P, T]
     x, cache = _layers_with_cache(cfg, layers, x, cos, sin, mask, cache, 0, hook)
     logits = T.unembed(cfg, params, x[:, -1:])[:, 0]  # [b, V]
+    if group > 1:  # from here on every row is one sample: [b * G, ...]
+        rep = lambda a: jnp.repeat(a, group, axis=0)
+        cache, logits, kv_valid, valid = jax.tree.map(rep, cache), rep(logits), rep(kv_valid), rep(valid)
+        b = b * group
+    prompt_len = valid.sum(axis=1).astype(jnp.int32)  # [b]
     key, sub = jax.random.split(key)
     tok, lp = _choose(logits, sub, sc)
     done = jnp.isin(tok, eos) & sc.stop_at_eos

@@ -254,3 +254,27 @@ def test_categorical_is_seeded():
     a = sampling.categorical(jax.random.key(1), x)
     assert (np.asarray(a) == np.asarray(sampling.categorical(jax.random.key(1), x))).all()
     assert (np.asarray(a) != np.asarray(sampling.categorical(jax.random.key(2), x))).any()
+
+
+def test_group_prefill_equals_repeated_prompts(tiny_llama):
+    """group=G prefills each prompt once and repeats its cache: the same samples (same random draws)
+    and log-probs as G copies of each prompt, with padding and an injection."""
+    cfg, params, _ = tiny_llama
+    G = 3
+    rows = [list(_tokens(cfg, n, seed=20 + n)) for n in (6, 3)]
+    toks, valid = sampling.pad_prompts(rows, cfg.pad_id)
+    toks, valid = jnp.asarray(toks), jnp.asarray(valid)
+    vec = jax.random.normal(jax.random.key(5), (2, 1, cfg.d_model)) * 2.0
+    ov = T.Override(jnp.asarray([[4], [5]], jnp.int32), vec)
+    ov_g = T.Override(jnp.repeat(ov.positions, G, 0), jnp.repeat(ov.vectors, G, 0))
+    sc = sampling.SampleConfig(max_new_tokens=8, temperature=1.0, stop_at_eos=False)
+    split = sampling.split_layers(params)
+    for add_after in (None, 0):
+        got = jax.device_get(sampling._sample(split, toks, valid, jax.random.key(7), cfg=cfg, sc=sc, override=ov,
+                                              add_after=add_after, group=G))
+        want = jax.device_get(sampling._sample(split, jnp.repeat(toks, G, 0), jnp.repeat(valid, G, 0),
+                                               jax.random.key(7), cfg=cfg, sc=sc, override=ov_g, add_after=add_after))
+        assert got.tokens.shape == (2 * G, 8)
+        np.testing.assert_array_equal(got.tokens, want.tokens)
+        np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)  # float32 rounding of batch-B vs B*G prefill
+        assert len({tuple(r) for r in got.tokens}) > 2  # the G samples of a prompt differ

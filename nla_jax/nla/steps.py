@@ -110,15 +110,16 @@ def ar_features(ar: dict, batch: dict, *, ctx: Ctx) -> jax.Array:
 
 # ----------------------------------------------------------------------------- explanations
 
-def explain(av: dict, acts, mean, key, *, ctx: Ctx, sc: sampling.SampleConfig) -> dict:
-    """Sample one explanation per activation row: tokens [b, N], lengths, expl_len, ok, logprobs."""
+def explain(av: dict, acts, mean, key, *, ctx: Ctx, sc: sampling.SampleConfig, group: int = 1) -> dict:
+    """Sample `group` explanations per activation row [b, d] (rows b*G..b*G+G-1 of the outputs):
+    tokens [b*G, N], lengths, expl_len, ok, logprobs. The injected prompt is prefilled once per row."""
     b = acts.shape[0]
     P = len(ctx.av.prompt)
     prompt = jnp.broadcast_to(jnp.asarray(ctx.av.prompt, jnp.int32), (b, P))
     ov = av_lib.override(ctx.av, acts, av["extra"], mean)
     params = sampling.split_layers(jax.lax.stop_gradient(av["model"]))
     out = sampling._sample(params, prompt, jnp.ones((b, P), bool), key, cfg=ctx.cfg, sc=sc, override=ov,
-                           add_after=av_lib.add_after(ctx.av))
+                           add_after=av_lib.add_after(ctx.av), group=group)
     expl_len, ok = av_lib.extract(out.tokens, out.lengths, ctx.av)
     return {"tokens": out.tokens, "lengths": out.lengths, "expl_len": expl_len, "ok": ok,
             "logprobs": out.logprobs}
@@ -131,12 +132,14 @@ def rl_step(state: dict, ref_av: dict, batch: dict, mean, key, *, ctx: Ctx, rl, 
     """Sample G explanations per activation, reward them by the live AR, update AV and AR.
 
     batch: acts [B, d]. Everything (rollout, extraction, reward, both updates) is one function.
-    share_prompt: the AV's teacher-forced passes run each group's injected prompt once.
+    share_prompt: the rollout's prefill and the AV's teacher-forced passes run each group's injected
+    prompt once (same values and random draws as the unshared layout, up to float rounding).
     """
     G = rl.group_size
     acts = jnp.repeat(batch["acts"], G, axis=0)                     # [N, d], N = B * G
     B, N = batch["acts"].shape[0], acts.shape[0]
-    roll = explain(state["av"], acts, mean, key, ctx=ctx, sc=sc)    # the current policy: synced before sampling
+    roll = (explain(state["av"], batch["acts"], mean, key, ctx=ctx, sc=sc, group=G) if share_prompt
+            else explain(state["av"], acts, mean, key, ctx=ctx, sc=sc))  # the current policy: synced before sampling
     tokens, ok = roll["tokens"], roll["ok"]
     L = tokens.shape[1]
     tmask = jnp.arange(L)[None, :] < roll["lengths"][:, None]       # [N, L] the sampled action tokens

@@ -49,8 +49,11 @@ def policy_step(state: dict, ref_params, prompt, valid, key, *, cfg: ModelConfig
     G = rl.group_size
     prompt_g, valid_g = jnp.repeat(prompt, G, axis=0), jnp.repeat(valid, G, axis=0)   # [N, P]
     B, N = prompt.shape[0], prompt_g.shape[0]
-    out = sampling._sample(sampling.split_layers(jax.lax.stop_gradient(state["params"])), prompt_g, valid_g, key,
-                           cfg=cfg, sc=sc)
+    params_s = sampling.split_layers(jax.lax.stop_gradient(state["params"]))
+    if rl.share_prompt:  # prefill each prompt once, then G samples from its cache
+        out = sampling._sample(params_s, prompt, valid, key, cfg=cfg, sc=sc, group=G)
+    else:
+        out = sampling._sample(params_s, prompt_g, valid_g, key, cfg=cfg, sc=sc)
     L = out.tokens.shape[1]
     mask = jnp.arange(L)[None, :] < out.lengths[:, None]
     reward = jax.lax.stop_gradient(reward_fn(out.tokens, out.lengths)).astype(jnp.float32)   # [N]
