@@ -280,11 +280,13 @@ _README = """# NLA export ({label})
 Exported by `python -m nla_jax.export` from `{checkpoint}` (stage {kind}, step {step}); target
 `{model}`, block K = {layer}. Both directories load with transformers; the NLA-specific pieces
 are in their own files (`av/nla_av.json`, `av/nla_av_extra.safetensors`, `ar/nla_ar.json`,
-`ar/ar_head.safetensors`), each with a `recipe`.
+`ar/ar_head.safetensors`), each with a `recipe`. Below, `v` is a float32 activation [d] of the target
+at block K (Hugging Face `hidden_states[K+1]` of the original model).
 
 ```python
 import json, torch, transformers
 from safetensors.torch import load_file
+torch.set_grad_enabled(False)
 
 # verbalizer: inject an activation v [d] (float32) and generate its explanation
 av = transformers.AutoModelForCausalLM.from_pretrained("av", dtype=torch.float32)
