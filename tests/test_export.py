@@ -224,6 +224,19 @@ def test_qwen2_model_dir_roundtrip(tiny_qwen2, tmp_path, monkeypatch, shard_byte
     assert tok2.encode("abc <d>") == tok.encode("abc <d>")
 
 
+def test_bfloat16_model_dir_roundtrip(tiny_llama, tmp_path):
+    """Accelerator runs train in bfloat16: written as BF16 tensors and read back unchanged."""
+    from nla_jax import export
+    from nla_jax.checkpoints import loader
+    cfg, params, tok = tiny_llama
+    p16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    d = str(tmp_path / "m")
+    export.write_model_dir(d, cfg, p16, tok)
+    assert json.load(open(os.path.join(d, "config.json")))["torch_dtype"] == "bfloat16"
+    _, back, _ = loader.load(d, jnp.bfloat16)
+    assert_bitwise(back, p16)
+
+
 def test_llama_with_qkv_bias_is_refused(tiny_llama):
     from nla_jax import export
     from nla_jax.errors import UserError
