@@ -74,6 +74,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# ----------------------------------------------------------------------------- loading
+
+def mesh_fits(shape: Sequence[int], devices: int) -> bool:
+    """Whether a saved mesh shape (one -1 allowed) can be built from this many devices."""
+    known = math.prod(s for s in shape if s != -1)
+    return devices % known == 0 if -1 in shape else known == devices
+
+
+def load_pair(path: str):
+    """pair.load on this machine: the mesh the pair was trained with when it fits the local devices,
+    else every local device on the data axis (a pair trained on a pod, read on a laptop)."""
+    import jax
+    from nla_jax import config_defaults
+    from nla_jax.nla import pair as pair_lib
+    workdir, kind, step = pair_lib.resolve(path)
+    _, meta = pair_lib.saved_meta(os.path.join(workdir, "rl" if kind == "rl" else "sft_av"), step)
+    shape = tuple((meta.get("config") or {}).get("mesh", {}).get("shape", (-1, 1, 1)))
+    n = len(jax.devices())
+    mesh = None
+    if not mesh_fits(shape, n):
+        print(f"note: the pair was trained on a {shape} mesh; using this machine's {n} device(s) as (-1, 1, 1)",
+              file=sys.stderr)
+        mesh = config_defaults.mesh((-1, 1, 1))
+    return pair_lib.load(path, mesh_cfg=mesh)
+
+
 # ----------------------------------------------------------------------------- inputs
 
 def read_text(args) -> str:
@@ -443,8 +469,7 @@ def main(argv=None) -> int:
             raise UserError(f"output {out!r}: directory {os.path.dirname(os.path.abspath(out))} does not exist")
     cli.enable_compilation_cache()
     quiet_readonly_warning()
-    from nla_jax.nla import pair as pair_lib
-    pair = pair_lib.load(args.checkpoint)
+    pair = load_pair(args.checkpoint)
     result = run(pair, text, args.positions, args.samples, args.temperature, args.top_p, args.top_k, args.seed,
                  args.batch)
     if not args.quiet:

@@ -458,10 +458,9 @@ def main(argv=None) -> int:
     out = os.path.abspath(args.out)
     _check_out(out, args.force)  # before the slow load
     cli.enable_compilation_cache()
-    from nla_jax.explain import quiet_readonly_warning
+    from nla_jax.explain import load_pair, quiet_readonly_warning
     quiet_readonly_warning()
-    from nla_jax.nla import pair as pair_lib
-    pair = pair_lib.load(args.checkpoint)
+    pair = load_pair(args.checkpoint)
     export_pair(pair, out, args.force)
     sizes = {sub: sum(os.path.getsize(os.path.join(out, sub, f)) for f in os.listdir(os.path.join(out, sub)))
              for sub in ("av", "ar")}

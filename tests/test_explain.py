@@ -160,6 +160,12 @@ def test_parse_positions():
             parse_positions(bad, 10, [])
 
 
+def test_saved_mesh_fits_or_falls_back():
+    from nla_jax.explain import mesh_fits
+    assert mesh_fits((-1, 1, 1), 1) and mesh_fits((-1, 2, 1), 8) and mesh_fits((2, 2, 2), 8)
+    assert not mesh_fits((2, 2, 2), 1) and not mesh_fits((-1, 8, 8), 16) and not mesh_fits((1, 8, 1), 4)
+
+
 def test_default_positions_text_file_and_sft_pair(workdir, tmp_path):
     text = "a cat said\nunder the window"
     f = tmp_path / "t.txt"
