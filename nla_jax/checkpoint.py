@@ -35,6 +35,46 @@ _STATE, _META = "state", "meta"
 _FORMAT = 1
 
 
+def _quiet_closed_loop_callbacks() -> None:
+    """Drop one kind of noise: when a read of a damaged step fails, orbax closes its asyncio loop
+    while tensorstore still completes the other reads of that step; their callbacks then raise
+    "Event loop is closed" in tensorstore's threads, which Python prints as unraisable tracebacks
+    (dozens per damaged step) around the one-line warning that says what happened."""
+    import sys
+    previous = sys.unraisablehook
+    if getattr(previous, "_nla_quiet", False):
+        return
+
+    def hook(u):
+        if isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed":
+            return
+        previous(u)
+    hook._nla_quiet = True
+    sys.unraisablehook = hook
+
+
+class _DiskFullFromOrbax(logging.Filter):
+    """Orbax logs a full disk in its background save threads as several ERROR records with
+    tracebacks; the Checkpointer reports it as one line (which step, that the last one is intact),
+    so those records are dropped. Anything else orbax logs passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        # absl records from orbax's modules; asyncio's "Task exception was never retrieved" for
+        # orbax's own write tasks (their repr names orbax)
+        if "orbax" not in (record.pathname or "") and "orbax" not in msg:
+            return True
+        exc = record.exc_info[1] if record.exc_info else None
+        return not ((exc is not None and disk_full(exc)) or "No space left on device" in msg)
+
+
+def _install_log_filter() -> None:
+    for name in ("absl", "asyncio"):
+        log_ = logging.getLogger(name)
+        if not any(isinstance(f, _DiskFullFromOrbax) for f in log_.filters):
+            log_.addFilter(_DiskFullFromOrbax())
+
+
 def fingerprint(cfg_subset: dict) -> str:
     """Short stable id of the config settings a checkpoint's contents depend on."""
     blob = json.dumps(cfg_subset, sort_keys=True, separators=(",", ":"), default=str)
@@ -176,6 +216,12 @@ class Checkpointer:
             # The writer (holding WorkdirLock) owns the directory: leftovers of interrupted
             # saves are garbage. A reader must not touch a running trainer's in-flight save.
             cleanup_tmp_directories=not read_only, read_only=read_only)
+        _quiet_closed_loop_callbacks()
+        _install_log_filter()
+        absl_log = logging.getLogger("absl")
+        level = absl_log.level
+        if read_only:  # orbax warns "Given directory is read only": what we asked for, not news
+            absl_log.setLevel(logging.ERROR)
         try:
             # Handlers named up front: a fresh manager can then read item metadata before any
             # save/restore has told it the item types.
@@ -184,6 +230,8 @@ class Checkpointer:
                 item_handlers={_STATE: ocp.StandardCheckpointHandler(), _META: ocp.JsonCheckpointHandler()})
         except OSError as e:
             raise UserError(f"cannot use checkpoint directory {self.directory}: {_one_line(e)}") from None
+        finally:
+            absl_log.setLevel(level)
 
     # -- saving
 
@@ -208,6 +256,7 @@ class Checkpointer:
             raise UserError(f"cannot save checkpoint step {step}: {self.directory} already has the later "
                             f"step {max(steps)} (resume from the latest step, or use a fresh work directory)")
         payload = {"format": _FORMAT, "fingerprint": self.fingerprint, "meta": meta}
+        self.wait()  # orbax would wait for the previous async save anyway; its errors are about that step
         self._saving = step
         try:
             return bool(self._mgr.save(step, args=ocp.args.Composite(

@@ -31,28 +31,29 @@ def disk_full(e: BaseException) -> bool:
     tensorstore and orbax re-raise OS errors as ValueError / RuntimeError with the strerror in
     the message, so the message is checked too.
     """
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in _FULL:
+    for x in _chain(e):
+        if isinstance(x, OSError) and x.errno in _FULL:
             return True
-        text = str(e)
-        if "No space left on device" in text or "Disk quota exceeded" in text:
+        if "No space left on device" in str(x) or "Disk quota exceeded" in str(x):
             return True
-        e = e.__cause__ or e.__context__
     return False
 
 
 def disk_full_error(what: str, e: BaseException) -> UserError:
     """The one-line report of a full disk while writing `what` (names the file or directory)."""
-    return UserError(f"no space left on device while writing {what} ({_first_line(e)}); "
-                     f"free space and rerun the same command: it resumes from what was committed")
+    quota = any(isinstance(x, OSError) and x.errno == errno.EDQUOT or "Disk quota exceeded" in str(x)
+                for x in _chain(e))
+    why = "disk quota exceeded" if quota else "no space left on device"
+    return UserError(f"{why} while writing {what}; free space and rerun the same command: it resumes "
+                     f"from what was committed")
 
 
-def _first_line(e: BaseException) -> str:
-    msg = " ".join(str(e).split())
-    msg = f"{type(e).__name__}: {msg}" if msg else type(e).__name__
-    return msg if len(msg) <= 200 else msg[:200] + "..."
+def _chain(e: BaseException | None):
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
 
 
 def _close_progress_bars() -> None:

@@ -61,8 +61,33 @@ class MetricsWriter:
         return rec
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+        tb, self.tb = self.tb, None
+        if tb is None:
+            return
+        try:
+            tb.close()
+        except Exception:  # noqa: BLE001 - e.g. a full disk; metrics.jsonl is the record, TensorBoard a view
+            # its atexit hook would retry the failing flush, and its writer thread die on the half-closed
+            # queue, each printing a traceback after the one-line error: disarm both
+            for w in (getattr(tb, "all_writers", None) or {}).values():
+                ew = getattr(w, "event_writer", None)
+                if ew is not None:
+                    ew._closed = True
+            _silence_tensorboard_threads()
+
+
+def _silence_tensorboard_threads() -> None:
+    import threading
+    previous = threading.excepthook
+    if getattr(previous, "_nla_tb", False):
+        return
+
+    def hook(args):
+        if type(args.thread).__module__.startswith("tensorboardX"):
+            return
+        previous(args)
+    hook._nla_tb = True
+    threading.excepthook = hook
 
 
 def drop_torn_tail(path: str) -> None:

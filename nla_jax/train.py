@@ -492,11 +492,11 @@ def sft_loop(S: Setup, st: Stage, name: str, split: str, make: Callable, state: 
             break
         state, m = step_fn(state, batch, S.mean)
         m = jax.device_get(m)
-        st.guard(state, m, step + 1)
         more = extra(m)
         if (step + 1) % S.cfg.train.log_every == 0:
             S.writer.write(name, step + 1, {"loss": m["loss"], **more, "grad_norm": m["grad_norm"],
                                             "skipped": state["skipped"]})
+        st.guard(state, m, step + 1)  # after the log line: the step that stops the run is logged too
         bar.update(1)
         bar.set_postfix({k: f"{float(v):.3f}" for k, v in (more or {"loss": m["loss"]}).items()})
         faults.point(f"train.{name}.step")
@@ -656,8 +656,8 @@ def run_rl(S: Setup) -> None:
             break
         state, m = step_fn(state, ref, batch, S.mean, jax.random.fold_in(key0, step))
         m = jax.device_get(m)
-        st.guard(state, m, step + 1)
         S.writer.write("rl", step + 1, {**{k: float(v) for k, v in m.items()}, "skipped": state["skipped"]})
+        st.guard(state, m, step + 1)
         bar.update(1)
         bar.set_postfix(reward=f"{float(m['reward_mean']):.3f}", fve=f"{float(m['fve_nrm']):.3f}",
                         fail=f"{float(m['extract_fail']):.2f}")
@@ -708,6 +708,7 @@ def main(argv=None) -> int:
                 except BaseException:
                     for st in list(_OPEN_STAGES):
                         st.abort()
+                    S.writer.close()
                     raise
         S.writer.close()
         print(f"done in {time.time() - t0:.0f}s; work directory {S.workdir}", file=sys.stderr)
