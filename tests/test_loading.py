@@ -329,3 +329,26 @@ def test_roundtrip(real, text):
 def test_digits_split_individually(real):
     # SmolLM2's pre-tokenizer splits numbers digit by digit
     assert len(real.tok.encode("12345")) == 5
+
+
+def test_hf_config_rope_parameters_transformers5(tmp_path):
+    """transformers >= 5 saves RoPE as `rope_parameters` with rope_theta null or absent: the theta and
+    a llama3 scaling must come from there (a silent fallback to 10000 would be a different model)."""
+    from nla_jax.checkpoints.loader import hf_config
+    base = {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 512}
+    cases = [
+        ({"rope_theta": 5e5}, 5e5, None),
+        ({"rope_theta": None, "rope_parameters": {"rope_theta": 1e5, "rope_type": "default"}}, 1e5, None),
+        ({"rope_parameters": {"rope_theta": 5e5, "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}, 5e5, 8.0),
+    ]
+    for i, (extra, theta, factor) in enumerate(cases):
+        d = tmp_path / str(i)
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({**base, **extra}))
+        cfg, _ = hf_config(str(d))
+        assert cfg.rope_theta == theta, extra
+        assert (cfg.rope_scaling is None) == (factor is None), extra
+        if factor is not None:
+            assert dict(cfg.rope_scaling)["factor"] == factor and "rope_theta" not in dict(cfg.rope_scaling)

@@ -183,18 +183,23 @@ def hf_config(path: str) -> tuple[ModelConfig, dict[str, Any]]:
         raise UserError(f"unsupported architecture {mt!r} in {cp!r}; supported: {', '.join(HF_ARCHS)}")
     if c.get("use_sliding_window"):
         raise UserError(f"{cp!r}: sliding-window attention is not supported")
-    rs = c.get("rope_scaling")
+    # transformers >= 5 writes RoPE settings as `rope_parameters` (theta and type together) and
+    # leaves rope_theta / rope_scaling out or null; older files use the two legacy keys.
+    rp = c.get("rope_parameters") or {}
+    theta = c.get("rope_theta") or rp.get("rope_theta") or 10000.0
+    rs = c.get("rope_scaling") or (rp if rp.get("rope_type", "default") != "default" else None)
     if rs is not None:
         kind = rs.get("rope_type", rs.get("type"))
         if kind not in ("llama3", "default"):
             raise UserError(f"{cp!r}: rope_scaling type {kind!r} is not supported (llama3 only)")
-        rs = None if kind == "default" else tuple(sorted((k, v) for k, v in rs.items() if k != "type"))
+        rs = None if kind == "default" else tuple(sorted((k, v) for k, v in rs.items()
+                                                         if k not in ("type", "rope_theta")))
     h = c["num_attention_heads"]
     eos = c.get("eos_token_id")
     cfg = ModelConfig(
         family=HF_ARCHS[mt], n_layers=c["num_hidden_layers"], d_model=c["hidden_size"], n_heads=h,
         n_kv_heads=c.get("num_key_value_heads", h), head_dim=c.get("head_dim") or c["hidden_size"] // h,
-        d_ff=c["intermediate_size"], vocab_size=c["vocab_size"], rope_theta=float(c.get("rope_theta", 10000.0)),
+        d_ff=c["intermediate_size"], vocab_size=c["vocab_size"], rope_theta=float(theta),
         rms_eps=float(c.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(c.get("tie_word_embeddings", False)),
         qkv_bias=bool(c.get("attention_bias", mt == "qwen2")), max_seq_len=int(c.get("max_position_embeddings", 8192)),
         bos_id=c.get("bos_token_id"), eos_ids=tuple(eos if isinstance(eos, list) else [eos] if eos is not None else []),
