@@ -1,7 +1,7 @@
 """Soak test: a long tiny-config training run, killed -9 from outside every few seconds and restarted.
 
     .venv/bin/python benchmarks/soak.py [--restarts 20] [--kill-every 6] [--jitter 0.5] [--seed 0]
-                                        [--steps 800,800,500] [--ckpt-every 10]
+                                        [--steps 1000,1000,2000] [--ckpt-every 10]
 
 Builds a small activation store (tiny random model, 80 documents, "quote" teacher), runs
 `python -m nla_jax.train` (stages sft_av, sft_ar, rl; async checkpoints every --ckpt-every steps)
@@ -150,9 +150,12 @@ def main() -> int:
     p.add_argument("--jitter", type=float, default=0.5,
                    help="kill after kill-every x uniform(1-jitter, 1+jitter) seconds (default 0.5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the kill times")
-    p.add_argument("--steps", default="800,800,500",
-                   help="steps of sft_av,sft_ar,rl (default 800,800,500: long enough for 20 restarts at ~6 s)")
+    p.add_argument("--steps", default="1000,1000,2000",
+                   help="steps of sft_av,sft_ar,rl (default 1000,1000,2000: more than 20 restarts of work "
+                        "at ~6 s each, spread over all stages)")
     p.add_argument("--ckpt-every", type=int, default=10, help="checkpoint every N steps (default 10)")
+    p.add_argument("--life-timeout", type=float, default=1800.0,
+                   help="seconds the last (unkilled) start may run before the soak reports a hang")
     p.add_argument("--workdir", default=None, help="scratch directory (default: a fresh temporary one, removed)")
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "soak.json"))
     args = p.parse_args()
@@ -192,16 +195,22 @@ def soak(args, steps: tuple[int, int, int], tmp: str) -> int:
         n_before = len(metric_lines(wd))
         after = rng.uniform(1 - args.jitter, 1 + args.jitter) * args.kill_every if kill else None
         start = time.time()
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        log_path = os.path.join(tmp, f"life-{lives}.log")  # a file, not a pipe: nobody reads while it runs
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=log)
         try:
-            proc.wait(timeout=after)
+            proc.wait(timeout=after if kill else args.life_timeout)
             ended_itself = True
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             ended_itself = False
+            if not kill:
+                failure = f"life {lives} (no kill planned) did not end within {args.life_timeout:.0f}s: hung?"
+                break
         alive = time.time() - start
-        err = proc.stderr.read()
+        with open(log_path) as f:
+            err = f.read()
         lines = metric_lines(wd)
         new = lines[n_before:]
         for prev in rows:  # where did the run resume after earlier kills? (the first life that got that far)

@@ -95,6 +95,8 @@ def check_config(cfg) -> None:
     for key in ("train.ckpt_every", "train.log_every", "train.max_nonfinite", "train.keep",
                 "sft_av.eval_every", "sft_ar.eval_every"):
         sec, name = key.split(".")
+        if key == "train.keep" and cfg[sec][name] is None:  # keep every checkpoint
+            continue
         if not isinstance(cfg[sec][name], int) or cfg[sec][name] < 1:
             raise UserError(f"config key {key}={cfg[sec][name]!r}: must be an integer >= 1")
     for key in ("sft_av.optim", "sft_ar.optim", "rl.optim_av", "rl.optim_ar"):

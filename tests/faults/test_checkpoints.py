@@ -120,3 +120,17 @@ def test_more_steps_extend_the_run(mid_sft_ar, ref_store, tmp_path):
     assert os.path.exists(os.path.join(d, "DONE")) and U.steps_of(d)[-1] == 8
     with open(os.path.join(d, "DONE")) as f:
         assert json.load(f)["step"] == 8
+
+
+def test_error_while_an_async_save_is_in_flight_one_line_and_the_save_completes(ref_store, reference, tmp_path):
+    """A user error raised in a stage while its checkpoint is being written in the background (here
+    injected right after the save starts): one line, no orbax/asyncio traceback from the writer
+    threads, and the save that was under way completes instead of being left half-written."""
+    wd = str(tmp_path / "w")
+    r = U.run(U.train_cmd(ref_store, wd, "--stages", "sft_av", *U.FAULT_TRAIN[2:]),
+              faults="train.sft_av.saving@1:error")
+    line = U.error_line(r, alone=False)
+    assert line == "error: injected fault at train.sft_av.saving (pass 1)", line
+    d = os.path.join(wd, "sft_av")
+    assert U.steps_of(d) == [2] and not U.tmp_dirs(d)
+    U.assert_same_params(os.path.join(reference, "sft_av", "2"), os.path.join(d, "2"))
