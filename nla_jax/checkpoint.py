@@ -197,12 +197,13 @@ class Checkpointer:
 
     def __init__(self, directory: str, *, keep: int | None = 3, async_save: bool = True,
                  fingerprint: str | None = None, read_only: bool = False,
-                 describe: Callable[[dict], str] | None = None) -> None:
+                 describe: Callable[[dict], str | None] | None = None) -> None:
         if keep is not None and keep < 1:
             raise UserError(f"checkpoint keep must be >= 1 (or None for all), got {keep}")
         self.directory = os.path.abspath(directory)
         self.fingerprint = fingerprint
-        # describe(meta of a step written under another fingerprint) -> what differs, for the message
+        # describe(meta of a step written under another fingerprint) -> None if its saved config
+        # agrees after all (e.g. fingerprinted by an older version), else what differs (the message)
         self.describe = describe
         self._saving: int | None = None  # the step an async save is writing
         self.read_only = read_only
@@ -309,8 +310,10 @@ class Checkpointer:
             if self.describe is not None:
                 try:
                     detail = self.describe(got.get("meta") or {})
-                except Exception:  # noqa: BLE001 - the message is best effort, the refusal is not
+                except Exception:  # noqa: BLE001 - best effort; without an answer the step is refused
                     detail = ""
+                if detail is None:
+                    return got
             detail = f": {detail}" if detail else ""
             raise UserError(f"checkpoints in {self.directory} were written by a different config "
                             f"(fingerprint {theirs} != {self.fingerprint}{detail}); use a fresh work directory")

@@ -162,9 +162,12 @@ def fingerprint(cfg, stage: str) -> str:
     return ckpt_lib.fingerprint(fingerprint_subset(json.loads(cfg.to_json()), stage))
 
 
-def describe_change(cfg, stage: str) -> Callable[[dict], str]:
-    """For Checkpointer(describe=): which fingerprinted keys differ between a checkpoint's saved
-    config and `cfg` (e.g. "sft_av.optim.lr is 5e-05 there, 0.001 now")."""
+def describe_change(cfg, stage: str) -> Callable[[dict], str | None]:
+    """For Checkpointer(describe=), called when a checkpoint's fingerprint differs: which fingerprinted
+    keys differ between the config saved with the checkpoint and `cfg` (e.g. "sft_av.optim.lr is 5e-05
+    there, 0.001 now"), or None when they all agree (a fingerprint from an older trainer: the saved
+    config is the authority). Keys only one side has are not compared: a key added to the config
+    later keeps the behaviour it had before it existed, by the convention for adding keys."""
     def flat(d, pre=""):
         out = {}
         for k, v in d.items():
@@ -172,15 +175,15 @@ def describe_change(cfg, stage: str) -> Callable[[dict], str]:
         return out
     now = flat(fingerprint_subset(json.loads(cfg.to_json()), stage))
 
-    def describe(meta: dict) -> str:
+    def describe(meta: dict) -> str | None:
         if "config" not in meta:
-            return ""
+            return "no config saved with it"
         then = flat(fingerprint_subset(meta["config"], stage))
-        diff = [k for k in sorted(set(now) | set(then)) if now.get(k) != then.get(k)]
+        diff = [k for k in sorted(set(now) & set(then)) if now[k] != then[k]]
         if not diff:
-            return "the same settings, fingerprinted by an older trainer"
+            return None
         more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""
-        return "; ".join(f"{k} is {then.get(k, 'unset')} there, {now.get(k, 'unset')} now" for k in diff[:3]) + more
+        return "; ".join(f"{k} is {then[k]} there, {now[k]} now" for k in diff[:3]) + more
     return describe
 
 
@@ -452,7 +455,7 @@ def load_final(S: Setup, name: str, key: str, init: Callable, txs_fn: Callable, 
     state0 = jax.eval_shape(init, S.target)
     sh = state_shardings(S, state0, txs_fn(), axes)
     mgr = ckpt_lib.Checkpointer(os.path.join(S.workdir, name), keep=S.cfg.train.keep, async_save=False,
-                                fingerprint=fingerprint(S.cfg, name))
+                                fingerprint=fingerprint(S.cfg, name), describe=describe_change(S.cfg, name))
     try:
         state, _ = mgr.restore(abstract_with(state0, sh))
     finally:

@@ -134,3 +134,21 @@ def test_error_while_an_async_save_is_in_flight_one_line_and_the_save_completes(
     d = os.path.join(wd, "sft_av")
     assert U.steps_of(d) == [2] and not U.tmp_dirs(d)
     U.assert_same_params(os.path.join(reference, "sft_av", "2"), os.path.join(d, "2"))
+
+
+def test_checkpoints_fingerprinted_by_an_older_trainer_accepted_when_their_config_agrees(
+        mid_sft_ar, ref_store, reference, tmp_path):
+    """The fingerprint is a shortcut; the config saved with each step decides. Steps whose fingerprint
+    was computed by another version of the trainer (here: overwritten) but whose saved config agrees
+    on every fingerprinted key resume as usual."""
+    wd = _copy(mid_sft_ar, tmp_path)
+    for step in ("2", "4"):
+        path = os.path.join(wd, "sft_ar", step, "meta", "metadata")
+        with open(path) as f:
+            payload = json.load(f)
+        payload["fingerprint"] = "0123456789abcdef"
+        with open(path, "w") as f:
+            json.dump(payload, f)
+    r = U.run(U.train_cmd(ref_store, wd, *SFT_AR))
+    U.ok(r)
+    U.assert_same_params(os.path.join(reference, "sft_ar", "6"), os.path.join(wd, "sft_ar", "6"))
