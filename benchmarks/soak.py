@@ -107,19 +107,9 @@ def train_steps(lines: list[dict], stage: str) -> list[int]:
 def final_state(wd: str, stage: str, step: int) -> dict:
     import logging
 
-    import jax
-    import numpy as np
-    import orbax.checkpoint as ocp
-    d = os.path.join(wd, stage, str(step), "state")
-    dev = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    from nla_jax.checkpoint import read_step_arrays
     logging.getLogger("absl").setLevel(logging.ERROR)  # plain orbax reads of a step's item warn about its layout
-    with ocp.StandardCheckpointer() as c:
-        meta = c.metadata(d)
-        meta = getattr(meta, "item_metadata", meta)
-        meta = getattr(meta, "tree", meta)
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=dev), meta)
-        tree = c.restore(d, target)
-    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return read_step_arrays(os.path.join(wd, stage, str(step)))
 
 
 def divergence(ref: str, wd: str, steps: tuple[int, ...]) -> dict:

@@ -186,6 +186,22 @@ def _path_str(path: tuple[str, ...]) -> str:
     return "".join(f"[{p}]" for p in path) or "<root>"
 
 
+def read_step_arrays(step_dir: str) -> dict[str, Any]:
+    """{path: numpy array} of one saved step's state (`<dir>/<step>`), read with plain orbax onto one
+    CPU device, whatever mesh wrote it. For tools and tests comparing runs leaf by leaf; no
+    fingerprint or shape checks (use Checkpointer.restore to resume)."""
+    import numpy as np
+    d = os.path.join(step_dir, _STATE)
+    dev = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    with ocp.StandardCheckpointer() as c:
+        meta = c.metadata(d)
+        meta = getattr(meta, "item_metadata", meta)
+        meta = getattr(meta, "tree", meta)
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=dev), meta)
+        tree = c.restore(d, target)
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 class Checkpointer:
     """Save/restore `(state, meta)` per step under one directory, newest `keep` retained.
 

@@ -101,18 +101,9 @@ def _steps(stage_dir):
 
 
 def _params(step_dir):
-    """{path: numpy array} of a checkpoint step's state, read with orbax onto this process's one device."""
-    import jax
-    import orbax.checkpoint as ocp
-    d = os.path.join(step_dir, "state")
-    dev = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-    with ocp.StandardCheckpointer() as c:
-        meta = c.metadata(d)
-        meta = getattr(meta, "item_metadata", meta)
-        meta = getattr(meta, "tree", meta)
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=dev), meta)
-        tree = c.restore(d, target)
-    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    """{path: numpy array} of a checkpoint step's state on this process's one device."""
+    from nla_jax.checkpoint import read_step_arrays
+    return read_step_arrays(step_dir)
 
 
 def _assert_same_params(a_dir, b_dir, rtol=0.0, atol=0.0, only=None):

@@ -170,17 +170,8 @@ def tmp_dirs(stage_dir: str) -> list[str]:
 
 def params(step_dir: str) -> dict[str, np.ndarray]:
     """{path: array} of a checkpoint step's state, read with plain orbax onto one CPU device."""
-    import jax
-    import orbax.checkpoint as ocp
-    d = os.path.join(step_dir, "state")
-    dev = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-    with ocp.StandardCheckpointer() as c:
-        meta = c.metadata(d)
-        meta = getattr(meta, "item_metadata", meta)
-        meta = getattr(meta, "tree", meta)
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=dev), meta)
-        tree = c.restore(d, target)
-    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    from nla_jax.checkpoint import read_step_arrays
+    return read_step_arrays(step_dir)
 
 
 def assert_same_params(ref_step_dir: str, got_step_dir: str) -> None:
