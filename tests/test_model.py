@@ -184,3 +184,49 @@ def test_forward_override_is_causal_and_matches_reference(tiny):
     # only -1 slots: the same as no override at all
     none = T.Override(jnp.full((1, 2), -1, jnp.int32), jnp.asarray(np.stack([vec, vec])[None]))
     np.testing.assert_allclose(fwd(params, toks, cfg=cfg, override=none)["logits"][0], plain, rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- 16-bit matmuls
+
+@pytest.mark.parametrize("cpu_grad", [True, False])
+def test_bf16_matmul_accumulates_in_float32(cpu_grad, monkeypatch):
+    """bf16 x bf16 dots accumulate in f32 and round once (the AMX path on CPU, native elsewhere).
+
+    K = 4096 terms of one sign: summed in bf16 the running total loses its low bits (bf16 has 8
+    mantissa bits), summed in f32 and rounded once it is the f32 result rounded to bf16.
+    The gradient's dx and dw get the same treatment, in both the hand-written CPU VJP and autodiff.
+    """
+    monkeypatch.setattr(T, "CPU_HANDWRITTEN_MATMUL_GRAD", cpu_grad)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.uniform(0.5, 1.5, (4, 4096)), jnp.bfloat16)
+    w = jnp.asarray(rng.uniform(0.5, 1.5, (4096, 8)), jnp.bfloat16)
+    x32, w32 = x.astype(jnp.float32), w.astype(jnp.float32)
+    y = T.matmul(x, w)
+    assert y.dtype == jnp.bfloat16
+    # XLA:CPU would give these values from a bf16-output dot too (it upcasts), but only the f32-output
+    # dot reaches its AMX kernels (~4x faster): the program must ask for f32 accumulation.
+    assert "preferred_element_type=float32" in str(jax.make_jaxpr(lambda a, b: T.matmul(a, b))(x, w))
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray((x32 @ w32).astype(jnp.bfloat16), np.float32))
+    logits = T.matmul(x, w.T, w_out_first=True, out_dtype=jnp.float32)   # the tied unembedding
+    assert logits.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(x32 @ w32), rtol=1e-6)
+    assert np.any(np.asarray(logits) != np.asarray(logits.astype(jnp.bfloat16), np.float32)), \
+        "float32 logits of bf16 operands were rounded to bf16"
+    dy = jnp.asarray(rng.uniform(0.5, 1.5, (4, 8)), jnp.bfloat16)
+    dx, dw = jax.grad(lambda a, b: jnp.sum(T.matmul(a, b).astype(jnp.float32) * dy.astype(jnp.float32)),
+                      argnums=(0, 1))(x, w)
+    assert dx.dtype == dw.dtype == jnp.bfloat16
+    dy32 = dy.astype(jnp.float32)
+    np.testing.assert_array_equal(np.asarray(dx, np.float32), np.asarray((dy32 @ w32.T).astype(jnp.bfloat16), np.float32))
+    np.testing.assert_array_equal(np.asarray(dw, np.float32), np.asarray((x32.T @ dy32).astype(jnp.bfloat16), np.float32))
+
+
+def test_bf16_forward_stays_close_to_float32(tiny):
+    """A bf16 copy of the weights gives float32 logits within bf16's rounding of the f32 model's."""
+    cfg, params, _ = tiny
+    toks = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 16)), jnp.int32)
+    ref = np.asarray(T.forward(params, toks, cfg)["logits"])
+    out = T.forward(jax.tree.map(lambda a: a.astype(jnp.bfloat16), params), toks, cfg)["logits"]
+    assert out.dtype == jnp.float32
+    # bf16 weights and activations: ~2^-8 relative per rounding, a few layers deep
+    assert rel_err(np.asarray(out), ref) < 0.05

@@ -96,35 +96,52 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:
 
 # ----------------------------------------------------------------------------- pieces
 
-def _dot_last(x: jax.Array, w: jax.Array, w_out_first: bool) -> jax.Array:
-    """x [..., K] times w ([K, M], or [M, K] when w_out_first) -> [..., M]."""
-    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1 if w_out_first else 0,)), ((), ())))
+def _acc(*arrays: jax.Array):
+    """Accumulation dtype of a dot: float32 whenever an operand is narrower.
+
+    bf16 x bf16 -> f32 is what accelerators do natively, and on XLA:CPU it is the only bf16 dot
+    that reaches the AMX units: a bf16-output dot is upcast to f32 copies of both operands and
+    runs at the f32 rate (4096^3 on this 2-core CPU: ~280 GFLOP/s bf16-out vs ~1,080 f32-out).
+    """
+    return jnp.float32 if any(jnp.dtype(a.dtype).itemsize < 4 for a in arrays) else None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _matmul_cpu(x: jax.Array, w: jax.Array, w_out_first: bool) -> jax.Array:
-    return _dot_last(x, w, w_out_first)
+def _dot(a: jax.Array, b: jax.Array, dims, out_dtype) -> jax.Array:
+    """dot_general accumulating in `_acc`, cast to out_dtype."""
+    y = jax.lax.dot_general(a, b, (dims, ((), ())), preferred_element_type=_acc(a, b))
+    return y.astype(out_dtype)
 
 
-def _matmul_cpu_fwd(x, w, w_out_first):
-    return _dot_last(x, w, w_out_first), (x, w)
+def _dot_last(x: jax.Array, w: jax.Array, w_out_first: bool, out_dtype) -> jax.Array:
+    """x [..., K] times w ([K, M], or [M, K] when w_out_first) -> [..., M] in out_dtype."""
+    return _dot(x, w, ((x.ndim - 1,), (1 if w_out_first else 0,)), out_dtype)
 
 
-def _matmul_cpu_bwd(w_out_first, res, dy):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _matmul_cpu(x: jax.Array, w: jax.Array, w_out_first: bool, out_dtype) -> jax.Array:
+    return _dot_last(x, w, w_out_first, out_dtype)
+
+
+def _matmul_cpu_fwd(x, w, w_out_first, out_dtype):
+    return _dot_last(x, w, w_out_first, out_dtype), (x, w)
+
+
+def _matmul_cpu_bwd(w_out_first, out_dtype, res, dy):
     # Written out because XLA:CPU schedules autodiff's version badly: it fuses the elementwise
     # backward (silu', softmax') into a transposed copy feeding the weight-gradient dot, a loop
     # that strides through memory and cost more than the matmuls (SwiGLU MLP forward+backward
     # 106 ms -> 59 ms at 8x128 tokens). Contracting the token axis of two row-major 2-D arrays
     # directly keeps every operand in the layout it was produced in.
     x, w = res
+    dy = dy.astype(x.dtype)  # a float32 cotangent of 16-bit operands (the logits) meets them at their width
     k, m = x.shape[-1], dy.shape[-1]
     x2, dy2 = x.reshape(-1, k), dy.reshape(-1, m)
-    dx = jax.lax.dot_general(dy, w, (((dy.ndim - 1,), (0 if w_out_first else 1,)), ((), ())))
+    dx = _dot(dy, w, ((dy.ndim - 1,), (0 if w_out_first else 1,)), x.dtype)
     if w_out_first:
-        dw = jax.lax.dot_general(dy2, x2, (((0,), (0,)), ((), ())))  # [M, K]
+        dw = _dot(dy2, x2, ((0,), (0,)), w.dtype)  # [M, K]
     else:
-        dw = jax.lax.dot_general(x2, dy2, (((0,), (0,)), ((), ())))  # [K, M]
-    return dx.astype(x.dtype), dw.astype(w.dtype)
+        dw = _dot(x2, dy2, ((0,), (0,)), w.dtype)  # [K, M]
+    return dx, dw
 
 
 _matmul_cpu.defvjp(_matmul_cpu_fwd, _matmul_cpu_bwd)
@@ -137,13 +154,14 @@ CPU_HANDWRITTEN_MATMUL_GRAD = True
 def matmul(x: jax.Array, w: jax.Array, *, w_out_first: bool = False, out_dtype=None) -> jax.Array:
     """A weight matmul: x [..., K] @ w [K, M] (or w [M, K] with w_out_first) -> [..., M].
 
-    On CPU the gradient is hand-written (`_matmul_cpu_bwd`); elsewhere plain autodiff.
+    On CPU the gradient is hand-written (`_matmul_cpu_bwd`); elsewhere plain autodiff. 16-bit
+    operands accumulate in float32 (`_acc`); the result is x's dtype unless out_dtype is given.
     """
     if jax.default_backend() == "cpu" and CPU_HANDWRITTEN_MATMUL_GRAD:
-        y = _matmul_cpu(x, w, w_out_first)
-        return y if out_dtype is None else y.astype(out_dtype)
-    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1 if w_out_first else 0,)), ((), ())),
-                               preferred_element_type=out_dtype)
+        return _matmul_cpu(x, w, w_out_first, jnp.dtype(out_dtype if out_dtype is not None else x.dtype))
+    dims = (((x.ndim - 1,), (1 if w_out_first else 0,)), ((), ()))
+    y = jax.lax.dot_general(x, w, dims, preferred_element_type=_acc(x, w) or out_dtype)
+    return y.astype(out_dtype if out_dtype is not None else x.dtype)
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
@@ -240,7 +258,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     scores = jnp.einsum("bkgsh,bkth->bkgst", qg, k, preferred_element_type=jnp.float32) * (hd ** -0.5)
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgst,bkth->bkgsh", probs, v)
+    out = jnp.einsum("bkgst,bkth->bkgsh", probs, v, preferred_element_type=_acc(probs, v)).astype(v.dtype)
     return out.reshape(b, H, s, hd)
 
 
