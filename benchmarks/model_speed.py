@@ -10,6 +10,13 @@ Measures (float32, SmolLM2-135M-Instruct from the embedded GGUF):
   (no hand-written matmul gradient) for reference; sampler new tok/s at each generation batch
   with exactly --new-tokens new tokens (no EOS stop) vs `generate`, and the decode step time
   next to its lower bound (all matmul weights read once at the measured memory bandwidth).
+  The same in bfloat16 (16-bit weights, float32 accumulation), beside transformers' bfloat16.
+Matmul-only programs: the forward, forward+backward and one decode step reduced to their weight
+matmuls (same shapes and weights, layers unrolled; no attention, norms or sampling), as the ratio
+to the peer they would give. An estimate of how far XLA:CPU's GEMMs could carry each, not a strict
+bound: the unrolled f32 forward has measured *slower* than the real scanned one.
+--rounds N alternates peer and ours N times and keeps each metric's best (the machine is shared:
+interference only ever slows a run down).
 The peer runs through ../shared/peers/hf_peer.py in its own venv (NLA_PEERS_PYTHON, or
 build/peers-venv, or ~/.cache/nla-peers-venv). Compare ratios from one run: the machine is
 shared and absolute times drift.
@@ -87,36 +94,48 @@ def measure_ours(args) -> dict:
     print("[ours] matmul ceiling", file=sys.stderr, flush=True)
     res["matmul_float32_gflops"] = 2 * n ** 3 / timeit(lambda: mm(a).block_until_ready()) / 1e9
 
-    fwd = jax.jit(lambda p, t: T.forward(p, t, cfg)["logits"])
-    print("[ours] forward", file=sys.stderr, flush=True)
-    t = timeit(lambda: fwd(params, tokens).block_until_ready())
-    res["forward_float32_tok_s"] = B * S / t
+    def speed(params, tag: str, plain: bool):
+        fwd = jax.jit(lambda p, t: T.forward(p, t, cfg)["logits"])
+        print(f"[ours] forward {tag}", file=sys.stderr, flush=True)
+        res[f"forward_{tag}_tok_s"] = B * S / timeit(lambda: fwd(params, tokens).block_until_ready())
+
+        def loss(p, t):
+            return next_token_loss(T.forward(p, t, cfg)["logits"], t)
+
+        grad = jax.jit(jax.value_and_grad(loss))
+        print(f"[ours] forward+backward {tag}", file=sys.stderr, flush=True)
+        res[f"train_{tag}_tok_s"] = B * S / timeit(lambda: jax.block_until_ready(grad(params, tokens)), 1, 3)
+        if plain:  # for reference: autodiff through every matmul and log_softmax + take
+            def plain_loss(p, t):
+                logits = T.forward(p, t, cfg)["logits"][:, :-1]
+                logp = jax.nn.log_softmax(logits, axis=-1)
+                return -jnp.mean(jnp.take_along_axis(logp, t[:, 1:, None], axis=-1))
+
+            T.CPU_HANDWRITTEN_MATMUL_GRAD = False
+            try:
+                g = jax.jit(jax.value_and_grad(plain_loss))
+                print("[ours] forward+backward, plain autodiff baseline", file=sys.stderr, flush=True)
+                res[f"train_plain_autodiff_{tag}_tok_s"] = B * S / timeit(
+                    lambda: jax.block_until_ready(g(params, tokens)), 1, 3)
+            finally:
+                T.CPU_HANDWRITTEN_MATMUL_GRAD = True
+        split = sampling.split_layers(params)
+        sc = sampling.SampleConfig(max_new_tokens=args.new_tokens, greedy=True, stop_at_eos=False)
+        for gb in args.gen_batches:
+            prompts = (PROMPTS * (gb // len(PROMPTS) + 1))[:gb]
+            toks, valid = sampling.pad_prompts([tok.encode_chat(p) for p in prompts], cfg.pad_id)
+            toks, valid = jnp.asarray(toks), jnp.asarray(valid)
+            key = jax.random.key(0)
+            print(f"[ours] sampler {tag} batch {gb}", file=sys.stderr, flush=True)
+            t = timeit(lambda: jax.block_until_ready(sampling.sample(split, toks, valid, key, cfg=cfg, sc=sc)), 1, 3)
+            res[f"generate_{tag}_batch{gb}_new_tok_s"] = gb * args.new_tokens / t
+            res[f"decode_step_{tag}_batch{gb}_ms"] = t / args.new_tokens * 1e3
+
+    speed(params, "float32", plain=True)
+    t = res["forward_float32_tok_s"]
     flops = cfg.matmul_flops_per_token() + cfg.attention_flops_per_token(S // 2)
-    res["forward_gflops"] = flops * B * S / t / 1e9
+    res["forward_gflops"] = flops * t / 1e9
     res["forward_fraction_of_ceiling"] = res["forward_gflops"] / res["matmul_float32_gflops"]
-
-    def loss(p, t):
-        return next_token_loss(T.forward(p, t, cfg)["logits"], t)
-
-    grad = jax.jit(jax.value_and_grad(loss))
-    print("[ours] forward+backward", file=sys.stderr, flush=True)
-    t = timeit(lambda: jax.block_until_ready(grad(params, tokens)), 1, 3)
-    res["train_float32_tok_s"] = B * S / t
-
-    # The plain version for reference: autodiff through every matmul and log_softmax + take.
-    def plain_loss(p, t):
-        logits = T.forward(p, t, cfg)["logits"][:, :-1]
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        return -jnp.mean(jnp.take_along_axis(logp, t[:, 1:, None], axis=-1))
-
-    T.CPU_HANDWRITTEN_MATMUL_GRAD = False
-    try:
-        plain = jax.jit(jax.value_and_grad(plain_loss))
-        print("[ours] forward+backward, plain autodiff baseline", file=sys.stderr, flush=True)
-        t = timeit(lambda: jax.block_until_ready(plain(params, tokens)), 1, 3)
-        res["train_plain_autodiff_float32_tok_s"] = B * S / t
-    finally:
-        T.CPU_HANDWRITTEN_MATMUL_GRAD = True
 
     # Decode is bound by streaming the weights: one read of every matmul weight per step.
     big = jnp.ones((64 * 1024 * 1024 // 4,), jnp.float32)  # 64 MiB
@@ -125,17 +144,53 @@ def measure_ours(args) -> dict:
     weight_bytes = (cfg.matmul_flops_per_token() // 2) * 4
     res["decode_step_lower_bound_ms"] = weight_bytes / (res["memory_read_gb_s"] * 1e9) * 1e3
 
-    sc = sampling.SampleConfig(max_new_tokens=args.new_tokens, greedy=True, stop_at_eos=False)
-    for gb in args.gen_batches:
-        prompts = (PROMPTS * (gb // len(PROMPTS) + 1))[:gb]
-        toks, valid = sampling.pad_prompts([tok.encode_chat(p) for p in prompts], cfg.pad_id)
-        toks, valid = jnp.asarray(toks), jnp.asarray(valid)
-        key = jax.random.key(0)
-        print(f"[ours] sampler batch {gb}", file=sys.stderr, flush=True)
-        t = timeit(lambda: jax.block_until_ready(sampling.sample(params, toks, valid, key, cfg=cfg, sc=sc)), 1, 3)
-        res[f"generate_float32_batch{gb}_new_tok_s"] = gb * args.new_tokens / t
-        res[f"decode_step_batch{gb}_ms"] = t / args.new_tokens * 1e3
+    # Matmul-only programs: every weight matmul of the forward / one decode step, nothing else. The
+    # layers come split (separate arrays, as the sampler holds them) so no weight is sliced or copied.
+    def matmuls_only(p, x):  # x: [m, d] -> logits [m, V]
+        D = cfg.d_model
+        for lp in p["layers"]:
+            q = T.matmul(x, lp["wq"].reshape(D, -1))
+            k = T.matmul(x, lp["wk"].reshape(D, -1))
+            v = T.matmul(x, lp["wv"].reshape(D, -1))
+            o = T.matmul(q, lp["wo"].reshape(-1, D))
+            f = T.matmul(x, lp["w_gate"]) * T.matmul(x, lp["w_up"])
+            x = x + o + T.matmul(f, lp["w_down"]) + (k.sum() + v.sum()).astype(x.dtype)
+        w = p["embed"] if cfg.tie_embeddings else p["lm_head"]
+        return T.matmul(x, w, w_out_first=cfg.tie_embeddings, out_dtype=jnp.float32)
+
+    mm_only = jax.jit(matmuls_only)
+
+    def bounds(pp, tag, dt):
+        print(f"[ours] matmul-only programs {tag}", file=sys.stderr, flush=True)
+        x = jnp.asarray(np.random.default_rng(2).standard_normal((B * S, cfg.d_model)) * 0.02, dt)
+        res[f"forward_matmuls_only_{tag}_tok_s"] = B * S / timeit(lambda: mm_only(pp, x).block_until_ready())
+        if tag == "float32":  # forward+backward: the same matmuls and their two gradient matmuls each
+            # a dense cotangent (a constant one lets XLA turn the logits' gradient dots into reductions)
+            r = jnp.asarray(np.random.default_rng(4).standard_normal((B * S, cfg.vocab_size)), jnp.float32)
+            g = jax.jit(jax.grad(lambda p, x, r: jnp.sum(matmuls_only(p, x) * r)))
+            res[f"train_matmuls_only_{tag}_tok_s"] = B * S / timeit(lambda: jax.block_until_ready(g(pp, x, r)), 1, 3)
+            del r
+        for gb in args.gen_batches:
+            xg = jnp.asarray(np.random.default_rng(3).standard_normal((gb, cfg.d_model)) * 0.02, dt)
+            step = timeit(lambda: mm_only(pp, xg).block_until_ready(), 2, 9)
+            res[f"decode_step_matmuls_only_{tag}_batch{gb}_ms"] = step * 1e3
+            res[f"generate_matmuls_only_{tag}_batch{gb}_new_tok_s"] = gb / step
+
+    bounds(sampling.split_layers(params), "float32", jnp.float32)
+    bounds(sampling.split_layers(jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)), "bfloat16", jnp.bfloat16)
+
+    speed(jax.tree.map(lambda a: a.astype(jnp.bfloat16), params), "bfloat16", plain=False)
     return res
+
+
+def best_of(runs: list[dict]) -> dict:
+    """Per key, the best of several runs: max for rates, min for times (`_ms`); others from the last."""
+    out = dict(runs[-1])
+    for k in out:
+        vals = [r[k] for r in runs if isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)]
+        if len(vals) == len(runs) and vals:
+            out[k] = min(vals) if k.endswith("_ms") else max(vals)
+    return out
 
 
 def main() -> int:
@@ -145,6 +200,7 @@ def main() -> int:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--gen-batches", default="8,32")
+    p.add_argument("--rounds", type=int, default=1, help="alternate peer and ours this many times; keep the best")
     p.add_argument("--skip-peer", action="store_true")
     args = p.parse_args()
     args.gen_batches = [int(x) for x in args.gen_batches.split(",")]
@@ -154,36 +210,63 @@ def main() -> int:
         print("peer venv or ../shared/peers not found: run `bash ../shared/peers/setup.sh` or pass --skip-peer",
               file=sys.stderr)
         return 2
-    peer: dict = {}
-    if peer_py:
-        peer["matmul"] = run_peer(peer_py, ["matmul"])
-        peer["speed"] = run_peer(peer_py, ["speed", "--batch", str(args.batch), "--seq", str(args.seq),
-                                           "--new-tokens", str(args.new_tokens),
-                                           "--gen-batches", ",".join(map(str, args.gen_batches))])
-    ours = measure_ours(args)
+    peer_runs: dict[str, list] = {"matmul": [], "speed": []}
+    our_runs = []
+    for r in range(args.rounds):
+        if peer_py:
+            peer_runs["matmul"].append(run_peer(peer_py, ["matmul"]))
+            peer_runs["speed"].append(run_peer(peer_py, [
+                "speed", "--batch", str(args.batch), "--seq", str(args.seq), "--new-tokens", str(args.new_tokens),
+                "--gen-batches", ",".join(map(str, args.gen_batches))]))
+        our_runs.append(measure_ours(args))
+    peer = {k: best_of(v) for k, v in peer_runs.items() if v}
+    ours = best_of(our_runs)
 
     ps = peer.get("speed", {})
-    rows = [("forward tok/s (f32, %dx%d)" % (args.batch, args.seq), ours["forward_float32_tok_s"],
-             ps.get("forward_float32_tok_s"), 1.1),
-            ("forward+backward tok/s (f32)", ours["train_float32_tok_s"], ps.get("train_float32_tok_s"), 1.0)]
-    for gb in args.gen_batches:
-        rows.append((f"sampler new tok/s (batch {gb}, {args.new_tokens} new)",
-                     ours[f"generate_float32_batch{gb}_new_tok_s"], ps.get(f"generate_float32_batch{gb}_new_tok_s"),
-                     3.0 if gb == 32 else None))
+    rows = []
+    for tag, goals in (("float32", (1.1, 1.0, 3.0)), ("bfloat16", (None, None, None))):
+        rows += [(f"forward tok/s ({tag}, {args.batch}x{args.seq})", ours[f"forward_{tag}_tok_s"],
+                  ps.get(f"forward_{tag}_tok_s"), goals[0]),
+                 (f"forward+backward tok/s ({tag})", ours[f"train_{tag}_tok_s"], ps.get(f"train_{tag}_tok_s"), goals[1])]
+        for gb in args.gen_batches:
+            rows.append((f"sampler new tok/s ({tag}, batch {gb})", ours[f"generate_{tag}_batch{gb}_new_tok_s"],
+                         ps.get(f"generate_{tag}_batch{gb}_new_tok_s"), goals[2] if gb == 32 else None))
+    bounds = []
+    for tag in ("float32", "bfloat16"):
+        bounds.append((f"forward, matmuls only ({tag})", ours[f"forward_matmuls_only_{tag}_tok_s"],
+                       ps.get(f"forward_{tag}_tok_s")))
+        if f"train_matmuls_only_{tag}_tok_s" in ours:
+            bounds.append((f"forward+backward, matmuls only ({tag})", ours[f"train_matmuls_only_{tag}_tok_s"],
+                           ps.get(f"train_{tag}_tok_s")))
+        for gb in args.gen_batches:
+            bounds.append((f"decode, matmuls only ({tag}, batch {gb})",
+                           ours[f"generate_matmuls_only_{tag}_batch{gb}_new_tok_s"],
+                           ps.get(f"generate_{tag}_batch{gb}_new_tok_s")))
     table = []
-    print(f"\n{'metric':44s} {'nla_jax':>10s} {'transformers':>13s} {'ratio':>7s} {'goal':>6s}")
-    for name, o, t, goal in rows:
+
+    def line(name, o, t, goal=None, rec=True):
         ratio = o / t if t else None
         met = None if ratio is None or goal is None else ratio >= goal
-        table.append({"metric": name, "nla_jax": o, "transformers": t, "ratio": ratio, "goal": goal, "met": met})
+        if rec:
+            table.append({"metric": name, "nla_jax": o, "transformers": t, "ratio": ratio, "goal": goal, "met": met})
         print(f"{name:44s} {o:10.1f} {t if t else float('nan'):13.1f} {ratio if ratio else float('nan'):7.2f} "
               f"{'' if goal is None else '>=%.1fx' % goal:>6s} {'' if met is None else ('ok' if met else 'MISSED')}")
-    print(f"{'forward+backward, plain autodiff (reference)':44s} {ours['train_plain_autodiff_float32_tok_s']:10.1f} "
-          f"{ps.get('train_float32_tok_s', float('nan')):13.1f} "
-          f"{ours['train_plain_autodiff_float32_tok_s'] / ps['train_float32_tok_s'] if ps else float('nan'):7.2f}")
-    for gb in args.gen_batches:
-        print(f"{'decode ms/step (batch %d) vs weight-read bound' % gb:44s} {ours[f'decode_step_batch{gb}_ms']:10.1f} "
-              f"{ours['decode_step_lower_bound_ms']:13.1f}   (memory read {ours['memory_read_gb_s']:.1f} GB/s)")
+        return {"metric": name, "matmuls_only": o, "transformers": t, "ratio": ratio}
+
+    print(f"\n{'metric (best of %d rounds)' % args.rounds:44s} {'nla_jax':>10s} {'transformers':>13s} {'ratio':>7s} {'goal':>6s}")
+    for name, o, t, goal in rows:
+        line(name, o, t, goal)
+    line("forward+backward, plain autodiff (reference)", ours["train_plain_autodiff_float32_tok_s"],
+         ps.get("train_float32_tok_s"), rec=False)
+    print(f"\n{'matmul-only programs (tok/s, estimates)':44s} {'nla_jax':>10s} {'transformers':>13s} {'ratio':>7s}")
+    bound_rows = [line(name, o, t, rec=False) for name, o, t in bounds]
+    print()
+    for tag in ("float32", "bfloat16"):
+        for gb in args.gen_batches:
+            print(f"{'decode ms/step (%s, batch %d)' % (tag, gb):44s} {ours[f'decode_step_{tag}_batch{gb}_ms']:10.1f}"
+                  f"   matmuls only {ours[f'decode_step_matmuls_only_{tag}_batch{gb}_ms']:.1f}")
+    print(f"{'decode weight-read bound, float32 (ms)':44s} {ours['decode_step_lower_bound_ms']:10.1f}"
+          f"   (memory read {ours['memory_read_gb_s']:.1f} GB/s)")
     frac = ours["forward_fraction_of_ceiling"]
     print(f"{'forward GFLOP/s / XLA f32 matmul ceiling':44s} {ours['forward_gflops']:10.1f} "
           f"{ours['matmul_float32_gflops']:13.1f} {frac:7.2f} {'>=0.9':>6s} {'ok' if frac >= 0.9 else 'MISSED'}")
@@ -191,7 +274,8 @@ def main() -> int:
         print(f"{'torch f32 matmul GFLOP/s (peer ceiling)':44s} {'':10s} {peer['matmul']['matmul_float32_gflops']:13.1f}")
     result = {"benchmark": "model_speed", "machine": platform.machine(), "cpu_count": os.cpu_count(),
               "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "args": vars(args), "nla_jax": ours, "peer": peer,
-              "table": table, "forward_fraction_of_ceiling": frac}
+              "rounds": {"nla_jax": our_runs, "peer": peer_runs}, "table": table, "matmul_only_programs": bound_rows,
+              "forward_fraction_of_ceiling": frac}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

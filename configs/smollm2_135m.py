@@ -25,7 +25,7 @@ def get_config(arg=None):
     cfg = ml_collections.ConfigDict()
     cfg.model = ml_collections.ConfigDict(dict(
         source="embedded",   # or a .gguf path, or a Hugging Face safetensors directory
-        dtype="float32",     # float32 on CPU (XLA:CPU bf16 matmuls are slower); bfloat16 on accelerators
+        dtype="float32",     # float32 on CPU (bf16 training is slow on XLA:CPU: WORKSPACE); bfloat16 on accelerators
         layer=20,            # block K: the residual stream after block K (HF hidden_states[K + 1])
         remat=False,
         arch=ml_collections.ConfigDict(),  # only for source="random"
