@@ -157,11 +157,10 @@ def matmul(x: jax.Array, w: jax.Array, *, w_out_first: bool = False, out_dtype=N
     On CPU the gradient is hand-written (`_matmul_cpu_bwd`); elsewhere plain autodiff. 16-bit
     operands accumulate in float32 (`_acc`); the result is x's dtype unless out_dtype is given.
     """
+    out = jnp.dtype(out_dtype if out_dtype is not None else x.dtype)
     if jax.default_backend() == "cpu" and CPU_HANDWRITTEN_MATMUL_GRAD:
-        return _matmul_cpu(x, w, w_out_first, jnp.dtype(out_dtype if out_dtype is not None else x.dtype))
-    dims = (((x.ndim - 1,), (1 if w_out_first else 0,)), ((), ()))
-    y = jax.lax.dot_general(x, w, dims, preferred_element_type=_acc(x, w) or out_dtype)
-    return y.astype(out_dtype if out_dtype is not None else x.dtype)
+        return _matmul_cpu(x, w, w_out_first, out)
+    return _dot_last(x, w, w_out_first, out)
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
