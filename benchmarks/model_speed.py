@@ -11,6 +11,7 @@ Measures (float32, SmolLM2-135M-Instruct from the embedded GGUF):
   with exactly --new-tokens new tokens (no EOS stop) vs `generate`, and the decode step time
   next to its lower bound (all matmul weights read once at the measured memory bandwidth).
   The same in bfloat16 (16-bit weights, float32 accumulation), beside transformers' bfloat16.
+  Our side runs with the CLIs' host-malloc set-up (nla_jax/hostmem.py) unless --host-malloc system.
 Matmul-only programs: the forward, forward+backward and one decode step reduced to their weight
 matmuls (same shapes and weights, layers unrolled; no attention, norms or sampling), as the ratio
 to the peer they would give. An estimate of how far XLA:CPU's GEMMs could carry each, not a strict
@@ -203,7 +204,11 @@ def main() -> int:
     p.add_argument("--gen-batches", default="8,32")
     p.add_argument("--rounds", type=int, default=1, help="alternate peer and ours this many times; keep the best")
     p.add_argument("--skip-peer", action="store_true")
+    p.add_argument("--host-malloc", choices=("reuse", "system"), default="reuse",
+                   help="nla_jax's malloc set-up (nla_jax/hostmem.py; the CLIs use 'reuse'); the peer keeps its own")
     args = p.parse_args()
+    from nla_jax import hostmem
+    args.host_malloc_applied = hostmem.tune_malloc(args.host_malloc)  # before JAX starts its threads
     args.gen_batches = [int(x) for x in args.gen_batches.split(",")]
 
     peer_py = None if args.skip_peer else find_peer_python()

@@ -68,11 +68,19 @@ def _close_progress_bars() -> None:
 
 
 def cli_main(fn: Callable[..., int | None]) -> Callable[..., int | None]:
-    """Decorator for CLI entry points: UserError -> one line on stderr, exit 2."""
+    """Decorator for CLI entry points: UserError -> one line on stderr, exit 2.
+
+    Run as a program (no arguments: argv comes from sys.argv) it first sets up host malloc
+    (`hostmem.tune_malloc`), which has to precede JAX's worker threads; a caller passing argv
+    in a process that has already run JAX (the tests) leaves malloc alone.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            if not args and not kwargs:
+                from nla_jax import hostmem
+                hostmem.tune_malloc()
             return fn(*args, **kwargs)
         except UserError as e:
             msg = str(e).strip().replace("\n", " ")

@@ -1,0 +1,54 @@
+"""Host-memory set-up: keep glibc malloc from handing big buffers back to the kernel every step.
+
+XLA:CPU allocates each executable's temporaries and outputs with plain malloc. glibc serves
+anything over its mmap threshold with a fresh mmap and unmaps it on free, and trims its heaps
+(per-thread arenas included) back to the kernel; so every training step first-touches gigabytes
+of new pages. Measured on the 2-core CPU, SmolLM2-135M forward+backward at 8x128 tokens: ~800k
+minor page faults and ~1.5 s of system time per step (~5.2 s wall); with this set-up 0 faults
+after warm-up and ~4.1 s. The forward goes from ~1.47 s to ~1.2 s. The price is a higher
+resident peak: freed memory stays in the heap for reuse (4.2 -> 6.5 GB maxrss for that step).
+TPU/GPU jobs keep their activations on the device, where this changes nothing.
+
+`tune_malloc()` must run before JAX starts its worker threads (before the first computation):
+a thread that already has its own arena keeps it. CLIs call it first thing in `main`.
+Set NLA_HOST_MALLOC=system to leave malloc as it is.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+
+# mallopt(3) parameter numbers (glibc malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8
+
+_done: bool | None = None
+
+
+def tune_malloc(mode: str | None = None) -> bool:
+    """Make glibc keep and reuse freed memory; True if applied. Idempotent; a no-op off glibc.
+
+    mode: "reuse" or "system" (leave malloc alone); default NLA_HOST_MALLOC, else "reuse".
+    """
+    global _done
+    if _done is not None:
+        return _done
+    mode = mode or os.environ.get("NLA_HOST_MALLOC", "reuse")
+    if mode not in ("reuse", "system"):
+        from nla_jax.errors import UserError
+        raise UserError(f"NLA_HOST_MALLOC={mode!r}: expected 'reuse' or 'system'")
+    _done = False
+    if mode == "system" or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        ok = all(libc.mallopt(k, v) == 1 for k, v in (
+            (_M_ARENA_MAX, 1),            # one arena: worker threads share the main heap...
+            (_M_MMAP_MAX, 0),             # ...which serves every size, big buffers included...
+            (_M_TRIM_THRESHOLD, -1),      # ...and is never trimmed (-1 reads as SIZE_MAX)
+            (_M_TOP_PAD, 256 << 20),      # grow it in large steps
+        ))
+    except (OSError, AttributeError):
+        return False
+    _done = ok
+    return ok
