@@ -11,7 +11,8 @@ Measures (float32, SmolLM2-135M-Instruct from the embedded GGUF):
   with exactly --new-tokens new tokens (no EOS stop) vs `generate`, and the decode step time
   next to its lower bound (all matmul weights read once at the measured memory bandwidth).
   The same in bfloat16 (16-bit weights, float32 accumulation), beside transformers' bfloat16.
-  Our side runs with the CLIs' host-malloc set-up (nla_jax/hostmem.py) unless --host-malloc system.
+  Our side runs with the CLIs' host-malloc set-up (nla_jax/hostmem.py) unless --host-malloc system;
+  the peer as installed unless --peer-malloc reuse.
 Matmul-only programs: the forward, forward+backward and one decode step reduced to their weight
 matmuls (same shapes and weights, layers unrolled; no attention, norms or sampling), as the ratio
 to the peer they would give. An estimate of how far XLA:CPU's GEMMs could carry each, not a strict
@@ -65,11 +66,19 @@ def timeit(fn, warmup: int = 1, runs: int = 5) -> float:
     return statistics.median(ts)
 
 
-def run_peer(py: str, cmd: list[str]) -> dict:
+# glibc tunables equal to nla_jax.hostmem's mallopt calls, for the peer's side of --peer-malloc reuse
+PEER_REUSE_TUNABLES = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
+                       "glibc.malloc.trim_threshold=18446744073709551615:glibc.malloc.top_pad=268435456")
+
+
+def run_peer(py: str, cmd: list[str], malloc: str = "system") -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
     print(f"[peer] {' '.join(cmd)}", file=sys.stderr, flush=True)
-    subprocess.run([py, PEER_SCRIPT, *cmd, "--out", out], check=True, stdout=subprocess.DEVNULL)
+    env = dict(os.environ)
+    if malloc == "reuse":
+        env["GLIBC_TUNABLES"] = PEER_REUSE_TUNABLES
+    subprocess.run([py, PEER_SCRIPT, *cmd, "--out", out], check=True, stdout=subprocess.DEVNULL, env=env)
     with open(out) as f:
         return json.load(f)
 
@@ -205,7 +214,10 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=1, help="alternate peer and ours this many times; keep the best")
     p.add_argument("--skip-peer", action="store_true")
     p.add_argument("--host-malloc", choices=("reuse", "system"), default="reuse",
-                   help="nla_jax's malloc set-up (nla_jax/hostmem.py; the CLIs use 'reuse'); the peer keeps its own")
+                   help="nla_jax's malloc set-up (nla_jax/hostmem.py; the CLIs use 'reuse')")
+    p.add_argument("--peer-malloc", choices=("reuse", "system"), default="system",
+                   help="the peer's: 'system' is transformers as installed; 'reuse' gives it the same set-up "
+                        "(GLIBC_TUNABLES), to see how much of a ratio is the allocator")
     args = p.parse_args()
     from nla_jax import hostmem
     args.host_malloc_applied = hostmem.tune_malloc(args.host_malloc)  # before JAX starts its threads
@@ -220,10 +232,10 @@ def main() -> int:
     our_runs = []
     for r in range(args.rounds):
         if peer_py:
-            peer_runs["matmul"].append(run_peer(peer_py, ["matmul"]))
+            peer_runs["matmul"].append(run_peer(peer_py, ["matmul"], args.peer_malloc))
             peer_runs["speed"].append(run_peer(peer_py, [
                 "speed", "--batch", str(args.batch), "--seq", str(args.seq), "--new-tokens", str(args.new_tokens),
-                "--gen-batches", ",".join(map(str, args.gen_batches))]))
+                "--gen-batches", ",".join(map(str, args.gen_batches))], args.peer_malloc))
         our_runs.append(measure_ours(args))
     peer = {k: best_of(v) for k, v in peer_runs.items() if v}
     ours = best_of(our_runs)

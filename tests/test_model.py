@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -230,3 +231,37 @@ def test_bf16_forward_stays_close_to_float32(tiny):
     assert out.dtype == jnp.float32
     # bf16 weights and activations: ~2^-8 relative per rounding, a few layers deep
     assert rel_err(np.asarray(out), ref) < 0.05
+
+
+def _scan_residuals(cfg, params, toks, remat):
+    """Shapes the forward scan of a gradient stacks for its backward pass (its outputs bar the carry)."""
+    loss = lambda p: T.forward(p, toks, cfg, remat=remat)["logits"].sum()
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(params)
+    scans = []
+
+    def walk(jp):
+        for e in jp.eqns:
+            if e.primitive.name == "scan":
+                scans.append(e)
+            for sub in jax.extend.core.jaxprs_in_params(e.params):
+                walk(sub)
+
+    walk(jaxpr.jaxpr)
+    first = scans[0]  # the forward's scan comes first; the backward's scans over the same layers follow
+    return [tuple(v.aval.shape) for v in first.outvars[1:]]
+
+
+def test_backward_keeps_matmul_outputs_not_elementwise_intermediates(tiny_llama):
+    # remat=False keeps the weight-matmul outputs and recomputes the elementwise work: the MLP
+    # leaves exactly two [L, b, s, F] stacks (gate and up), where keeping everything also stacks
+    # silu(gate), its sigmoid and the product (6 on this tree); remat=True keeps none.
+    cfg, params, _ = tiny_llama
+    toks = jnp.asarray(_tokens(cfg, 7, seed=4)[None])
+    L, F = cfg.n_layers, cfg.d_ff
+    ff = lambda shapes: sum(1 for s in shapes if s[0] == L and s[-1] == F)
+    assert F not in (cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim)
+    assert ff(_scan_residuals(cfg, params, toks, remat=False)) == 2
+    assert ff(_scan_residuals(cfg, params, toks, remat=True)) == 0
+    g = lambda remat: jax.grad(lambda p: fwd(p, toks, cfg=cfg, remat=remat)["logits"].sum())(params)
+    for a, b in zip(jax.tree.leaves(g(False)), jax.tree.leaves(g(True))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
