@@ -32,6 +32,8 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "extract_speed.json"))
     args = p.parse_args()
+    from nla_jax import hostmem
+    hostmem.tune_malloc()  # as the extract CLI it runs does (NLA_HOST_MALLOC=system to compare)
     tmp = tempfile.mkdtemp(prefix="nla-extract-bench-")
     rng = random.Random(0)
     corpus = os.path.join(tmp, "c.jsonl")

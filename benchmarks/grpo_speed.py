@@ -150,6 +150,8 @@ def main() -> int:
     p.add_argument("--skip-nla", action="store_true")
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "grpo_speed.json"))
     args = p.parse_args()
+    from nla_jax import hostmem
+    hostmem.tune_malloc()  # as the CLIs do (NLA_HOST_MALLOC=system to compare), before JAX's threads
     res: dict = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                  "shape": {"prompts": args.prompts, "group": args.group, "new_tokens": args.new_tokens}}
     py = find_peer_python()
