@@ -67,6 +67,17 @@ def _close_progress_bars() -> None:
             pass
 
 
+def _mute_abandoned_work() -> None:
+    """Keep the error line the last line on stderr.
+
+    A failed checkpoint write can leave orbax's async write coroutines unawaited; at interpreter
+    exit Python then prints "RuntimeWarning: coroutine ... was never awaited" after the error
+    (seen in the disk-full fault test, some runs). The failure is already reported.
+    """
+    import warnings
+    warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning)
+
+
 def cli_main(fn: Callable[..., int | None]) -> Callable[..., int | None]:
     """Decorator for CLI entry points: UserError -> one line on stderr, exit 2.
 
@@ -88,6 +99,7 @@ def cli_main(fn: Callable[..., int | None]) -> Callable[..., int | None]:
             print(f"error: {msg}", file=sys.stderr, flush=True)
             if os.environ.get("NLA_TRACEBACK"):
                 raise
+            _mute_abandoned_work()
             sys.exit(2)
         except OSError as e:
             if not disk_full(e):
@@ -97,6 +109,7 @@ def cli_main(fn: Callable[..., int | None]) -> Callable[..., int | None]:
             print(f"error: {disk_full_error(what, e)}", file=sys.stderr, flush=True)
             if os.environ.get("NLA_TRACEBACK"):
                 raise
+            _mute_abandoned_work()
             sys.exit(2)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

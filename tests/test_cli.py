@@ -189,3 +189,19 @@ def test_overridden_arch_reaches_the_model():
     assert cfg.eos_ids == (2, 5) and cfg.n_layers == 3 and tok is not None and tok.eos_ids == (2,)
     assert params["layers"]["wq"].shape[0] == 3
     assert isinstance(c, ml_collections.ConfigDict)
+
+
+def test_error_line_stays_last_when_async_work_is_abandoned():
+    # orbax leaves write coroutines unawaited when a checkpoint write fails; Python's exit-time
+    # "coroutine ... was never awaited" warning must not land after the one-line error
+    prog = ("from nla_jax.errors import cli_main, UserError\n"
+            "async def write(): pass\n"
+            "pending = []\n"
+            "@cli_main\n"
+            "def main(argv=None):\n"
+            "    pending.append(write())\n"
+            "    raise UserError('disk full while writing x')\n"
+            "main([])\n")
+    r = subprocess.run([sys.executable, "-c", prog], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ["error: disk full while writing x"], r.stderr
