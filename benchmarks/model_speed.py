@@ -66,18 +66,14 @@ def timeit(fn, warmup: int = 1, runs: int = 5) -> float:
     return statistics.median(ts)
 
 
-# glibc tunables equal to nla_jax.hostmem's mallopt calls, for the peer's side of --peer-malloc reuse
-PEER_REUSE_TUNABLES = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
-                       "glibc.malloc.trim_threshold=18446744073709551615:glibc.malloc.top_pad=268435456")
-
-
 def run_peer(py: str, cmd: list[str], malloc: str = "system") -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
     print(f"[peer] {' '.join(cmd)}", file=sys.stderr, flush=True)
     env = dict(os.environ)
-    if malloc == "reuse":
-        env["GLIBC_TUNABLES"] = PEER_REUSE_TUNABLES
+    if malloc == "reuse":  # nla_jax.hostmem's settings, spelled for a process we start
+        from nla_jax import hostmem
+        env["GLIBC_TUNABLES"] = hostmem.glibc_tunables()
     subprocess.run([py, PEER_SCRIPT, *cmd, "--out", out], check=True, stdout=subprocess.DEVNULL, env=env)
     with open(out) as f:
         return json.load(f)

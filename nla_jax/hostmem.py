@@ -19,8 +19,20 @@ import ctypes
 import os
 import platform
 
-# mallopt(3) parameter numbers (glibc malloc.h)
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8
+# (glibc tunable name, mallopt(3) parameter number from malloc.h, value): the one place these live;
+# `glibc_tunables()` spells the same set for a process started with GLIBC_TUNABLES (the peer).
+_SETTINGS = (
+    ("arena_max", -8, 1),               # one arena: worker threads share the main heap...
+    ("mmap_max", -4, 0),                # ...which serves every size, big buffers included...
+    ("trim_threshold", -1, -1),         # ...and is never trimmed (-1 reads as SIZE_MAX)
+    ("top_pad", -2, 256 << 20),         # grow it in large steps
+)
+
+
+def glibc_tunables() -> str:
+    """The same settings as a GLIBC_TUNABLES value, for a child process we do not control."""
+    return ":".join(f"glibc.malloc.{name}={value & (2 ** 64 - 1)}" for name, _, value in _SETTINGS)
+
 
 _done: bool | None = None
 
@@ -42,12 +54,7 @@ def tune_malloc(mode: str | None = None) -> bool:
         return False
     try:
         libc = ctypes.CDLL(None)
-        ok = all(libc.mallopt(k, v) == 1 for k, v in (
-            (_M_ARENA_MAX, 1),            # one arena: worker threads share the main heap...
-            (_M_MMAP_MAX, 0),             # ...which serves every size, big buffers included...
-            (_M_TRIM_THRESHOLD, -1),      # ...and is never trimmed (-1 reads as SIZE_MAX)
-            (_M_TOP_PAD, 256 << 20),      # grow it in large steps
-        ))
+        ok = all(libc.mallopt(param, value) == 1 for _, param, value in _SETTINGS)
     except (OSError, AttributeError):
         return False
     _done = ok
