@@ -100,7 +100,7 @@ def measure_ours(args) -> dict:
     print("[ours] matmul ceiling", file=sys.stderr, flush=True)
     res["matmul_float32_gflops"] = 2 * n ** 3 / timeit(lambda: mm(a).block_until_ready()) / 1e9
 
-    def speed(params, tag: str, plain: bool):
+    def speed(params, split, tag: str, plain: bool):  # split: the same params, `sampling.split_layers`-ed
         fwd = jax.jit(lambda p, t: T.forward(p, t, cfg)["logits"])
         print(f"[ours] forward {tag}", file=sys.stderr, flush=True)
         res[f"forward_{tag}_tok_s"] = B * S / timeit(lambda: fwd(params, tokens).block_until_ready())
@@ -125,7 +125,6 @@ def measure_ours(args) -> dict:
                     lambda: jax.block_until_ready(g(params, tokens)), 1, 3)
             finally:
                 T.CPU_HANDWRITTEN_MATMUL_GRAD = True
-        split = sampling.split_layers(params)
         sc = sampling.SampleConfig(max_new_tokens=args.new_tokens, greedy=True, stop_at_eos=False)
         for gb in args.gen_batches:
             prompts = (PROMPTS * (gb // len(PROMPTS) + 1))[:gb]
@@ -137,7 +136,8 @@ def measure_ours(args) -> dict:
             res[f"generate_{tag}_batch{gb}_new_tok_s"] = gb * args.new_tokens / t
             res[f"decode_step_{tag}_batch{gb}_ms"] = t / args.new_tokens * 1e3
 
-    speed(params, "float32", plain=True)
+    split32 = sampling.split_layers(params)
+    speed(params, split32, "float32", plain=True)
     t = res["forward_float32_tok_s"]
     flops = cfg.matmul_flops_per_token() + cfg.attention_flops_per_token(S // 2)
     res["forward_gflops"] = flops * t / 1e9
@@ -183,10 +183,11 @@ def measure_ours(args) -> dict:
             res[f"generate_matmuls_only_{tag}_batch{gb}_new_tok_s"] = gb / step
 
     params16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
-    matmul_only_programs(sampling.split_layers(params), "float32", jnp.float32)
-    matmul_only_programs(sampling.split_layers(params16), "bfloat16", jnp.bfloat16)
+    split16 = sampling.split_layers(params16)
+    matmul_only_programs(split32, "float32", jnp.float32)
+    matmul_only_programs(split16, "bfloat16", jnp.bfloat16)
 
-    speed(params16, "bfloat16", plain=False)
+    speed(params16, split16, "bfloat16", plain=False)
     return res
 
 
