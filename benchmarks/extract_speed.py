@@ -55,11 +55,11 @@ def main() -> int:
     import jax.numpy as jnp
 
     from nla_jax import configlib
-    from nla_jax.checkpoints import loader
+    from nla_jax import weights
     from nla_jax.data import corpus as corpus_lib, plan as plan_lib
     from nla_jax.models import transformer as T
     cfg = configlib.get(os.path.join(REPO, "configs", "smollm2_135m.py"), [o[len("--config."):] for o in overrides])
-    mcfg, params, tok = loader.load_from_config(cfg.model)
+    mcfg, params, tok = weights.load_from_config(cfg.model)
     docs, stats = corpus_lib.load_corpus([dict(s) for s in cfg.data.sources])
     plan = plan_lib.plan_documents(docs, tok, seed=cfg.data.seed, k=cfg.data.k, min_position=cfg.data.min_position,
                                    max_len=cfg.data.max_len, splits=list(cfg.data.splits), stats=stats)

@@ -53,10 +53,10 @@ def measure_plain(args) -> dict:
     import ml_collections
 
     from nla_jax import optim, sampling
-    from nla_jax.checkpoints import loader
+    from nla_jax import weights
     from nla_jax.rl import grpo
 
-    cfg, params, tok = loader.load("embedded")
+    cfg, params, tok = weights.load("embedded")
     prompts = (PROMPTS * (args.prompts // len(PROMPTS) + 1))[:args.prompts]
     toks, valid = sampling.pad_prompts([tok.encode_chat(p) for p in prompts], cfg.pad_id)
     rl = ml_collections.ConfigDict(dict(group_size=args.group, advantage="grpo", adv_eps=1e-4, adv_ddof=1, beta=0.0,

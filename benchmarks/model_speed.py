@@ -85,12 +85,12 @@ def measure_ours(args) -> dict:
     import numpy as np
 
     from nla_jax import sampling
-    from nla_jax.checkpoints import loader
+    from nla_jax import weights
     from nla_jax.models import transformer as T
     from nla_jax.models.logprobs import next_token_loss
 
     res: dict = {"jax": jax.__version__, "backend": jax.default_backend(), "devices": jax.device_count()}
-    cfg, params, tok = loader.load("embedded")
+    cfg, params, tok = weights.load("embedded")
     B, S = args.batch, args.seq
     tokens = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, size=(B, S)), jnp.int32)
 

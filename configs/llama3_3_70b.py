@@ -31,7 +31,7 @@ Variants: v5p64 (a v5p-128 slice: 64 chips of 95 GB, same mesh), g4 (groups of 4
 """
 import ml_collections
 
-from nla_jax import config_defaults as common
+from configs import common
 
 VARIANTS = ("v5p64", "g4")
 

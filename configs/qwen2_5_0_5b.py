@@ -17,7 +17,7 @@ norm is left to the store's statistics (0 = about 1.1 x the mean norm).
 """
 import ml_collections
 
-from nla_jax import config_defaults as common
+from configs import common
 
 ARCH = dict(
     family="qwen2", n_layers=24, d_model=896, n_heads=14, n_kv_heads=2, head_dim=64, d_ff=4864,

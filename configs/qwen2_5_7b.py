@@ -21,7 +21,7 @@ Variant `:g4` uses groups of 4.
 """
 import ml_collections
 
-from nla_jax import config_defaults as common
+from configs import common
 
 VARIANTS = ("g4",)
 

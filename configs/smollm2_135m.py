@@ -14,7 +14,7 @@ scale80 (injection norm 80 instead of ~1.1x the mean norm), lastblocks (AV train
 """
 import ml_collections
 
-from nla_jax import config_defaults as common
+from configs import common
 
 VARIANTS = ("quick", "add", "beta0", "beta0.1", "g8", "len16", "len32", "seqmean", "drgrpo", "center", "proj", "ridgehead",
             "rawhead", "scale80", "lastblocks")

@@ -6,7 +6,7 @@
 """
 import ml_collections
 
-from nla_jax import config_defaults as common
+from configs import common
 
 
 def get_config(arg=None):

@@ -42,7 +42,8 @@ import types
 from typing import Any, Sequence
 
 from nla_jax import cli
-from nla_jax.errors import UserError, cli_main
+from nla_jax.cli import cli_main
+from nla_jax.errors import UserError
 
 STEPS = ("sft_av", "sft_ar", "rl")
 GB = 1e9
@@ -139,16 +140,16 @@ def ensure_devices(n: int, native16: bool, argv: Sequence[str]) -> int | None:
 
 def model_config(cfg):
     """The architecture from model.arch (no weights); checked against model.source when it exists."""
-    from nla_jax.checkpoints import loader
+    from nla_jax import weights
     from nla_jax.models.config import from_dict
     arch = cfg.model.get("arch")
     arch = arch.to_dict() if hasattr(arch, "to_dict") else dict(arch or {})
     if not arch:
-        return loader.peek_config(cfg.model)  # reads metadata only (embedded / GGUF / HF directory)
+        return weights.peek_config(cfg.model)  # reads metadata only (embedded / GGUF / HF directory)
     mcfg = from_dict(arch)
     src = cfg.model.source
     if src != "random" and os.path.isdir(src):
-        real = loader.peek_config(cfg.model)
+        real = weights.peek_config(cfg.model)
         for f in ("family", "n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff", "vocab_size",
                   "tie_embeddings", "qkv_bias"):
             if getattr(real, f) != getattr(mcfg, f):
@@ -194,11 +195,11 @@ def setup(cfg, mesh, t: Target, bf16_as: str = "f16"):
     """A duck-typed train.Setup holding what the stage parts need: abstract target, ctx, mesh."""
     import jax.numpy as jnp
     from nla_jax import sharding, train
-    from nla_jax.checkpoints import loader
+    from nla_jax import weights
     from nla_jax.models import transformer as T
     from nla_jax.nla import steps
     mcfg = model_config(cfg)
-    dtype = loader.dtype_of(cfg.model.dtype)
+    dtype = weights.dtype_of(cfg.model.dtype)
     if bf16_as == "f16" and dtype == jnp.bfloat16:
         dtype = jnp.float16  # same bytes; see the module docstring
     abstract = T.abstract_params(mcfg, dtype)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import os
+import sys
 from typing import Any, Sequence
 
 import ml_collections
@@ -18,6 +19,8 @@ import ml_collections
 from nla_jax.errors import UserError
 
 ConfigDict = ml_collections.ConfigDict
+# The repository root: config files import what they share as `from configs import common`.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config_file(spec: str) -> ConfigDict:
@@ -25,6 +28,8 @@ def load_config_file(spec: str) -> ConfigDict:
     path, _, arg = spec.partition(":")
     if not os.path.isfile(path):
         raise UserError(f"config file {path!r} does not exist")
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)  # so that `from configs import common` resolves from any directory
     name = "nla_config_" + os.path.splitext(os.path.basename(path))[0]
     module_spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(module_spec)

@@ -1,16 +1,13 @@
-"""User-facing errors: one line, names the file/key/value, non-zero exit, no traceback.
+"""User-facing errors (depends on nothing in the package): one line, names the file/key/value, non-zero exit, no traceback.
 
 Code raises `UserError` for anything a user can fix (bad path, bad config value, unsupported
-model). CLIs wrap their `main` in `cli_main`, which prints `error: <message>` to stderr and exits
+model). CLIs wrap their `main` in `cli.cli_main`, which prints `error: <message>` to stderr and exits
 with status 2. Programming errors keep their tracebacks.
 """
 from __future__ import annotations
 
 import errno
-import functools
 import os
-import sys
-from typing import Callable
 
 
 class UserError(Exception):
@@ -54,65 +51,3 @@ def _chain(e: BaseException | None):
         seen.add(id(e))
         yield e
         e = e.__cause__ or e.__context__
-
-
-def _close_progress_bars() -> None:
-    """Finish any tqdm bar still open, so the error line starts a line of its own (a bar's
-    carriage-return updates would otherwise run into it)."""
-    tq = sys.modules.get("tqdm")
-    for bar in list(getattr(getattr(tq, "tqdm", None), "_instances", ()) or ()):
-        try:
-            bar.close()
-        except Exception:  # noqa: BLE001 - cosmetic only
-            pass
-
-
-def _mute_abandoned_work() -> None:
-    """Keep the error line the last line on stderr.
-
-    A failed checkpoint write can leave orbax's async write coroutines unawaited; at interpreter
-    exit Python then prints "RuntimeWarning: coroutine ... was never awaited" after the error
-    (seen in the disk-full fault test, some runs). The failure is already reported.
-    """
-    import warnings
-    warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning)
-
-
-def cli_main(fn: Callable[..., int | None]) -> Callable[..., int | None]:
-    """Decorator for CLI entry points: UserError -> one line on stderr, exit 2.
-
-    Run as a program (no arguments: argv comes from sys.argv) it first sets up host malloc
-    (`hostmem.tune_malloc`), which has to precede JAX's worker threads; a caller passing argv
-    in a process that has already run JAX (the tests) leaves malloc alone.
-    """
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            if not args and not kwargs:
-                from nla_jax import hostmem
-                hostmem.tune_malloc()
-            return fn(*args, **kwargs)
-        except UserError as e:
-            msg = str(e).strip().replace("\n", " ")
-            _close_progress_bars()
-            print(f"error: {msg}", file=sys.stderr, flush=True)
-            if os.environ.get("NLA_TRACEBACK"):
-                raise
-            _mute_abandoned_work()
-            sys.exit(2)
-        except OSError as e:
-            if not disk_full(e):
-                raise
-            what = getattr(e, "filename", None) or "a file"
-            _close_progress_bars()
-            print(f"error: {disk_full_error(what, e)}", file=sys.stderr, flush=True)
-            if os.environ.get("NLA_TRACEBACK"):
-                raise
-            _mute_abandoned_work()
-            sys.exit(2)
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            sys.exit(130)
-
-    return wrapper

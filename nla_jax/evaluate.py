@@ -48,7 +48,8 @@ import numpy as np
 from tqdm import tqdm
 
 from nla_jax import cli
-from nla_jax.errors import UserError, cli_main
+from nla_jax.cli import cli_main
+from nla_jax.errors import UserError
 
 FORMAT = "nla_jax.evaluate/1"
 
@@ -94,11 +95,11 @@ def plan(path: str) -> Plan:
 def check_target(p: Plan, store) -> None:
     """The store must hold activations of the pair's own target at its layer (one line otherwise)."""
     from nla_jax import extract
-    from nla_jax.checkpoints import loader
+    from nla_jax import weights
     man = store.manifest
     meta = man.get("meta", {})
     try:
-        d = loader.peek_config(p.cfg.model).d_model
+        d = weights.peek_config(p.cfg.model).d_model
     except UserError as e:
         raise UserError(f"checkpoint {p.path}: its target model does not load ({e})") from None
     if meta.get("layer") != p.cfg.model.layer or man.get("d") != d:

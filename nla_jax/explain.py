@@ -39,7 +39,8 @@ from typing import Sequence
 import numpy as np
 
 from nla_jax import cli
-from nla_jax.errors import UserError, cli_main
+from nla_jax.cli import cli_main
+from nla_jax.errors import UserError
 
 
 def quiet_readonly_warning() -> None:
@@ -86,7 +87,8 @@ def load_pair(path: str):
     """pair.load on this machine: the mesh the pair was trained with when it fits the local devices,
     else every local device on the data axis (a pair trained on a pod, read on a laptop)."""
     import jax
-    from nla_jax import config_defaults
+    import ml_collections
+    from nla_jax import sharding
     from nla_jax.nla import pair as pair_lib
     workdir, kind, step = pair_lib.resolve(path)
     _, meta = pair_lib.saved_meta(os.path.join(workdir, "rl" if kind == "rl" else "sft_av"), step)
@@ -96,7 +98,7 @@ def load_pair(path: str):
     if not mesh_fits(shape, n):
         print(f"note: the pair was trained on a {shape} mesh; using this machine's {n} device(s) as (-1, 1, 1)",
               file=sys.stderr)
-        mesh = config_defaults.mesh((-1, 1, 1))
+        mesh = ml_collections.ConfigDict({"shape": (-1, 1, 1), "axes": sharding.MESH_AXES})
     return pair_lib.load(path, mesh_cfg=mesh)
 
 

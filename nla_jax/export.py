@@ -30,7 +30,7 @@ config says `tie_last_hidden_states: false` (honoured by transformers >= 5; with
 directory loads without "newly initialised" warnings.
 
 Weights are written in the checkpoint's dtype, unchanged: loading an export back (`load(OUTDIR)`, or
-`nla_jax.checkpoints.loader.load(OUTDIR/av)` for the AV's transformer) gives the checkpoint's
+`nla_jax.weights.load(OUTDIR/av)` for the AV's transformer) gives the checkpoint's
 parameters bit for bit. RoPE: nla_jax keeps q/k in the rotate-half layout transformers uses, so
 the projections are written as they are (only transposed to [out, in]); no llama.cpp-style permutation.
 
@@ -50,7 +50,8 @@ from typing import Any
 import numpy as np
 
 from nla_jax import cli
-from nla_jax.errors import UserError, cli_main
+from nla_jax.cli import cli_main
+from nla_jax.errors import UserError
 
 FORMAT_AV = "nla_jax.av/1"
 FORMAT_AR = "nla_jax.ar/1"
@@ -412,8 +413,8 @@ def load(outdir: str, dtype=None) -> tuple[dict, dict, dict]:
     the exported one, so float32 (and bfloat16) weights come back bit for bit."""
     import jax.numpy as jnp
     from safetensors.numpy import load_file
-    from nla_jax.checkpoints import loader
-    from nla_jax.checkpoints import tokenizer as tokenizer_lib
+    from nla_jax import weights
+    from nla_jax.weights import tokenizer as tokenizer_lib
     from nla_jax.models import transformer as T
     from nla_jax.nla import ar as ar_lib
     from nla_jax.nla import av as av_lib
@@ -425,8 +426,8 @@ def load(outdir: str, dtype=None) -> tuple[dict, dict, dict]:
         raise UserError(f"{outdir}: export format {a.get('format')!r}/{r.get('format')!r}, this nla_jax reads "
                         f"{FORMAT_AV}/{FORMAT_AR}")
     if dtype is None:
-        dtype = loader.DTYPES[_read_json(os.path.join(av_dir, "config.json")).get("torch_dtype", "float32")]
-    mcfg, model, tok = loader.load(av_dir, dtype)
+        dtype = weights.DTYPES[_read_json(os.path.join(av_dir, "config.json")).get("torch_dtype", "float32")]
+    mcfg, model, tok = weights.load(av_dir, dtype)
     extra_f = load_file(os.path.join(av_dir, "nla_av_extra.safetensors"))
     extra = {"proj": jnp.asarray(extra_f["proj"])} if a["input_proj"] else {}
     av_spec = av_lib.AVSpec(prompt=tuple(a["prompt_ids"]), marker_pos=a["marker_pos"], marker_id=a["marker_id"],
@@ -435,10 +436,10 @@ def load(outdir: str, dtype=None) -> tuple[dict, dict, dict]:
                             max_len=a["max_len"])
     # the AR: embed + K+1 blocks read through the same safetensors reader, then its head
     K = int(r["layer"])
-    acfg, _ = loader.hf_config(ar_dir)
+    acfg, _ = weights.hf_config(ar_dir)
     if acfg.n_layers != K + 1:
         raise UserError(f"{ar_dir}/config.json: {acfg.n_layers} layers, nla_ar.json says layer {K} (K+1 blocks)")
-    read = loader.hf_reader(ar_dir, acfg)
+    read = weights.hf_reader(ar_dir, acfg)
     abstract = T.abstract_params(acfg, dtype)
     full = lambda s: tuple(slice(None) for _ in s.shape)
     ar_params = {"embed": jnp.asarray(read("embed", full(abstract["embed"])), dtype),

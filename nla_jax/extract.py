@@ -22,7 +22,8 @@ import time
 import numpy as np
 
 from nla_jax import cli, faults
-from nla_jax.errors import UserError, cli_main
+from nla_jax.cli import cli_main
+from nla_jax.errors import UserError
 
 CODE_VERSION = "extract-v1"
 
@@ -56,10 +57,10 @@ def data_meta(cfg, mcfg, checksum: str) -> dict:
 
 
 def model_checksum(source: str) -> str:
-    from nla_jax.checkpoints import loader
+    from nla_jax import weights
     if source == "random":
         return "random"
-    return loader.file_checksum(loader.resolve_source(source))
+    return weights.file_checksum(weights.resolve_source(source))
 
 
 @cli_main
@@ -88,7 +89,7 @@ def extract(cfg, args) -> int:
     from tqdm import tqdm
 
     from nla_jax import sharding
-    from nla_jax.checkpoints import loader
+    from nla_jax import weights
     from nla_jax.data import corpus, plan as plan_lib, positions, store as store_lib
     from nla_jax.models import transformer as T
 
@@ -100,7 +101,7 @@ def extract(cfg, args) -> int:
         raise UserError(f"config data: need k >= 1 and 1 <= min_position < max_len, got k={d.k}, "
                         f"min_position={d.min_position}, max_len={d.max_len}")
     mesh = sharding.mesh_from_config(cfg.mesh)
-    mcfg, params, tok = loader.load_from_config(cfg.model, mesh, cfg.rules)
+    mcfg, params, tok = weights.load_from_config(cfg.model, mesh, cfg.rules)
     if tok is None:
         raise UserError(f"model source {cfg.model.source!r} has no tokenizer; extraction needs one")
     meta = data_meta(cfg, mcfg, model_checksum(cfg.model.source))

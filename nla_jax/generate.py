@@ -14,7 +14,8 @@ import time
 import numpy as np
 
 from nla_jax import cli
-from nla_jax.errors import UserError, cli_main
+from nla_jax.cli import cli_main
+from nla_jax.errors import UserError
 
 
 def build_parser():
@@ -42,12 +43,12 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
 
     from nla_jax import sampling, sharding
-    from nla_jax.checkpoints import loader
+    from nla_jax import weights
     from nla_jax.models import transformer as T
 
     t0 = time.perf_counter()
     mesh = sharding.mesh_from_config(cfg.mesh)
-    mcfg, params, tok = loader.load_from_config(cfg.model, mesh, cfg.rules)
+    mcfg, params, tok = weights.load_from_config(cfg.model, mesh, cfg.rules)
     print(f"loaded {mcfg.name} ({mcfg.family}, {mcfg.n_layers} blocks, d={mcfg.d_model}) "
           f"in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
 
@@ -74,7 +75,7 @@ def main(argv=None) -> int:
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     rows = prompts + [prompts[0]] * (-len(prompts) % shards)
     toks, valid = sampling.pad_prompts(rows, mcfg.pad_id)
-    run = sampling.make_sampler(mcfg, sc, mesh, cfg.rules, loader.dtype_of(cfg.model.dtype))
+    run = sampling.make_sampler(mcfg, sc, mesh, cfg.rules, weights.dtype_of(cfg.model.dtype))
     t0 = time.perf_counter()
     out = jax.device_get(run(params, jnp.asarray(toks), jnp.asarray(valid), jax.random.key(seed)))
     out = jax.tree.map(lambda a: a[:len(prompts)], out)

@@ -19,6 +19,8 @@ import ctypes
 import os
 import platform
 
+from nla_jax.errors import UserError
+
 # (glibc tunable name, mallopt(3) parameter number from malloc.h, value): the one place these live;
 # `glibc_tunables()` spells the same set for a process started with GLIBC_TUNABLES (the peer).
 _SETTINGS = (
@@ -47,7 +49,6 @@ def tune_malloc(mode: str | None = None) -> bool:
         return _done
     mode = mode or os.environ.get("NLA_HOST_MALLOC", "reuse")
     if mode not in ("reuse", "system"):
-        from nla_jax.errors import UserError
         raise UserError(f"NLA_HOST_MALLOC={mode!r}: expected 'reuse' or 'system'")
     _done = False
     if mode == "system" or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":

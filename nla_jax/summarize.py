@@ -26,7 +26,8 @@ import time
 import numpy as np
 
 from nla_jax import cli
-from nla_jax.errors import UserError, cli_main
+from nla_jax.cli import cli_main
+from nla_jax.errors import UserError
 
 FILE = "summaries.jsonl"
 
@@ -95,13 +96,13 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     from nla_jax import sampling
-    from nla_jax.checkpoints import loader
+    from nla_jax import weights
 
     import ml_collections
     teacher_model = ml_collections.ConfigDict(cfg.model.to_dict())
     if sc.teacher not in ("target", "quote"):
         teacher_model.source = sc.teacher
-    mcfg, params, tok = loader.load_from_config(teacher_model)
+    mcfg, params, tok = weights.load_from_config(teacher_model)
     if tok is None:
         raise UserError(f"teacher {sc.teacher!r} has no tokenizer")
     if sc.teacher == "quote":

@@ -30,10 +30,11 @@ from tqdm import tqdm
 from nla_jax import checkpoint as ckpt_lib
 from nla_jax import cli, distributed, faults, optim, sampling, sharding
 from nla_jax import metrics as metrics_lib
-from nla_jax.checkpoints import loader
+from nla_jax import weights
 from nla_jax.data import loader as data_loader
 from nla_jax.data import store as store_lib
-from nla_jax.errors import UserError, cli_main
+from nla_jax.cli import cli_main
+from nla_jax.errors import UserError
 from nla_jax.models import transformer as T
 from nla_jax.nla import ar as ar_lib
 from nla_jax.nla import av as av_lib
@@ -103,7 +104,7 @@ def check_config(cfg) -> None:
         sec, name = key.split(".")
         if cfg[sec][name].schedule not in ("constant", "cosine"):
             raise UserError(f"config key {key}.schedule={cfg[sec][name].schedule!r}: expected 'constant' or 'cosine'")
-    mcfg = loader.peek_config(cfg.model)  # reads metadata only
+    mcfg = weights.peek_config(cfg.model)  # reads metadata only
     if not 0 <= cfg.model.layer < mcfg.n_layers:
         raise UserError(f"config key model.layer={cfg.model.layer} is out of range for {mcfg.n_layers} blocks")
     if cfg.av.max_len >= mcfg.max_seq_len:
@@ -117,7 +118,7 @@ def check_store(cfg, man: dict | None = None, d_model: int | None = None) -> Non
     if man is None:
         man = store_lib.open_store(cfg.data.store).manifest
     if d_model is None:
-        d_model = loader.peek_config(cfg.model).d_model
+        d_model = weights.peek_config(cfg.model).d_model
     meta = man.get("meta", {})
     if meta.get("layer") != cfg.model.layer or man.get("d") != d_model:
         raise UserError(f"store {cfg.data.store} holds layer {meta.get('layer')} (d={man.get('d')}) activations, "
@@ -219,7 +220,7 @@ def setup(cfg, writer_enabled: bool, stats: stats_lib.ActStats | None = None, op
     mesh = sharding.mesh_from_config(cfg.mesh)
     rules = cfg.rules
     store = store_lib.open_store(cfg.data.store) if open_store else None
-    mcfg, target, tok = loader.load_from_config(cfg.model, mesh, rules)
+    mcfg, target, tok = weights.load_from_config(cfg.model, mesh, rules)
     if tok is None:
         raise UserError(f"model source {cfg.model.source!r} has no tokenizer; the NLA needs text")
     if store is not None:

@@ -40,7 +40,7 @@ def rel_err(a, b) -> float:
 
 def tiny(variant):
     c = configlib.get(os.path.join(REPO, "configs", "tiny.py") + ":" + variant)
-    cfg, params, _ = loader.load_from_config(c.model)
+    cfg, params, _ = weights.load_from_config(c.model)
     return cfg, params, c.rules
 
 
@@ -91,7 +91,7 @@ def check_load(hf_dir):
     rules = tuple(tuple(r) for r in rules)
     mesh = sharding.make_mesh((2, 2, 2))
     sh = sharding.tree_shardings(T.param_axes(cfg0), T.abstract_params(cfg0), mesh, rules)
-    cfg, params, _ = loader.load(hf_dir, shardings=sh)
+    cfg, params, _ = weights.load(hf_dir, shardings=sh)
     equal = all(np.array_equal(np.asarray(a), np.asarray(b))
                 for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params0)))
     # every shard a device holds equals the matching slice of the original

@@ -29,9 +29,9 @@ class Model:
 
 def _tiny(variant: str) -> Model:
     from nla_jax import configlib
-    from nla_jax.checkpoints import loader
+    from nla_jax import weights
     c = configlib.get(os.path.join(REPO, "configs", "tiny.py") + ":" + variant)
-    return Model(*loader.load_from_config(c.model))
+    return Model(*weights.load_from_config(c.model))
 
 
 @pytest.fixture(scope="session")
@@ -53,5 +53,5 @@ def tiny(request) -> Model:
 @pytest.fixture(scope="session")
 def real() -> Model:
     """SmolLM2-135M-Instruct (float32) from the embedded GGUF, loaded once."""
-    from nla_jax.checkpoints import loader
-    return Model(*loader.load("embedded"))
+    from nla_jax import weights
+    return Model(*weights.load("embedded"))

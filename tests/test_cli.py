@@ -10,7 +10,7 @@ import ml_collections
 import pytest
 
 from nla_jax import configlib
-from nla_jax.checkpoints import loader
+from nla_jax import weights
 from nla_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,7 +53,7 @@ def test_missing_model_file():
 
 def test_truncated_gguf(tmp_path):
     trunc = tmp_path / "cut.gguf"
-    with open(loader.embedded_gguf_path(), "rb") as f:
+    with open(weights.embedded_gguf_path(), "rb") as f:
         trunc.write_bytes(f.read(1 << 20))
     proc = run_cli("--config", SMOL, f"--config.model.source={trunc}", "--prompt", "hi")
     assert_user_error(proc, str(trunc), "truncated")
@@ -185,7 +185,7 @@ def test_split_config_args():
 
 def test_overridden_arch_reaches_the_model():
     c = configlib.get(TINY, ["model.arch.eos_ids=(2, 5)", "model.arch.n_layers=3", "model.layer=2"])
-    cfg, params, tok = loader.load_from_config(c.model)
+    cfg, params, tok = weights.load_from_config(c.model)
     assert cfg.eos_ids == (2, 5) and cfg.n_layers == 3 and tok is not None and tok.eos_ids == (2,)
     assert params["layers"]["wq"].shape[0] == 3
     assert isinstance(c, ml_collections.ConfigDict)
@@ -194,7 +194,8 @@ def test_overridden_arch_reaches_the_model():
 def test_error_line_stays_last_when_async_work_is_abandoned():
     # orbax leaves write coroutines unawaited when a checkpoint write fails; Python's exit-time
     # "coroutine ... was never awaited" warning must not land after the one-line error
-    prog = ("from nla_jax.errors import cli_main, UserError\n"
+    prog = ("from nla_jax.cli import cli_main\n"
+            "from nla_jax.errors import UserError\n"
             "async def write(): pass\n"
             "pending = []\n"
             "@cli_main\n"

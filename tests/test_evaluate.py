@@ -156,9 +156,9 @@ def test_quoted_spans_are_normalised():
 @pytest.fixture(scope="module")
 def tiny_target():
     from nla_jax import configlib
-    from nla_jax.checkpoints import loader
+    from nla_jax import weights
     cfg = configlib.get(TINY)
-    mcfg, params, _ = loader.load_from_config(cfg.model)
+    mcfg, params, _ = weights.load_from_config(cfg.model)
     return types.SimpleNamespace(mcfg=mcfg, target=params, cfg=cfg)
 
 

@@ -115,7 +115,7 @@ def _umask() -> int:
 
 def test_roundtrip_is_bitwise(exported, pair):
     from nla_jax import export
-    from nla_jax.checkpoints import loader
+    from nla_jax import weights
     out, _ = exported
     av, ar, specs = export.load(out)
     assert "proj" in pair.av["extra"]                      # the learned projection is part of the export
@@ -126,7 +126,7 @@ def test_roundtrip_is_bitwise(exported, pair):
     assert specs["stats"] == S.stats
     np.testing.assert_array_equal(specs["mean"], np.asarray(S.mean))
     # the AV's transformer through nla_jax's ordinary Hugging Face loader, config included
-    mcfg, model, tok = loader.load(os.path.join(out, "av"))
+    mcfg, model, tok = weights.load(os.path.join(out, "av"))
     assert_bitwise(model, pair.av["model"])
     skip = {"name"}
     assert {k: v for k, v in vars(mcfg).items() if k not in skip} == \
@@ -211,14 +211,14 @@ def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
 def test_qwen2_model_dir_roundtrip(tiny_qwen2, tmp_path, monkeypatch, shard_bytes):
     """Untied head and q/k/v biases (Qwen2), single file and sharded with an index."""
     from nla_jax import export
-    from nla_jax.checkpoints import loader
+    from nla_jax import weights
     cfg, params, tok = tiny_qwen2
     if shard_bytes:
         monkeypatch.setattr(export, "SHARD_BYTES", shard_bytes)
     d = str(tmp_path / "m")
     export.write_model_dir(d, cfg, params, tok)
     assert os.path.isfile(os.path.join(d, "model.safetensors.index.json")) == bool(shard_bytes)
-    mcfg, back, tok2 = loader.load(d)
+    mcfg, back, tok2 = weights.load(d)
     assert_bitwise(back, params)
     assert mcfg.family == "qwen2" and mcfg.qkv_bias and not mcfg.tie_embeddings
     assert tok2.encode("abc <d>") == tok.encode("abc <d>")
@@ -227,13 +227,13 @@ def test_qwen2_model_dir_roundtrip(tiny_qwen2, tmp_path, monkeypatch, shard_byte
 def test_bfloat16_model_dir_roundtrip(tiny_llama, tmp_path):
     """Accelerator runs train in bfloat16: written as BF16 tensors and read back unchanged."""
     from nla_jax import export
-    from nla_jax.checkpoints import loader
+    from nla_jax import weights
     cfg, params, tok = tiny_llama
     p16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
     d = str(tmp_path / "m")
     export.write_model_dir(d, cfg, p16, tok)
     assert json.load(open(os.path.join(d, "config.json")))["torch_dtype"] == "bfloat16"
-    _, back, _ = loader.load(d, jnp.bfloat16)
+    _, back, _ = weights.load(d, jnp.bfloat16)
     assert_bitwise(back, p16)
 
 

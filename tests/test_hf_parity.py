@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from nla_jax import sampling
-from nla_jax.checkpoints import loader
+from nla_jax import weights
 from nla_jax.models import transformer as T
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,7 +51,7 @@ def our_side(real, prompts, new_tokens=NEW_TOKENS):
 def hf_model():
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    d, name = os.path.split(loader.embedded_gguf_path())
+    d, name = os.path.split(weights.embedded_gguf_path())
     model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32).eval()
     return torch, model
 

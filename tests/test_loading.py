@@ -12,8 +12,8 @@ import pytest
 from safetensors.numpy import save_file
 
 from nla_jax import sharding
-from nla_jax.checkpoints import loader
-from nla_jax.checkpoints import tokenizer as tokenizer_lib
+from nla_jax import weights
+from nla_jax.weights import tokenizer as tokenizer_lib
 from nla_jax.errors import UserError
 from nla_jax.models import transformer as T
 from numpy_reference import apply_rotary, rope_cos_sin
@@ -100,7 +100,7 @@ def test_hf_safetensors_roundtrip(tiny, real, tmp_path, shards):
     d = write_hf_dir(tmp_path / "m", params0, cfg0, real.tok, shards=shards)
     if shards > 1:
         assert not os.path.exists(os.path.join(d, "model.safetensors"))
-    cfg, params, tok = loader.load(d)
+    cfg, params, tok = weights.load(d)
     for f in ARCH_FIELDS:
         assert getattr(cfg, f) == pytest.approx(getattr(cfg0, f)), f
     assert_same_params(params, params0)
@@ -117,7 +117,7 @@ def test_hf_loading_with_shardings(tiny_qwen2, real, tmp_path):
     d = write_hf_dir(tmp_path / "m", params0, cfg0, real.tok, shards=2)
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     shardings = sharding.tree_shardings(T.param_axes(cfg0), T.abstract_params(cfg0), mesh, sharding.DEFAULT_RULES)
-    cfg, params, _ = loader.load(d, shardings=shardings)
+    cfg, params, _ = weights.load(d, shardings=shardings)
     assert_same_params(params, params0)
     for a, s in zip(jax.tree.leaves(params), jax.tree.leaves(shardings)):
         assert a.sharding == s
@@ -127,7 +127,7 @@ def test_hf_reader_slices(tiny_qwen2, real, tmp_path):
     """What a process holding one shard reads: arbitrary index slices of our layout."""
     cfg, params, _ = tiny_qwen2
     d = write_hf_dir(tmp_path / "m", params, cfg, real.tok)
-    read = loader.hf_reader(d, cfg)
+    read = weights.hf_reader(d, cfg)
     cases = {
         "layers/wq": (slice(1, 2), slice(16, 48), slice(2, 4), slice(None)),
         "layers/wo": (slice(0, 2), slice(1, 3), slice(None), slice(0, 32)),
@@ -149,10 +149,10 @@ def test_hf_bfloat16_checkpoint(tiny_llama, real, tmp_path):
     d = write_hf_dir(tmp_path / "m", params0, cfg0, real.tok)
     tensors = {k: jnp.asarray(v, jnp.bfloat16) for k, v in hf_tensors(params0, cfg0).items()}
     save_flax(tensors, os.path.join(d, "model.safetensors"))
-    _, params, _ = loader.load(d)
+    _, params, _ = weights.load(d)
     want = jax.tree.map(lambda a: a.astype(jnp.bfloat16).astype(jnp.float32), params0)
     assert_same_params(params, want)
-    _, params_bf16, _ = loader.load(d, dtype=jnp.bfloat16)
+    _, params_bf16, _ = weights.load(d, dtype=jnp.bfloat16)
     assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(params_bf16))
 
 
@@ -161,7 +161,7 @@ def test_hf_generation_config_adds_eos(tiny_llama, real, tmp_path):
     d = write_hf_dir(tmp_path / "m", params0, cfg0, real.tok)
     with open(os.path.join(d, "generation_config.json"), "w") as f:
         json.dump({"eos_token_id": [2, 0]}, f)
-    cfg, _, tok = loader.load(d)
+    cfg, _, tok = weights.load(d)
     assert tok.eos_ids == (2, 0) and cfg.eos_ids == (2, 0)
 
 
@@ -174,7 +174,7 @@ def test_hf_errors(tiny_llama, real, tmp_path):
     with open(os.path.join(bad, "config.json"), "w") as f:
         json.dump(hf_config_json(cfg0, "gpt_neox"), f)
     with pytest.raises(UserError, match="unsupported architecture 'gpt_neox'"):
-        loader.load(bad)
+        weights.load(bad)
     # config.json claims a wider model than the weights hold
     wide = str(tmp_path / "wide")
     shutil.copytree(d, wide)
@@ -183,30 +183,30 @@ def test_hf_errors(tiny_llama, real, tmp_path):
     with open(os.path.join(wide, "config.json"), "w") as f:
         json.dump(c, f)
     with pytest.raises(UserError, match="does not match"):
-        loader.load(wide)
+        weights.load(wide)
     # a tensor is missing
     t = hf_tensors(params0, cfg0)
     del t["model.layers.1.mlp.up_proj.weight"]
     save_file(t, os.path.join(d, "model.safetensors"))
     with pytest.raises(UserError, match="model.layers.1.mlp.up_proj.weight"):
-        loader.load(d)
+        weights.load(d)
     # a truncated safetensors file
     with open(os.path.join(d, "model.safetensors"), "rb") as f:
         head = f.read(1000)
     with open(os.path.join(d, "model.safetensors"), "wb") as f:
         f.write(head)
     with pytest.raises(UserError, match="truncated"):
-        loader.load(d)
+        weights.load(d)
     # no weights / no tokenizer / no config
     os.remove(os.path.join(d, "model.safetensors"))
     with pytest.raises(UserError, match="no model.safetensors"):
-        loader.load(d)
+        weights.load(d)
     os.remove(os.path.join(d, "tokenizer.json"))
     with pytest.raises(UserError, match="no tokenizer.json"):
-        loader.load(d)
+        weights.load(d)
     os.remove(os.path.join(d, "config.json"))
     with pytest.raises(UserError, match="no config.json"):
-        loader.load(d)
+        weights.load(d)
 
 
 # ----------------------------------------------------------------------------- GGUF
@@ -222,8 +222,8 @@ def test_gguf_unpermute_inverts_llama_cpp():
     w = rng.normal(size=(H * hd, D))
     b = rng.normal(size=(H * hd,))
     assert not np.array_equal(llama_cpp_permute(w, H), w)
-    np.testing.assert_array_equal(loader._unpermute_rope_rows(llama_cpp_permute(w, H), H), w)
-    np.testing.assert_array_equal(loader._unpermute_rope_rows(llama_cpp_permute(b, H), H), b)
+    np.testing.assert_array_equal(weights._unpermute_rope_rows(llama_cpp_permute(w, H), H), w)
+    np.testing.assert_array_equal(weights._unpermute_rope_rows(llama_cpp_permute(b, H), H), b)
 
 
 def test_gguf_interleaved_rope_equals_rotate_half():
@@ -241,7 +241,7 @@ def test_gguf_interleaved_rope_equals_rotate_half():
     rot = np.empty_like(q_gg)
     rot[:, 0::2] = a * np.cos(ang) - b * np.sin(ang)
     rot[:, 1::2] = a * np.sin(ang) + b * np.cos(ang)
-    got = loader._unpermute_rope_rows(rot.reshape(H * hd), H).reshape(H, hd)
+    got = weights._unpermute_rope_rows(rot.reshape(H * hd), H).reshape(H, hd)
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
@@ -258,28 +258,28 @@ def test_embedded_gguf_config(real):
 
 def test_gguf_errors(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
-        loader.load(str(tmp_path / "missing.gguf"))
-    src = loader.embedded_gguf_path()
+        weights.load(str(tmp_path / "missing.gguf"))
+    src = weights.embedded_gguf_path()
     for size in (1 << 20, os.path.getsize(src) - 1000):  # header cut / tensor data cut
         trunc = tmp_path / f"trunc{size}.gguf"
         with open(src, "rb") as f:
             trunc.write_bytes(f.read(size))
         with pytest.raises(UserError, match="truncated"):
-            loader.load(str(trunc))
+            weights.load(str(trunc))
     with pytest.raises(UserError, match="neither"):
-        loader.load(str(tmp_path / "no_such_dir"))
+        weights.load(str(tmp_path / "no_such_dir"))
 
 
 def test_random_source_and_layer_range(tiny_llama):
     from nla_jax import configlib
     with pytest.raises(UserError, match="model.arch"):
-        loader.load("random")
+        weights.load("random")
     c = configlib.get(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py"), ["model.layer=2"])
     with pytest.raises(UserError, match="model.layer=2 is out of range"):
-        loader.load_from_config(c.model)
+        weights.load_from_config(c.model)
     # same seed, same weights
     c = configlib.get(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py"))
-    _, params, _ = loader.load_from_config(c.model)
+    _, params, _ = weights.load_from_config(c.model)
     assert_same_params(params, tiny_llama.params)
 
 

@@ -36,7 +36,8 @@ import numpy as np
 
 from nla_jax.data import prompts as prompts_lib
 from nla_jax.data import prose as prose_lib
-from nla_jax.errors import UserError, cli_main
+from nla_jax.cli import cli_main
+from nla_jax.errors import UserError
 
 CHAT_FILE = "chat.jsonl"
 PROSE_FILE = "prose.jsonl"
@@ -310,9 +311,9 @@ def build(out: str, variant: str = "full", chat_fraction: float = 0.5, seed: int
         import jax
 
         if model is None:
-            from nla_jax.checkpoints import loader
+            from nla_jax import weights
             t0 = time.perf_counter()
-            model = loader.load(model_source)
+            model = weights.load(model_source)
             log(f"loaded {model_source} in {time.perf_counter() - t0:.1f}s")
         cfg, params, tok = model
         if tok is None:
@@ -368,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help=f"rows per sampler call (default {BATCH_SIZE})")
     p.add_argument("--prose-dir", default=None,
                    help=f"CPython doc sources folder (default ${prose_lib.ROOT_ENV} or {prose_lib.DEFAULT_ROOT})")
-    p.add_argument("--model", default="embedded", help="target model source for nla_jax.checkpoints.loader")
+    p.add_argument("--model", default="embedded", help="target model source for nla_jax.weights")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 

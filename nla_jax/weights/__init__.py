@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nla_jax.checkpoints import tokenizer as tokenizer_lib
+from nla_jax.weights import tokenizer as tokenizer_lib
 from nla_jax.errors import UserError
 from nla_jax.models import transformer
 from nla_jax.models.config import ModelConfig, from_dict

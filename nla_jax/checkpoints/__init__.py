@@ -1,1 +1,0 @@
-"""Importing real weights (GGUF, Hugging Face safetensors) and tokenizers."""
