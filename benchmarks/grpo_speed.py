@@ -92,26 +92,27 @@ def measure_nla(args) -> dict | None:
     import numpy as np
 
     from nla_jax import configlib, sharding
-    from nla_jax import train
+    from nla_jax.nla import batches as batches_lib
+    from nla_jax.nla import run as run_lib
+    from nla_jax.nla import state as state_lib
     from nla_jax.nla import steps
 
     cfg = configlib.get(os.path.join(REPO, "configs", "smollm2_135m.py") + ":quick")
     if not os.path.exists(os.path.join(cfg.data.store, "manifest.json")):
         print(f"[nla] no store at {cfg.data.store}: run the quickstart first; NLA step skipped", file=sys.stderr)
         return None
-    S = train.setup(cfg, writer_enabled=False)
-    with sharding.use_mesh(S.mesh, S.rules):
-        tx_av, tx_ar, lab_av, lab_ar, init, txs, axes = train.rl_parts(S)
-        sh = train.state_shardings(S, jax.eval_shape(init, S.target), txs, axes)
-        state = jax.jit(init, out_shardings=sh)(S.target)
-        ref = train.init_av(S, S.target)
-        fn = train.rl_step_fn(S, sh, jax.tree.map(lambda a: a.sharding, ref))
-        it = train.batches(S, "rl", cfg.rl.batch, 0, None)
+    run = run_lib.build(cfg)
+    with sharding.use_mesh(run.mesh, run.rules):
+        layout = state_lib.rl(run)
+        state = state_lib.fresh(run, layout)
+        ref = state_lib.init_av(run, run.target)
+        fn = state_lib.rl_step(run, layout, jax.tree.map(lambda a: a.sharding, ref))
+        it = batches_lib.stage_batches(run, "rl", cfg.rl.batch, 0, None)
         box = {"state": state, "i": 0, "m": None}
 
         def one():
             step, batch = next(it)
-            box["state"], m = fn(box["state"], ref, batch, S.mean, jax.random.key(step))
+            box["state"], m = fn(box["state"], ref, batch, run.mean, jax.random.key(step))
             box["m"] = jax.device_get(m)
 
         t0 = time.perf_counter()
@@ -119,15 +120,15 @@ def measure_nla(args) -> dict | None:
         compile_s = time.perf_counter() - t0
         med, ts = _median_steps(one, 0, args.nla_steps)
         # the sampler alone on the same rollout shape
-        sc = train.rl_sample_config(S)
-        ex = jax.jit(functools.partial(steps.explain, ctx=S.ctx, sc=sc))
+        sc = state_lib.rl_sample_config(run)
+        ex = jax.jit(functools.partial(steps.explain, ctx=run.ctx, sc=sc))
         _, batch = next(it)
         acts = jax.numpy.repeat(batch["acts"], cfg.rl.group_size, axis=0)
-        out = jax.block_until_ready(ex(box["state"]["av"], acts, S.mean, jax.random.key(0)))
+        out = jax.block_until_ready(ex(box["state"]["av"], acts, run.mean, jax.random.key(0)))
         t0 = time.perf_counter()
         n_tok = 0
         for i in range(3):
-            out = jax.device_get(ex(box["state"]["av"], acts, S.mean, jax.random.key(i + 1)))
+            out = jax.device_get(ex(box["state"]["av"], acts, run.mean, jax.random.key(i + 1)))
             n_tok += int(np.sum(out["lengths"]))
         samp_s = time.perf_counter() - t0
     return {"rollouts_per_step": cfg.rl.batch * cfg.rl.group_size, "max_len": cfg.av.max_len,

@@ -10,9 +10,9 @@ starts; the command re-runs itself in a fresh process if jax already started wit
 the config's mesh is built on them, and every step is lowered and compiled from abstract arrays
 (jax.ShapeDtypeStruct with the shardings the trainer would use): no weights are read, no store or
 tokenizer is opened. The AV/AR prompts are synthetic token ids of realistic lengths (config keys
-aot.prompt_len, closer_len, ar_prefix_len, ar_suffix_len). The steps are the trainer's own
-functions (nla_jax.train's parts, nla_jax.nla.steps), jitted with the trainer's shardings and the
-state donated.
+aot.prompt_len, closer_len, ar_prefix_len, ar_suffix_len). The run state is the trainer's
+(nla_jax.nla.run.build with abstract=True) and so are the stage layouts and jitted steps
+(nla_jax.nla.state): the same shardings, the state donated.
 
 For each step it prints XLA's memory analysis of the compiled per-device program: arguments,
 outputs, outputs aliased to donated arguments, temporaries, and their total (args + outputs -
@@ -38,12 +38,21 @@ import os
 import subprocess
 import sys
 import time
-import types
 from typing import Any, Sequence
 
-from nla_jax import cli
+# Importing jax does not start a backend; ensure_devices() sets XLA_FLAGS before the first use.
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax._src import xla_bridge
+
+from nla_jax import cli, sharding
+from nla_jax import weights as weights_lib
 from nla_jax.cli import cli_main
 from nla_jax.errors import UserError
+from nla_jax.models import transformer
+from nla_jax.nla import run as run_lib
+from nla_jax.nla import state as state_lib
 
 STEPS = ("sft_av", "sft_ar", "rl")
 GB = 1e9
@@ -116,8 +125,6 @@ def ensure_devices(n: int, native16: bool, argv: Sequence[str]) -> int | None:
     """Give this process n CPU devices (and XLA:CPU's native 16-bit dots if asked). Returns None when it
     has them, else the exit status of a fresh process that re-ran the command with them (jax had
     already started, with other devices or flags)."""
-    import jax
-    from jax._src import xla_bridge
     if not xla_bridge.backends_are_initialized():
         os.environ["XLA_FLAGS"] = _xla_flags(n, native16)
         os.environ["JAX_PLATFORMS"] = "cpu"
@@ -136,157 +143,60 @@ def ensure_devices(n: int, native16: bool, argv: Sequence[str]) -> int | None:
     return subprocess.call([sys.executable, "-m", "nla_jax.aot", *argv], env=env)
 
 
-# ============================================================================= abstract set-up
-
-def model_config(cfg):
-    """The architecture from model.arch (no weights); checked against model.source when it exists."""
-    from nla_jax import weights
-    from nla_jax.models.config import from_dict
-    arch = cfg.model.get("arch")
-    arch = arch.to_dict() if hasattr(arch, "to_dict") else dict(arch or {})
-    if not arch:
-        return weights.peek_config(cfg.model)  # reads metadata only (embedded / GGUF / HF directory)
-    mcfg = from_dict(arch)
-    src = cfg.model.source
-    if src != "random" and os.path.isdir(src):
-        real = weights.peek_config(cfg.model)
-        for f in ("family", "n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff", "vocab_size",
-                  "tie_embeddings", "qkv_bias"):
-            if getattr(real, f) != getattr(mcfg, f):
-                raise UserError(f"config key model.arch.{f}={getattr(mcfg, f)!r} disagrees with "
-                                f"{src}/config.json ({getattr(real, f)!r}); fix the config's arch")
-    return mcfg
-
-
-def specs(cfg, mcfg, t: Target):
-    """AV and AR specs with synthetic prompt ids of the configured lengths (no tokenizer)."""
-    from nla_jax.nla import ar as ar_lib
-    from nla_jax.nla import av as av_lib
-    V = mcfg.vocab_size
-    ids = lambda start, n: tuple((start + i) % V for i in range(n))
-    if t.prompt_len < 4 or t.closer_len < 1 or t.ar_suffix_len < 1:
-        raise UserError("config keys aot.prompt_len >= 4, aot.closer_len >= 1, aot.ar_suffix_len >= 1 expected")
-    marker_pos = t.prompt_len // 2
-    prompt = list(ids(1000, t.prompt_len))
-    prompt[marker_pos] = V - 1
-    max_len = int(cfg.av.max_len)
-    if t.prompt_len + max_len > mcfg.max_seq_len:
-        raise UserError(f"config key av.max_len={max_len}: prompt ({t.prompt_len}) + cap exceeds the model's "
-                        f"context ({mcfg.max_seq_len})")
-    av = av_lib.AVSpec(prompt=tuple(prompt), marker_pos=marker_pos, marker_id=V - 1, closer=ids(2000, t.closer_len),
-                       eos=(mcfg.eos_ids or (0,))[0], mode=cfg.av.inject, add_after=int(cfg.av.add_after),
-                       inject_norm=float(cfg.av.inject_norm) or 100.0, center=bool(cfg.av.center), max_len=max_len)
-    ar = ar_lib.ARSpec(prefix=ids(3000, t.ar_prefix_len), suffix=ids(4000, t.ar_suffix_len), max_len=max_len,
-                       pad_id=mcfg.pad_id, layer=int(cfg.model.layer), head_norm=cfg.ar.head_norm)
-    return av, ar
-
-
-def check(cfg) -> None:
-    """The trainer's own config checks, on the architecture from model.arch."""
-    from nla_jax import train
-    c = cfg.copy_and_resolve_references()
-    c.unlock()
-    if c.model.get("arch") and len(c.model.arch):
-        c.model.source = "random"
-    train.check_config(c)
-
-
-def setup(cfg, mesh, t: Target, bf16_as: str = "f16"):
-    """A duck-typed train.Setup holding what the stage parts need: abstract target, ctx, mesh."""
-    import jax.numpy as jnp
-    from nla_jax import sharding, train
-    from nla_jax import weights
-    from nla_jax.models import transformer as T
-    from nla_jax.nla import steps
-    mcfg = model_config(cfg)
-    dtype = weights.dtype_of(cfg.model.dtype)
-    if bf16_as == "f16" and dtype == jnp.bfloat16:
-        dtype = jnp.float16  # same bytes; see the module docstring
-    abstract = T.abstract_params(mcfg, dtype)
-    target = train.abstract_with(abstract, sharding.tree_shardings(T.param_axes(mcfg), abstract, mesh, cfg.rules))
-    av, ar = specs(cfg, mcfg, t)
-    ctx = steps.Ctx(cfg=mcfg, av=av, ar=ar, center=bool(cfg.nla.center), remat=bool(cfg.model.remat), var_nrm=1.0)
-    return types.SimpleNamespace(cfg=cfg, mcfg=mcfg, mesh=mesh, rules=cfg.rules, target=target, ctx=ctx)
-
-
 # ============================================================================= the steps
 
-def _batch(S, fields: dict[str, tuple[tuple[int, ...], Any]], key: str) -> dict:
+def _batch(run: run_lib.Run, fields: dict[str, tuple[tuple[int, ...], Any]], key: str) -> dict:
     """Abstract global batch sharded along its first axis like data_loader.to_global."""
-    import jax
-    from nla_jax import sharding
     b = next(iter(fields.values()))[0][0]
-    shards = S.mesh.shape["data"] * S.mesh.shape["fsdp"]
-    if b % shards:
-        raise UserError(f"config key {key}={b} is not divisible by the mesh's data x fsdp = {shards} "
+    if b % run.batch_shards:
+        raise UserError(f"config key {key}={b} is not divisible by the mesh's data x fsdp = {run.batch_shards} "
                         f"(the batch is sharded over them)")
     out = {}
     for k, (shape, dt) in fields.items():
-        sh = sharding.named_sharding(("batch",) + (None,) * (len(shape) - 1), None, S.mesh, S.rules)
+        sh = sharding.named_sharding(("batch",) + (None,) * (len(shape) - 1), None, run.mesh, run.rules)
         out[k] = jax.ShapeDtypeStruct(shape, dt, sharding=sh)
     return out
 
 
-def _rep(S, shape=(), dtype=None):
-    import jax
-    import jax.numpy as jnp
-    from nla_jax import sharding
-    rep = sharding.named_sharding((), None, S.mesh, S.rules)
-    return jax.ShapeDtypeStruct(shape, dtype or jnp.float32, sharding=rep)
+def _replicated(run: run_lib.Run, shape=(), dtype=None):
+    return jax.ShapeDtypeStruct(shape, dtype or jnp.float32, sharding=run.replicated)
 
 
-def _state(S, init, txs, axes):
-    import jax
-    from nla_jax import train
-    abstract = jax.eval_shape(init, S.target)
-    sh = train.state_shardings(S, abstract, txs, axes)
-    return train.abstract_with(abstract, sh), sh
-
-
-def lower_rl(S):
-    import jax
-    import jax.numpy as jnp
-    from nla_jax import sharding, train
-    *_, init, txs, axes = train.rl_parts(S)
-    state, sh = _state(S, init, txs, axes)
-    ref_abs = jax.eval_shape(lambda t: train.init_av(S, t), S.target)
-    ref_sh = sharding.tree_shardings(train.av_axes(S), ref_abs, S.mesh, S.rules)
-    ref = train.abstract_with(ref_abs, ref_sh)
-    d = S.mcfg.d_model
-    batch = _batch(S, {"acts": ((S.cfg.rl.batch, d), jnp.dtype(S.cfg.data.dtype))}, "rl.batch")
+def lower_rl(run: run_lib.Run):
+    layout = state_lib.rl(run)
+    ref = run_lib.with_shardings(jax.eval_shape(lambda t: state_lib.init_av(run, t), run.target),
+                                 state_lib.av_shardings(run))
+    d = run.model_cfg.d_model
+    batch = _batch(run, {"acts": ((run.cfg.rl.batch, d), jnp.dtype(run.cfg.data.dtype))}, "rl.batch")
     key = jax.eval_shape(lambda: jax.random.key(0))
-    fn = train.rl_step_fn(S, sh, ref_sh, {k: v.sharding for k, v in batch.items()})
-    args = (state, ref, batch, _rep(S, (d,)), _rep(S, key.shape, key.dtype))
-    return fn, args, {"state": state, "ref_av": ref}
+    fn = state_lib.rl_step(run, layout, jax.tree.map(lambda a: a.sharding, ref),
+                           {k: v.sharding for k, v in batch.items()})
+    args = (layout.abstract, ref, batch, _replicated(run, (d,)), _replicated(run, key.shape, key.dtype))
+    return fn, args, {"state": layout.abstract, "ref_av": ref}
 
 
-def _sft(S, name: str, parts, make_batch):
-    from nla_jax import train
-    tx, labels, init, txs, axes = parts(S)
-    state, sh = _state(S, init, txs, axes)
-    batch = make_batch(S.cfg[name].batch)
-    jitted = train.sft_step_fn(S, name, sh, {k: v.sharding for k, v in batch.items()})
-    return jitted, (state, batch, _rep(S, (S.mcfg.d_model,))), {"state": state}
+def _sft(run: run_lib.Run, name: str, batch: dict):
+    layout = state_lib.for_stage(run, name)
+    jitted = state_lib.sft_step(run, layout, {k: v.sharding for k, v in batch.items()})
+    return jitted, (layout.abstract, batch, _replicated(run, (run.model_cfg.d_model,))), {"state": layout.abstract}
 
 
-def lower_sft_av(S):
-    import jax.numpy as jnp
-    from nla_jax import train
-    d, L = S.mcfg.d_model, S.ctx.av.max_len
-    act = jnp.dtype(S.cfg.data.dtype)
-    mk = lambda b: _batch(S, {"acts": ((b, d), act), "targets": ((b, L), jnp.int32), "mask": ((b, L), jnp.bool_)},
-                          "sft_av.batch")
-    return _sft(S, "sft_av", train.sft_av_parts, mk)
+def lower_sft_av(run: run_lib.Run):
+    d, cap = run.model_cfg.d_model, run.ctx.av.max_len
+    act = jnp.dtype(run.cfg.data.dtype)
+    b = run.cfg.sft_av.batch
+    batch = _batch(run, {"acts": ((b, d), act), "targets": ((b, cap), jnp.int32), "mask": ((b, cap), jnp.bool_)},
+                   "sft_av.batch")
+    return _sft(run, "sft_av", batch)
 
 
-def lower_sft_ar(S):
-    import jax.numpy as jnp
-    from nla_jax import train
-    d, M = S.mcfg.d_model, S.ctx.ar.max_len
-    act = jnp.dtype(S.cfg.data.dtype)
-    mk = lambda b: _batch(S, {"acts": ((b, d), act), "expl": ((b, M), jnp.int32), "expl_len": ((b,), jnp.int32)},
-                          "sft_ar.batch")
-    return _sft(S, "sft_ar", train.sft_ar_parts, mk)
+def lower_sft_ar(run: run_lib.Run):
+    d, room = run.model_cfg.d_model, run.ctx.ar.max_len
+    act = jnp.dtype(run.cfg.data.dtype)
+    b = run.cfg.sft_ar.batch
+    batch = _batch(run, {"acts": ((b, d), act), "expl": ((b, room), jnp.int32), "expl_len": ((b,), jnp.int32)},
+                   "sft_ar.batch")
+    return _sft(run, "sft_ar", batch)
 
 
 LOWER = {"sft_av": lower_sft_av, "sft_ar": lower_sft_ar, "rl": lower_rl}
@@ -294,8 +204,6 @@ LOWER = {"sft_av": lower_sft_av, "sft_ar": lower_sft_ar, "rl": lower_rl}
 
 def per_device_bytes(tree) -> int:
     """Bytes one device holds of a pytree of sharded ShapeDtypeStructs (the largest shard per leaf)."""
-    import jax
-    import numpy as np
     total = 0
     for a in jax.tree.leaves(tree):
         shape = a.sharding.shard_shape(a.shape) if a.sharding is not None else a.shape
@@ -303,11 +211,10 @@ def per_device_bytes(tree) -> int:
     return total
 
 
-def compile_step(S, name: str) -> dict:
-    from nla_jax import sharding
+def compile_step(run: run_lib.Run, name: str) -> dict:
     t0 = time.perf_counter()
-    fn, args, parts = LOWER[name](S)
-    with sharding.use_mesh(S.mesh, S.rules):
+    fn, args, parts = LOWER[name](run)
+    with sharding.use_mesh(run.mesh, run.rules):
         lowered = fn.lower(*args)
     t1 = time.perf_counter()
     compiled = lowered.compile()
@@ -322,7 +229,7 @@ def compile_step(S, name: str) -> dict:
     for k, tree in parts.items():
         if k == "state":
             for sk in tree:
-                if sk not in ("step", "skipped", "streak"):
+                if sk not in state_lib.COUNTERS:
                     row["parts_gb"][sk] = per_device_bytes(tree[sk]) / GB
         else:
             row["parts_gb"][k] = per_device_bytes(tree) / GB
@@ -342,11 +249,26 @@ def table(rows: list[dict], t: Target) -> str:
     return "\n".join(lines)
 
 
-def _params(mcfg) -> int:
-    import jax
-    import numpy as np
-    from nla_jax.models import transformer as T
-    return sum(int(np.prod(a.shape, dtype=np.int64)) for a in jax.tree.leaves(T.abstract_params(mcfg)))
+def _params(model_cfg) -> int:
+    return sum(int(np.prod(a.shape, dtype=np.int64)) for a in jax.tree.leaves(transformer.abstract_params(model_cfg)))
+
+
+def check(cfg) -> None:
+    """The trainer's own config checks, on the architecture from model.arch."""
+    c = cfg.copy_and_resolve_references()
+    c.unlock()
+    if c.model.get("arch") and len(c.model.arch):
+        c.model.source = "random"
+    run_lib.check_config(c)
+
+
+def build_run(cfg, bf16_as: str) -> run_lib.Run:
+    """The abstract run: no weights, store or tokenizer; bfloat16 compiled as float16 with
+    --bf16-as f16 (same bytes; see the module docstring)."""
+    dtype = weights_lib.dtype_of(cfg.model.dtype)
+    if bf16_as == "f16" and dtype == jnp.bfloat16:
+        dtype = jnp.float16
+    return run_lib.build(cfg, abstract=True, param_dtype=dtype)
 
 
 @cli_main
@@ -361,16 +283,12 @@ def main(argv=None) -> int:
     rc = ensure_devices(t.devices, args.bf16_as == "f16", argv)
     if rc is not None:
         return rc
-    import jax
-    from nla_jax import sharding
-    from nla_jax.models import transformer as T
     jax.config.update("jax_enable_compilation_cache", False)  # compile times are part of the report
     # Compile the accelerator's code path: the hand-written matmul gradient is an XLA:CPU speed fix.
-    T.CPU_HANDWRITTEN_MATMUL_GRAD = False
+    transformer.CPU_HANDWRITTEN_MATMUL_GRAD = False
     check(cfg)
-    mesh = sharding.mesh_from_config(cfg.mesh)
-    S = setup(cfg, mesh, t, args.bf16_as)
-    m = S.mcfg
+    run = build_run(cfg, args.bf16_as)
+    mesh, m = run.mesh, run.model_cfg
     print(f"config {args.config}: {m.name} ({m.family}, {_params(m) / 1e9:.2f}B params, {m.n_layers} blocks, "
           f"d={m.d_model}), block K={cfg.model.layer}, {cfg.model.dtype}, remat={bool(cfg.model.remat)}")
     print(f"target: {t.devices} x {t.accelerator} ({t.memory_gb:g} GB each, budget {t.usable_fraction:g} x = "
@@ -380,7 +298,7 @@ def main(argv=None) -> int:
     rows = []
     for name in steps_:
         print(f"aot: lowering and compiling {name} ...", file=sys.stderr, flush=True)
-        r = compile_step(S, name)
+        r = compile_step(run, name)
         r["fits"] = r["total_gb"] <= t.budget_gb
         rows.append(r)
         parts = ", ".join(f"{k} {v:.2f}" for k, v in r["parts_gb"].items())

@@ -254,6 +254,8 @@ class Checkpointer:
             raise UserError(f"cannot use checkpoint directory {self.directory}: {_one_line(e)}") from None
         finally:
             absl_log.setLevel(level)
+        self._options = options
+        self._partial_mgr: ocp.CheckpointManager | None = None
 
     # -- saving
 
@@ -300,6 +302,8 @@ class Checkpointer:
 
     def close(self) -> None:
         self._mgr.close()
+        if self._partial_mgr is not None:
+            self._partial_mgr.close()
 
     def __enter__(self) -> "Checkpointer":
         return self
@@ -346,11 +350,13 @@ class Checkpointer:
             raise ValueError(f"no state metadata in step {step}")
         return getattr(md, "tree", md)
 
-    def _check_matches(self, step: int, saved: Any, abstract: Any) -> None:
-        """UserError (not an orbax traceback) when the requested tree differs from the saved one."""
+    def _check_matches(self, step: int, saved: Any, abstract: Any, partial: bool = False) -> None:
+        """UserError (not an orbax traceback) when the requested tree differs from the saved one
+        (`partial`: the request may leave out saved subtrees, e.g. optimizer state)."""
         have, want = _flat_by_path(saved), _flat_by_path(abstract)
         problems = [f"{_path_str(p)} missing from the checkpoint" for p in sorted(set(want) - set(have))]
-        problems += [f"{_path_str(p)} in the checkpoint but not requested" for p in sorted(set(have) - set(want))]
+        if not partial:
+            problems += [f"{_path_str(p)} in the checkpoint but not requested" for p in sorted(set(have) - set(want))]
         for p in sorted(set(have) & set(want)):
             h, w = have[p], want[p]
             if w.dtype is not None and jax.dtypes.issubdtype(w.dtype, jax.dtypes.prng_key):
@@ -406,15 +412,37 @@ class Checkpointer:
             self._warned.add(step)
             log.warning("skipping checkpoint step %d in %s: it does not read (%s)", step, self.directory, why)
 
-    def _attempt(self, step: int, abstract_state: Any) -> tuple[Any, str]:
+    def _restore_partial(self, step: int, abstract_state: Any) -> Any:
+        """Read only the subtrees of the saved state that `abstract_state` names (orbax's partial
+        restore is a PyTree-handler feature, hence a second, read-only manager on the directory)."""
+        if self._partial_mgr is None:
+            absl_log = logging.getLogger("absl")
+            level = absl_log.level
+            absl_log.setLevel(logging.ERROR)  # "Given directory is read only": what we asked for
+            try:
+                self._partial_mgr = ocp.CheckpointManager(
+                    self.directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+                    item_handlers={_STATE: ocp.PyTreeCheckpointHandler(), _META: ocp.JsonCheckpointHandler()})
+            finally:
+                absl_log.setLevel(level)
+        self._partial_mgr.reload()
+        restore_args = jax.tree.map(
+            lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype), abstract_state)
+        return self._partial_mgr.restore(step, args=ocp.args.Composite(**{_STATE: ocp.args.PyTreeRestore(
+            abstract_state, restore_args=restore_args, partial_restore=True)}))[_STATE]
+
+    def _attempt(self, step: int, abstract_state: Any, partial: bool = False) -> tuple[Any, str]:
         """((state, meta), '') or (None, reason); identical outcome on every process."""
         out, why = None, ""
         try:
             payload = self._payload(step)
-            self._check_matches(step, self._saved_tree(step), abstract_state)
-            restored = self._mgr.restore(step, args=ocp.args.Composite(
-                **{_STATE: ocp.args.StandardRestore(abstract_state)}))
-            out = (restored[_STATE], payload["meta"])
+            self._check_matches(step, self._saved_tree(step), abstract_state, partial)
+            if partial:
+                restored = self._restore_partial(step, abstract_state)
+            else:
+                restored = self._mgr.restore(step, args=ocp.args.Composite(
+                    **{_STATE: ocp.args.StandardRestore(abstract_state)}))[_STATE]
+            out = (restored, payload["meta"])
         except UserError:
             raise
         except Exception as e:  # noqa: BLE001 - any read failure means a damaged step
@@ -423,8 +451,10 @@ class Checkpointer:
             return None, why or "unreadable on another process"
         return out, ""
 
-    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
+    def restore(self, abstract_state: Any, step: int | None = None, partial: bool = False) -> tuple[Any, dict]:
         """Load `(state, meta)`; `abstract_state` leaves are ShapeDtypeStructs with the target shardings.
+        `partial=True` reads only the subtrees `abstract_state` holds (e.g. {"av": ...} without the
+        optimizer state: what inference needs).
 
         step=None: the newest step that restores cleanly. Damaged newer steps are logged and
         renamed to `<step>.unreadable-<time>` (only once an older step has restored, so nothing
@@ -436,7 +466,7 @@ class Checkpointer:
             if int(step) not in steps:
                 raise UserError(f"no checkpoint step {step} in {self.directory} "
                                 f"(available: {sorted(steps) or 'none'})")
-            out, why = self._attempt(int(step), abstract_state)
+            out, why = self._attempt(int(step), abstract_state, partial)
             if out is None:
                 raise UserError(f"checkpoint step {step} in {self.directory} does not restore: {why}")
             self.restored_step = int(step)
@@ -445,7 +475,7 @@ class Checkpointer:
             raise UserError(f"no checkpoints in {self.directory}")
         bad: list[tuple[int, str]] = []
         for s in steps:
-            out, why = self._attempt(s, abstract_state)
+            out, why = self._attempt(s, abstract_state, partial)
             if out is not None:
                 self._set_aside([b for b, _ in bad])
                 self.restored_step = s

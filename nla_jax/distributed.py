@@ -78,3 +78,13 @@ def local_rows(x) -> np.ndarray:
         if start not in seen:
             seen[start] = np.asarray(s.data)
     return np.concatenate([seen[k] for k in sorted(seen)], axis=0)
+
+
+def host_array(x) -> np.ndarray:
+    """A global (possibly batch-sharded, possibly multi-process) array as one numpy array on every
+    process: the all-gather every host-side reduction (ridge fits, evaluation scores) starts from."""
+    import jax
+    if jax.process_count() == 1:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -56,13 +56,6 @@ def data_meta(cfg, mcfg, checksum: str) -> dict:
     return meta
 
 
-def model_checksum(source: str) -> str:
-    from nla_jax import weights
-    if source == "random":
-        return "random"
-    return weights.file_checksum(weights.resolve_source(source))
-
-
 @cli_main
 def main(argv=None) -> int:
     args, cfg = cli.parse(build_parser(), argv)
@@ -104,7 +97,7 @@ def extract(cfg, args) -> int:
     mcfg, params, tok = weights.load_from_config(cfg.model, mesh, cfg.rules)
     if tok is None:
         raise UserError(f"model source {cfg.model.source!r} has no tokenizer; extraction needs one")
-    meta = data_meta(cfg, mcfg, model_checksum(cfg.model.source))
+    meta = data_meta(cfg, mcfg, weights.model_checksum(cfg.model.source))
 
     docs, stats = corpus.load_corpus([dict(s) for s in d.sources])
     plan = plan_lib.plan_documents(docs, tok, seed=d.seed, k=d.k, min_position=d.min_position,

@@ -44,7 +44,7 @@ def main(argv=None) -> int:
 
     from nla_jax import sampling, sharding
     from nla_jax import weights
-    from nla_jax.models import transformer as T
+    from nla_jax.models import transformer
 
     t0 = time.perf_counter()
     mesh = sharding.mesh_from_config(cfg.mesh)
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
 
     if args.norms:
         K = cfg.model.layer
-        fwd = jax.jit(lambda p, t, v: T.forward(p, t, mcfg, valid=v, capture_layer=K, logits=False)["hidden"])
+        fwd = jax.jit(lambda p, t, v: transformer.forward(p, t, mcfg, valid=v, capture_layer=K, logits=False)["hidden"])
         for i, ids in enumerate(prompts):
             h = np.asarray(fwd(params, jnp.asarray([ids]), jnp.ones((1, len(ids)), bool))[0])
             norms = np.linalg.norm(h, axis=-1)

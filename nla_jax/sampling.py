@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nla_jax.models import transformer as T
+from nla_jax.models import transformer
 from nla_jax.models.config import ModelConfig
 
 
@@ -134,7 +134,7 @@ def _layers_with_cache(cfg: ModelConfig, layers: Sequence[dict], x, cos, sin, ma
             cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, slot, 0))
             return ck, cv, (ck, cv)
 
-        x, kv = T.block(cfg, lp, x, cos, sin, mask, cache_write=write)
+        x, kv = transformer.block(cfg, lp, x, cos, sin, mask, cache_write=write)
         if hook is not None and hook[0] == li:
             x = hook[1](x)
         new_cache.append(kv)
@@ -153,7 +153,7 @@ def split_layers(params):
 def _split_shardings(cfg: ModelConfig, mesh, rules, dtype):
     """Shardings of `split_layers(params)`: each layer like the stack minus its leading axis."""
     from nla_jax import sharding
-    axes, shapes = T.param_axes(cfg), T.abstract_params(cfg, dtype)
+    axes, shapes = transformer.param_axes(cfg), transformer.abstract_params(cfg, dtype)
     stacked = sharding.tree_shardings(axes, shapes, mesh, rules)
     is_axes = lambda x: isinstance(x, tuple) and all(isinstance(a, (str, type(None))) for a in x)
     layer_axes = jax.tree.map(lambda a: a[1:], axes["layers"], is_leaf=is_axes)
@@ -191,7 +191,7 @@ def make_sampler(cfg: ModelConfig, sc: SampleConfig, mesh, rules, dtype=jnp.floa
 
 
 def sample(params, prompt: jax.Array, valid: jax.Array, key: jax.Array, *, cfg: ModelConfig,
-           sc: SampleConfig, override: T.Override | None = None, add_after: int | None = None) -> SampleOutput:
+           sc: SampleConfig, override: transformer.Override | None = None, add_after: int | None = None) -> SampleOutput:
     """Generate up to sc.max_new_tokens for a left-padded batch (see `_sample`).
 
     `params` may be stacked (split once per call) or already `split_layers`-ed (reuse the
@@ -208,7 +208,7 @@ def _sample_jit(params, prompt, valid, key, *, cfg, sc, override=None, add_after
 
 
 def _sample(params, prompt: jax.Array, valid: jax.Array, key: jax.Array, *, cfg: ModelConfig,
-            sc: SampleConfig, override: T.Override | None = None, add_after: int | None = None,
+            sc: SampleConfig, override: transformer.Override | None = None, add_after: int | None = None,
             group: int = 1) -> SampleOutput:
     """Generate up to sc.max_new_tokens for a left-padded batch.
 
@@ -232,14 +232,14 @@ def _sample(params, prompt: jax.Array, valid: jax.Array, key: jax.Array, *, cfg:
     # -- prefill: the whole prompt in one pass, filling cache slots [0, P)
     hook = None
     if add_after is not None:
-        hook = (add_after, lambda h: T.add_at(h, override))
-        x = T.embed(params, prompt)
+        hook = (add_after, lambda h: transformer.add_at(h, override))
+        x = transformer.embed(params, prompt)
     else:
-        x = T.embed(params, prompt, override)
-    cos, sin = T.rope_tables(T.positions_from_mask(valid), cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        x = transformer.embed(params, prompt, override)
+    cos, sin = transformer.rope_tables(transformer.positions_from_mask(valid), cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     mask = (slots[None, None, :] <= jnp.arange(P)[None, :, None]) & kv_valid[:, None, :]  # [b, P, T]
     x, cache = _layers_with_cache(cfg, layers, x, cos, sin, mask, cache, 0, hook)
-    logits = T.unembed(cfg, params, x[:, -1:])[:, 0]  # [b, V]
+    logits = transformer.unembed(cfg, params, x[:, -1:])[:, 0]  # [b, V]
     if group > 1:  # from here on every row is one sample: [b * G, ...]
         rep = lambda a: jnp.repeat(a, group, axis=0)
         cache, logits, kv_valid, valid = jax.tree.map(rep, cache), rep(logits), rep(kv_valid), rep(valid)
@@ -259,12 +259,12 @@ def _sample(params, prompt: jax.Array, valid: jax.Array, key: jax.Array, *, cfg:
     def step(state):
         i, tok, cache, out_tok, out_lp, done, key = state
         slot = P + i
-        x = T.embed(params, tok[:, None])
+        x = transformer.embed(params, tok[:, None])
         pos = (prompt_len + i)[:, None]
-        cos, sin = T.rope_tables(pos, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        cos, sin = transformer.rope_tables(pos, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         mask = (slots[None, None, :] <= slot) & kv_valid[:, None, :]  # [b, 1, T]
         x, cache = _layers_with_cache(cfg, layers, x, cos, sin, mask, cache, slot)
-        logits = T.unembed(cfg, params, x)[:, 0]
+        logits = transformer.unembed(cfg, params, x)[:, 0]
         key, sub = jax.random.split(key)
         nxt, lp = _choose(logits, sub, sc)
         nxt = jnp.where(done, cfg.pad_id, nxt)

@@ -71,8 +71,8 @@ def make_mesh(shape: Sequence[int], axes: Sequence[str] = MESH_AXES,
     return Mesh(dev, tuple(axes))
 
 
-def mesh_from_config(mcfg) -> Mesh:
-    return make_mesh(tuple(mcfg.shape), tuple(mcfg.axes))
+def mesh_from_config(mesh_section) -> Mesh:
+    return make_mesh(tuple(mesh_section.shape), tuple(mesh_section.axes))
 
 
 def rules_dict(rules: Sequence[tuple[str, Any]]) -> dict[str, Any]:
@@ -146,3 +146,14 @@ def shard_params(params: Any, axes_tree: Any, mesh: Mesh, rules) -> Any:
     """Place a host pytree onto the mesh."""
     shardings = tree_shardings(axes_tree, params, mesh, rules)
     return jax.tree.map(lambda a, s: jax.device_put(a, s), params, shardings)
+
+
+def batch_shards(mesh: Mesh, rules=None) -> int:
+    """How many ways the logical `batch` axis is split on `mesh` under `rules` (default: the
+    default rules, data x fsdp): a global batch must be a multiple of it. The one place that says
+    how batches are sharded; the trainer, the evaluation, `aot` and `generate` all ask here."""
+    axes = rules_dict(rules if rules is not None else DEFAULT_RULES).get("batch")
+    if axes is None:
+        return 1
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    return int(math.prod(mesh.shape[a] for a in axes))

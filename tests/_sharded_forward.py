@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
 from nla_jax import configlib, sampling, sharding  # noqa: E402
-from nla_jax.checkpoints import loader  # noqa: E402
+from nla_jax import weights  # noqa: E402
 from nla_jax.models import transformer as T  # noqa: E402
 
 MESHES = {"llama": [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4), (4, 1, 2)],

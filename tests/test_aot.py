@@ -73,6 +73,7 @@ def test_real_scale_configs_describe_their_machine():
     import math
 
     from nla_jax import aot, configlib
+    from nla_jax.nla import run as run_lib
     from nla_jax.models import transformer as T
     expected = {"qwen2_5_0_5b.py": 0.494, "qwen2_5_7b.py": 7.616, "llama3_3_70b.py": 70.554}  # 1e9 params
     for name, billions in expected.items():
@@ -82,7 +83,7 @@ def test_real_scale_configs_describe_their_machine():
             assert cfg.model.dtype == "bfloat16" and cfg.model.remat and cfg.av.max_len == 150
             assert 4 <= cfg.rl.group_size <= 8
             aot.check(cfg)
-            m = aot.model_config(cfg)
+            m = run_lib.model_config_from_arch(cfg)
             n = sum(math.prod(a.shape) for a in __import__("jax").tree.leaves(T.abstract_params(m)))
             assert abs(n / 1e9 - billions) < 0.005, (name, n)
             assert abs(cfg.model.layer / m.n_layers - 2 / 3) < 0.06, (name, cfg.model.layer)

@@ -110,7 +110,7 @@ def test_extract_finds_the_first_closing_tag_within_the_length():
                         [5, 7, 5, 6, 6, 6, 7, 8],     # closer at 6, but length 7 cuts it -> fail
                         [5, 5, 5, 7, 8, 7, 8, 2]])    # first closer counts
     lengths = jnp.asarray([5, 3, 7, 8])
-    n, ok = av_lib.extract(toks, lengths, spec)
+    n, ok = av_lib.explanation_span(toks, lengths, spec)
     assert np.asarray(ok).tolist() == [True, False, False, True]
     assert np.asarray(n).tolist()[0] == 2 and np.asarray(n).tolist()[3] == 3
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nla_jax.errors import UserError
-from nla_jax.models import transformer as T
+from nla_jax.models import transformer
 from nla_jax.models.config import ModelConfig
 
 
@@ -61,12 +61,12 @@ def init_params(target: dict, layer: int, d: int) -> dict:
 
 
 def param_axes(cfg: ModelConfig) -> dict:
-    ax = T.param_axes(cfg)
+    ax = transformer.param_axes(cfg)
     return {"embed": ax["embed"], "layers": ax["layers"], "head": {"w": ("embed", None), "b": (None,)}}
 
 
 def abstract_params(cfg: ModelConfig, layer: int, dtype) -> dict:
-    a = T.abstract_params(cfg, dtype)
+    a = transformer.abstract_params(cfg, dtype)
     layers = jax.tree.map(lambda s: jax.ShapeDtypeStruct((layer + 1,) + s.shape[1:], s.dtype), a["layers"])
     d = cfg.d_model
     return {"embed": a["embed"], "layers": layers,
@@ -115,9 +115,9 @@ def host_explanations(tok, texts: Sequence[str], spec: ARSpec) -> tuple[np.ndarr
 def features(params: dict, cfg: ModelConfig, spec: ARSpec, tokens: jax.Array, valid: jax.Array,
              read_at: jax.Array, remat: bool = False) -> jax.Array:
     """Block K's output at the read-out token, optionally RMS-normalised: [b, d] float32."""
-    positions = T.positions_from_mask(valid)
-    x = T.embed(params, tokens)
-    x = T.run_blocks(cfg, params["layers"], x, positions, T.causal_mask(valid), 0, spec.layer + 1, remat)
+    positions = transformer.positions_from_mask(valid)
+    x = transformer.embed(params, tokens)
+    x = transformer.run_blocks(cfg, params["layers"], x, positions, transformer.causal_mask(valid), 0, spec.layer + 1, remat)
     h = jnp.take_along_axis(x, read_at[:, None, None], axis=1)[:, 0].astype(jnp.float32)  # [b, d]
     if spec.head_norm == "rms":
         h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + 1e-6)

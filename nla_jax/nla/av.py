@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nla_jax.errors import UserError
-from nla_jax.models import transformer as T
+from nla_jax.models import transformer
 from nla_jax.models.config import ModelConfig
 from nla_jax.models.logprobs import token_logprobs
 
@@ -109,7 +109,7 @@ def init_extra(d: int, use_proj: bool) -> dict:
     return {"proj": jnp.eye(d, dtype=jnp.float32)} if use_proj else {}
 
 
-def override(spec: AVSpec, acts: jax.Array, extra: dict, mean: jax.Array | None) -> T.Override:
+def override(spec: AVSpec, acts: jax.Array, extra: dict, mean: jax.Array | None) -> transformer.Override:
     """acts [b, d] raw -> the override that puts them at the marker. Float32 until the cast."""
     v = acts.astype(jnp.float32)
     if spec.center and mean is not None:
@@ -122,7 +122,7 @@ def override(spec: AVSpec, acts: jax.Array, extra: dict, mean: jax.Array | None)
     # to the residual's norm).
     v = u * (spec.inject_norm if spec.mode == "replace" else d ** 0.5)
     b = v.shape[0]
-    return T.Override(jnp.full((b, 1), spec.marker_pos, jnp.int32), v[:, None, :])
+    return transformer.Override(jnp.full((b, 1), spec.marker_pos, jnp.int32), v[:, None, :])
 
 
 def add_after(spec: AVSpec) -> int | None:
@@ -157,12 +157,12 @@ def logprobs(params, extra, cfg: ModelConfig, spec: AVSpec, acts: jax.Array, tar
     ov = override(spec, acts, extra, mean)
     if group > 1:
         prompt = jnp.broadcast_to(jnp.asarray(spec.prompt, jnp.int32), (b // group, P))
-        logits = T.forward_grouped(params, prompt, jnp.ones(prompt.shape, bool), targets[:, :-1].astype(jnp.int32),
+        logits = transformer.forward_grouped(params, prompt, jnp.ones(prompt.shape, bool), targets[:, :-1].astype(jnp.int32),
                                    cfg, group=group, override=ov, add_after=add_after(spec), remat=remat)
     else:
         prompt = jnp.broadcast_to(jnp.asarray(spec.prompt, jnp.int32), (b, P))
         tokens = jnp.concatenate([prompt, targets[:, :-1].astype(jnp.int32)], axis=1)  # [b, P + L - 1]
-        logits = T.forward(params, tokens, cfg, override=ov, add_after=add_after(spec), remat=remat,
+        logits = transformer.forward(params, tokens, cfg, override=ov, add_after=add_after(spec), remat=remat,
                            logits_from=P - 1)["logits"]  # [b, L, V]
     if temperature != 1.0:
         logits = logits / temperature
@@ -174,9 +174,9 @@ def logprobs(params, extra, cfg: ModelConfig, spec: AVSpec, acts: jax.Array, tar
     return lp, ent
 
 
-# ----------------------------------------------------------------------------- extraction
+# ----------------------------------------------------------------------------- the explanation in sampled text
 
-def extract(tokens: jax.Array, lengths: jax.Array, spec: AVSpec) -> tuple[jax.Array, jax.Array]:
+def explanation_span(tokens: jax.Array, lengths: jax.Array, spec: AVSpec) -> tuple[jax.Array, jax.Array]:
     """Where the explanation ends in sampled tokens [b, N].
 
     Returns (expl_len [b]: tokens before the first closing tag, ok [b]: a closing tag was produced

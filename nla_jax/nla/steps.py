@@ -120,7 +120,7 @@ def explain(av: dict, acts, mean, key, *, ctx: Ctx, sc: sampling.SampleConfig, g
     params = sampling.split_layers(jax.lax.stop_gradient(av["model"]))
     out = sampling._sample(params, prompt, jnp.ones((b, P), bool), key, cfg=ctx.cfg, sc=sc, override=ov,
                            add_after=av_lib.add_after(ctx.av), group=group)
-    expl_len, ok = av_lib.extract(out.tokens, out.lengths, ctx.av)
+    expl_len, ok = av_lib.explanation_span(out.tokens, out.lengths, ctx.av)
     return {"tokens": out.tokens, "lengths": out.lengths, "expl_len": expl_len, "ok": ok,
             "logprobs": out.logprobs}
 

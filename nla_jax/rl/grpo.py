@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from nla_jax import optim, sampling
-from nla_jax.models import transformer as T
+from nla_jax.models import transformer
 from nla_jax.models.config import ModelConfig
 from nla_jax.models.logprobs import token_logprobs
 from nla_jax.rl.advantages import group_advantages, nonzero_group_fraction
@@ -26,7 +26,7 @@ def completion_logprobs(params, cfg: ModelConfig, prompt, valid, tokens, tempera
     P = prompt.shape[1]
     seq = jnp.concatenate([prompt, tokens[:, :-1]], axis=1)
     v = jnp.concatenate([valid, jnp.ones(tokens[:, :-1].shape, bool)], axis=1)
-    logits = T.forward(params, seq, cfg, valid=v, remat=remat, logits_from=P - 1)["logits"]  # [N, L, V]
+    logits = transformer.forward(params, seq, cfg, valid=v, remat=remat, logits_from=P - 1)["logits"]  # [N, L, V]
     if temperature != 1.0:
         logits = logits / temperature
     return token_logprobs(logits, tokens)
@@ -36,7 +36,7 @@ def grouped_completion_logprobs(params, cfg: ModelConfig, prompt, valid, tokens,
                                 temperature: float = 1.0, remat: bool = False, **inject) -> jax.Array:
     """`completion_logprobs` for G completions per prompt (prompt [B, P], tokens [B*G, L]) with each
     prompt run once (`transformer.forward_grouped`); `inject` passes override / add_after."""
-    logits = T.forward_grouped(params, prompt, valid, tokens[:, :-1], cfg, group=group, remat=remat,
+    logits = transformer.forward_grouped(params, prompt, valid, tokens[:, :-1], cfg, group=group, remat=remat,
                                **inject)  # [N, L, V]
     if temperature != 1.0:
         logits = logits / temperature

@@ -54,6 +54,14 @@ def file_checksum(path: str) -> str:
     return h.hexdigest()
 
 
+def model_checksum(source: str) -> str:
+    """The checksum a store's manifest records for its target (`model.source`): "random" for random
+    weights, else file_checksum of the resolved file or directory."""
+    if source == "random":
+        return "random"
+    return file_checksum(resolve_source(source))
+
+
 # ----------------------------------------------------------------------------- GGUF
 
 _GGUF_LAYER = {  # our name -> (gguf tensor suffix, kind)

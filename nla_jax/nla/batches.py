@@ -1,0 +1,68 @@
+"""The training stages' batches: store rows -> warm-start texts / token ids -> global arrays on the mesh.
+
+Row order is the data loader's pure function of (seed, step), so a resumed stage sees exactly the
+batches it would have seen; each split gets its own seed (data.seed + a hash of the split name),
+so the stages do not walk their splits in lockstep.
+"""
+from __future__ import annotations
+
+import zlib
+from typing import Callable, Iterator
+
+import jax
+import numpy as np
+
+from nla_jax import faults
+from nla_jax.data import loader as data_loader
+from nla_jax.nla import ar as ar_lib
+from nla_jax.nla import av as av_lib
+from nla_jax.nla.run import Run
+
+MakeBatch = Callable[[Run, dict], dict]   # (run, host rows {"acts", "row"}) -> host batch
+
+
+def split_seed(run: Run, split: str) -> int:
+    return run.cfg.data.seed + zlib.crc32(split.encode()) % 997
+
+
+def av_batch(run: Run, local: dict) -> dict:
+    """SFT-AV rows: acts [b, d], the warm-start text as targets [b, L] with its loss mask [b, L]."""
+    texts = [run.summaries[int(r)] for r in local["row"]]
+    targets, mask = av_lib.sft_targets(run.tokenizer, texts, run.ctx.av)
+    return {"acts": local["acts"], "targets": targets, "mask": mask}
+
+
+def ar_batch(run: Run, local: dict) -> dict:
+    """SFT-AR rows: acts [b, d], the warm-start text as explanation ids [b, M] and lengths [b]."""
+    texts = [run.summaries[int(r)] for r in local["row"]]
+    expl, lens = ar_lib.host_explanations(run.tokenizer, texts, run.ctx.ar)
+    return {"acts": local["acts"], "expl": expl, "expl_len": lens}
+
+
+def to_global(run: Run, local: dict) -> dict:
+    return data_loader.to_global(local, run.mesh, run.rules)
+
+
+def stage_batches(run: Run, split: str, batch: int, start: int, make: MakeBatch | None,
+                  only: np.ndarray | None = None, stage: str | None = None) -> Iterator[tuple[int, dict]]:
+    """(step, global batch) from `start` on: `make` turns the host rows into the step's inputs
+    (None: activations only, the RL stage). `stage` names the fault point tests poison batches at."""
+    for step, local in data_loader.iterate(run.cfg.data.store, split, batch=batch, seed=split_seed(run, split),
+                                           start_step=start, fields=("acts",), only=only):
+        if stage is not None and (poison := faults.point(f"train.{stage}.batch")) in ("nan", "inf"):
+            local["acts"] = np.full_like(local["acts"], np.nan if poison == "nan" else np.inf)  # tests only
+        yield step, to_global(run, make(run, local) if make else {"acts": local["acts"]})
+
+
+def fixed_rows(run: Run, rows: np.ndarray, n: int, make: MakeBatch) -> tuple[dict, np.ndarray]:
+    """A fixed validation batch of the first n rows in canonical order, trimmed to a multiple of
+    every process's batch shards: (global batch, doc ids of all its rows)."""
+    rows = np.sort(rows)[:n]
+    n = len(rows) - len(rows) % max(1, jax.process_count() * run.batch_shards)
+    rows = rows[:n]
+    per_process = n // jax.process_count()
+    mine = rows[jax.process_index() * per_process:(jax.process_index() + 1) * per_process]
+    local = run.store.read(None, mine, fields=("acts",))
+    local["row"] = mine
+    docs = run.store.read(None, rows, fields=("doc_id",))["doc_id"]
+    return to_global(run, make(run, local)), docs

@@ -1,0 +1,209 @@
+"""Per-stage training state: init, optimizers, logical axes, abstract state, shardings, jitted steps.
+
+Each training stage (sft_av, sft_ar, rl) is described by one `StageState`, built the MaxText way:
+the state's shapes come from `jax.eval_shape` of its init function (nothing is allocated), the
+parameters' shardings from their logical axis names through the config's rules table, and the
+optimizer state is sharded like the parameters it mirrors. The trainer, `aot` and the pair reader
+all start from these objects, so what is compiled ahead of time, trained and restored is one
+layout.
+
+State layout (a dict pytree, what the checkpoints hold):
+    sft_av: {"av": {"model", "extra"}, "opt", "step", "skipped", "streak"}
+    sft_ar: {"ar": {"embed", "layers", "head"}, "opt", "step", "skipped", "streak"}
+    rl:     {"av", "ar", "opt_av", "opt_ar", "step", "skipped", "streak"}
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from nla_jax import optim, sampling, sharding
+from nla_jax.models import transformer
+from nla_jax.nla import ar as ar_lib
+from nla_jax.nla import av as av_lib
+from nla_jax.nla import steps
+from nla_jax.nla.run import Run, with_shardings
+
+STAGES = ("sft_av", "sft_ar", "rl")
+SPLIT_OF_STAGE = {"sft_av": "av_sft", "sft_ar": "ar_sft", "rl": "rl"}
+COUNTERS = ("step", "skipped", "streak")
+
+
+@dataclasses.dataclass
+class StageState:
+    """How one stage's state is made, optimized and laid out on the mesh."""
+    name: str                                  # sft_av | sft_ar | rl
+    init: Callable[[dict], dict]               # target params -> a fresh state
+    optimizers: dict[str, optax.GradientTransformation]   # optimizer-state key -> its transformation
+    optimizes: dict[str, str]                  # optimizer-state key -> the params key it updates
+    labels: dict[str, Any]                     # params key -> label tree (optim.labels)
+    axes: dict[str, Any]                       # params key -> logical axis names
+    shardings: dict                            # the state's NamedShardings
+    abstract: dict                             # the state as ShapeDtypeStructs carrying `shardings`
+
+    def params_abstract(self, key: str) -> dict:
+        """One model's parameters ("av" / "ar") as sharded ShapeDtypeStructs (reading a pair for
+        inference restores only these: no optimizer state)."""
+        return self.abstract[key]
+
+
+# ============================================================================= parameters
+
+def av_axes(run: Run) -> dict:
+    extra = {"proj": ("embed", None)} if run.cfg.av.input_proj else {}
+    return {"model": transformer.param_axes(run.model_cfg), "extra": extra}
+
+
+def ar_axes(run: Run) -> dict:
+    return ar_lib.param_axes(run.model_cfg)
+
+
+def init_av(run: Run, target: dict) -> dict:
+    """The verbalizer starts as the target itself (plus an identity input projection if configured)."""
+    return {"model": target, "extra": av_lib.init_extra(run.model_cfg.d_model, run.cfg.av.input_proj)}
+
+
+def init_ar(run: Run, target: dict) -> dict:
+    """The reconstructor starts as the target's blocks 0..K with an identity head."""
+    return ar_lib.init_params(target, run.cfg.model.layer, run.model_cfg.d_model)
+
+
+def av_shardings(run: Run) -> dict:
+    return sharding.tree_shardings(av_axes(run), jax.eval_shape(lambda t: init_av(run, t), run.target),
+                                   run.mesh, run.rules)
+
+
+def _counters() -> dict:
+    return {k: jnp.int32(0) for k in COUNTERS}
+
+
+# ============================================================================= shardings
+
+def _dict_keys(path) -> tuple:
+    return tuple(p.key for p in path if isinstance(p, jax.tree_util.DictKey))
+
+
+def like_params(opt_abstract, params_abstract, param_shardings, replicated):
+    """Optimizer-state shardings: a leaf whose dict-key path ends with a parameter's path and has
+    its shape (Adam's mu / nu) is sharded like that parameter; everything else (counts, empty
+    states of frozen groups) is replicated. (optax.tree_map_params does not apply here: the
+    optimizers are multi_transform over label groups, whose masked states do not mirror the
+    parameter tree.)"""
+    by_path = {}
+    for (path, leaf), s in zip(jax.tree_util.tree_flatten_with_path(params_abstract)[0],
+                               jax.tree.leaves(param_shardings)):
+        by_path[_dict_keys(path)] = (leaf.shape, s)
+
+    def shard_of(path, leaf):
+        keys = _dict_keys(path)
+        for i in range(len(keys)):
+            hit = by_path.get(keys[i:])
+            if hit is not None and hit[0] == leaf.shape:
+                return hit[1]
+        return replicated
+    return jax.tree_util.tree_map_with_path(shard_of, opt_abstract)
+
+
+def _stage(run: Run, name: str, init: Callable, optimizers: dict, optimizes: dict, labels: dict,
+           axes: dict) -> StageState:
+    shapes = jax.eval_shape(init, run.target)
+    rep = run.replicated
+    shardings = {k: sharding.tree_shardings(axes[k], shapes[k], run.mesh, run.rules) for k in axes}
+    for opt_key, params_key in optimizes.items():
+        shardings[opt_key] = like_params(shapes[opt_key], shapes[params_key], shardings[params_key], rep)
+    for k in COUNTERS:
+        shardings[k] = rep
+    return StageState(name, init, optimizers, optimizes, labels, axes, shardings, with_shardings(shapes, shardings))
+
+
+# ============================================================================= the three stages
+
+def sft_av(run: Run) -> StageState:
+    sec = run.cfg.sft_av
+    av_shapes = jax.eval_shape(lambda t: init_av(run, t), run.target)
+    tx = optim.make(sec.optim, max(sec.steps, 1), av_shapes)
+    init = lambda t: {"av": init_av(run, t), "opt": tx.init(init_av(run, t)), **_counters()}
+    return _stage(run, "sft_av", init, {"opt": tx}, {"opt": "av"},
+                  {"av": optim.labels(av_shapes, sec.optim.train_embed)}, {"av": av_axes(run)})
+
+
+def sft_ar(run: Run) -> StageState:
+    sec = run.cfg.sft_ar
+    ar_shapes = jax.eval_shape(lambda t: init_ar(run, t), run.target)
+    tx = optim.make(sec.optim, max(sec.steps, 1), ar_shapes)
+    init = lambda t: {"ar": init_ar(run, t), "opt": tx.init(init_ar(run, t)), **_counters()}
+    return _stage(run, "sft_ar", init, {"opt": tx}, {"opt": "ar"},
+                  {"ar": optim.labels(ar_shapes, sec.optim.train_embed)}, {"ar": ar_axes(run)})
+
+
+def rl(run: Run) -> StageState:
+    sec = run.cfg.rl
+    av_shapes = jax.eval_shape(lambda t: init_av(run, t), run.target)
+    ar_shapes = jax.eval_shape(lambda t: init_ar(run, t), run.target)
+    tx_av = optim.make(sec.optim_av, max(sec.steps, 1), av_shapes)
+    tx_ar = optim.make(sec.optim_ar, max(sec.steps, 1), ar_shapes)
+    init = lambda t: {"av": init_av(run, t), "ar": init_ar(run, t), "opt_av": tx_av.init(init_av(run, t)),
+                      "opt_ar": tx_ar.init(init_ar(run, t)), **_counters()}
+    return _stage(run, "rl", init, {"opt_av": tx_av, "opt_ar": tx_ar}, {"opt_av": "av", "opt_ar": "ar"},
+                  {"av": optim.labels(av_shapes, sec.optim_av.train_embed),
+                   "ar": optim.labels(ar_shapes, sec.optim_ar.train_embed)},
+                  {"av": av_axes(run), "ar": ar_axes(run)})
+
+
+BUILDERS: dict[str, Callable[[Run], StageState]] = {"sft_av": sft_av, "sft_ar": sft_ar, "rl": rl}
+
+
+def for_stage(run: Run, name: str) -> StageState:
+    return BUILDERS[name](run)
+
+
+def fresh(run: Run, stage: StageState) -> dict:
+    """A newly initialised state on the mesh (from the run's target weights)."""
+    return jax.jit(stage.init, out_shardings=stage.shardings)(run.target)
+
+
+# ============================================================================= compiled steps
+
+def share_prompt(run: Run) -> bool:
+    """Whether the RL step shares each injected prompt across its group: it runs the B prompts at
+    batch B, so only when B splits evenly over every process's batch shards."""
+    return bool(run.cfg.rl.share_prompt) and run.cfg.rl.batch % (jax.process_count() * run.batch_shards) == 0
+
+
+def rl_sample_config(run: Run) -> sampling.SampleConfig:
+    sec = run.cfg.rl
+    return sampling.SampleConfig(max_new_tokens=run.ctx.av.max_len, temperature=sec.temperature, top_k=sec.top_k,
+                                 top_p=sec.top_p)
+
+
+def sft_step(run: Run, stage: StageState, batch_shardings=None):
+    """The jitted SFT step of `stage` (sft_av | sft_ar): explicit shardings, the state donated.
+    Called as step(state, batch, mean) -> (state, metrics)."""
+    sec = run.cfg[stage.name]
+    key = "av" if stage.name == "sft_av" else "ar"
+    step, n_blocks = ((steps.sft_av_step, run.model_cfg.n_layers) if stage.name == "sft_av"
+                      else (steps.sft_ar_step, run.cfg.model.layer + 1))
+    fn = functools.partial(step, ctx=run.ctx, tx=stage.optimizers["opt"], labels=stage.labels[key],
+                           block_mask=optim.block_mask(n_blocks, sec.optim.train_blocks))
+    rep = run.replicated
+    return jax.jit(fn, in_shardings=(stage.shardings, batch_shardings, rep), out_shardings=(stage.shardings, rep),
+                   donate_argnums=(0,))
+
+
+def rl_step(run: Run, stage: StageState, ref_shardings, batch_shardings=None):
+    """The jitted GRPO step: explicit shardings, the state donated.
+    Called as step(state, ref_av, batch, mean, key) -> (state, metrics)."""
+    sec = run.cfg.rl
+    fn = functools.partial(steps.rl_step, ctx=run.ctx, rl=sec, sc=rl_sample_config(run),
+                           tx_av=stage.optimizers["opt_av"], tx_ar=stage.optimizers["opt_ar"],
+                           share_prompt=share_prompt(run), labels_av=stage.labels["av"], labels_ar=stage.labels["ar"],
+                           mask_av=optim.block_mask(run.model_cfg.n_layers, sec.optim_av.train_blocks),
+                           mask_ar=optim.block_mask(run.cfg.model.layer + 1, sec.optim_ar.train_blocks))
+    rep = run.replicated
+    return jax.jit(fn, in_shardings=(stage.shardings, ref_shardings, batch_shardings, rep, rep),
+                   out_shardings=(stage.shardings, rep), donate_argnums=(0,))
