@@ -1,4 +1,4 @@
-"""Measure the small-scale levers (DESIGN §1) one at a time on the embedded default, with CIs.
+"""Measure the small-scale levers (WORKSPACE.md, "The method in brief") one at a time on the embedded default, with CIs.
 
     .venv/bin/python benchmarks/levers.py --stage sft_ar --variants base,idhead,rawhead,center --steps 100
     .venv/bin/python benchmarks/levers.py --stage sft_av --variants base,scale80,proj,add --steps 50

@@ -11,7 +11,7 @@ Check that every step compiles and fits before renting the machines (no accelera
 
     python -m nla_jax.aot --config configs/llama3_3_70b.py            # or :v5p64
 
-Layer: "about 2/3 of depth" (DESIGN §1). K = round(2/3 x 80) = 53, the same fraction as the public
+Layer: "about 2/3 of depth" (WORKSPACE.md, "The method in brief"). K = round(2/3 x 80) = 53, the same fraction as the public
 Gemma-3-12B setting (block 32 of 48); the AR then runs blocks 0..53 (54 of 80). The injected norm is
 left to the store's statistics (0 = a round number about 1.1 x the mean activation norm), since no
 published value exists for this layer.
@@ -23,7 +23,7 @@ layer gathered over fsdp, and XLA hoists those loop-invariant gathers out of the
 holds 1/tensor of the whole verbalizer (17.6 GB at tensor=8). `python -m nla_jax.aot` puts the step
 at about 62 GB a device on 64 GPUs; on 32 (fsdp=4 x tensor=8) it needs about 90 GB (77 GB even with
 activations sharded over tensor and half the batch), so 32 H100s do not fit this step.
-DESIGN §1: explanations capped at 150 tokens, group size 8, actor LR in 1e-6..1e-5 (2e-6 at this
+The public release: explanations capped at 150 tokens, group size 8, actor LR in 1e-6..1e-5 (2e-6 at this
 size), AR LR in 1e-5..5e-5 (2e-5). `model.arch` repeats config.json (RoPE with Llama-3 scaling)
 so `nla_jax.aot` needs no weights; with a real source directory, its config.json is what training
 uses (aot checks the two agree).

@@ -12,7 +12,7 @@ Ahead-of-time check on 8 fake devices (tests/test_aot.py runs it in CI):
 The architecture is the checkpoint's config.json (24 blocks, d=896, 14 heads, 2 KV heads of 64, MLP
 4864, vocab 151936, tied embeddings, q/k/v biases, RoPE theta 1e6); block 16 is 2/3 of depth. The
 14 heads and 2 KV heads do not split 8 ways, so the mesh is fsdp=8 alone. The NLA settings follow
-the 7B config (explanations of 150 tokens, groups of 8, DESIGN §1 learning rates); the injected
+the 7B config (explanations of 150 tokens, groups of 8, the release's learning rates); the injected
 norm is left to the store's statistics (0 = about 1.1 x the mean norm).
 """
 import ml_collections

@@ -13,7 +13,7 @@ Check that every step compiles and fits the GPUs' memory before renting them (no
 
 Mesh: fsdp=8 (the 28 query heads and 4 KV heads do not split 8 ways, so no tensor axis; at 7B
 the fully sharded weights and Adam moments leave most of each 80 GB for activations).
-DESIGN §1 facts used here: layer 20, injected norm 150 ("a round number a bit above the mean
+Facts of the public release used here: layer 20, injected norm 150 ("a round number a bit above the mean
 norm"), explanations capped at 150 tokens, group size 8, actor LR in 1e-6..1e-5, AR LR in 1e-5..5e-5.
 `model.arch` repeats the checkpoint's config.json so `nla_jax.aot` needs no weights; when
 model.source is a directory, its config.json is what training uses (aot checks the two agree).

@@ -20,10 +20,12 @@ import json
 import logging
 import os
 import socket
+import sys
 import time
 from typing import Any, Callable
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from nla_jax import distributed
@@ -40,7 +42,6 @@ def _quiet_closed_loop_callbacks() -> None:
     while tensorstore still completes the other reads of that step; their callbacks then raise
     "Event loop is closed" in tensorstore's threads, which Python prints as unraisable tracebacks
     (dozens per damaged step) around the one-line warning that says what happened."""
-    import sys
     previous = sys.unraisablehook
     if getattr(previous, "_nla_quiet", False):
         return
@@ -195,7 +196,6 @@ def read_step_arrays(step_dir: str) -> dict[str, Any]:
     """{path: numpy array} of one saved step's state (`<dir>/<step>`), read with plain orbax onto one
     CPU device, whatever mesh wrote it. For tools and tests comparing runs leaf by leaf; no
     fingerprint or shape checks (use Checkpointer.restore to resume)."""
-    import numpy as np
     d = os.path.join(step_dir, _STATE)
     dev = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     with ocp.StandardCheckpointer() as c:

@@ -5,7 +5,10 @@ import argparse
 import functools
 import os
 import sys
+import warnings
 from typing import Callable, Sequence
+
+import jax
 
 from nla_jax import configlib, hostmem
 from nla_jax.errors import UserError, disk_full, disk_full_error
@@ -35,7 +38,6 @@ def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None = None):
 
 def enable_compilation_cache() -> None:
     """Persistent XLA cache inside the repo's ignored build/ dir: a speed-up, never required."""
-    import jax
     if os.environ.get("NLA_NO_COMPILE_CACHE"):
         return
     d = os.environ.get("NLA_COMPILE_CACHE", os.path.join(REPO, "build", "jax_cache"))
@@ -67,7 +69,6 @@ def _mute_abandoned_work() -> None:
     exit Python then prints "RuntimeWarning: coroutine ... was never awaited" after the error
     (seen in the disk-full fault test, some runs). The failure is already reported.
     """
-    import warnings
     warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning)
 
 

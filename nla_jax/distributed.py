@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from nla_jax.errors import UserError
 
@@ -22,7 +24,6 @@ def initialize(coordinator: str | None, num_processes: int, process_id: int, aut
     with the explicit timeout.
     """
     if auto:
-        import jax
         jax.distributed.initialize(initialization_timeout=INIT_TIMEOUT_S)
         return
     if num_processes <= 1:
@@ -31,7 +32,6 @@ def initialize(coordinator: str | None, num_processes: int, process_id: int, aut
         raise UserError("--num-processes > 1 needs --coordinator host:port")
     if not 0 <= process_id < num_processes:
         raise UserError(f"--process-id {process_id} out of range for --num-processes {num_processes}")
-    import jax
     # Only the CPU client uses this setting; on GPU/TPU it is inert.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
@@ -39,8 +39,6 @@ def initialize(coordinator: str | None, num_processes: int, process_id: int, aut
 
 
 def _allgather_ints(x: int) -> np.ndarray:
-    import jax
-    from jax.experimental import multihost_utils
     if jax.process_count() == 1:
         return np.asarray([x])
     return np.asarray(multihost_utils.process_allgather(np.asarray([x], np.int64))).reshape(-1)
@@ -55,21 +53,17 @@ def all_true(flag: bool) -> bool:
 
 
 def barrier(name: str) -> None:
-    import jax
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
 
 
 def global_batch(local: np.ndarray, sharding, mesh):
     """This process's rows -> one global array whose leading axis is all processes' rows."""
-    import jax
     return jax.make_array_from_process_local_data(sharding, local)
 
 
 def local_rows(x) -> np.ndarray:
     """The rows of a batch-sharded global array held by this process, in order, as numpy."""
-    import jax
     if jax.process_count() == 1:
         return np.asarray(x)
     seen: dict[int, np.ndarray] = {}
@@ -83,8 +77,6 @@ def local_rows(x) -> np.ndarray:
 def host_array(x) -> np.ndarray:
     """A global (possibly batch-sharded, possibly multi-process) array as one numpy array on every
     process: the all-gather every host-side reduction (ridge fits, evaluation scores) starts from."""
-    import jax
     if jax.process_count() == 1:
         return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -11,9 +11,12 @@ from __future__ import annotations
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from nla_jax import cli
+from nla_jax import cli, sampling, sharding, weights
+from nla_jax.models import transformer
 from nla_jax.cli import cli_main
 from nla_jax.errors import UserError
 
@@ -39,13 +42,6 @@ def main(argv=None) -> int:
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     cli.enable_compilation_cache()
-    import jax
-    import jax.numpy as jnp
-
-    from nla_jax import sampling, sharding
-    from nla_jax import weights
-    from nla_jax.models import transformer
-
     t0 = time.perf_counter()
     mesh = sharding.mesh_from_config(cfg.mesh)
     mcfg, params, tok = weights.load_from_config(cfg.model, mesh, cfg.rules)
@@ -72,7 +68,7 @@ def main(argv=None) -> int:
         top_k=s.top_k, top_p=s.top_p, greedy=args.greedy or s.greedy)
     seed = args.seed if args.seed is not None else s.seed
     # Pad the batch to a multiple of the devices it is split over (extra rows are dropped).
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = sharding.batch_shards(mesh, cfg.rules)
     rows = prompts + [prompts[0]] * (-len(prompts) % shards)
     toks, valid = sampling.pad_prompts(rows, mcfg.pad_id)
     run = sampling.make_sampler(mcfg, sc, mesh, cfg.rules, weights.dtype_of(cfg.model.dtype))

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nla_jax import sharding
 from nla_jax.models import transformer
 from nla_jax.models.config import ModelConfig
 
@@ -152,7 +153,6 @@ def split_layers(params):
 
 def _split_shardings(cfg: ModelConfig, mesh, rules, dtype):
     """Shardings of `split_layers(params)`: each layer like the stack minus its leading axis."""
-    from nla_jax import sharding
     axes, shapes = transformer.param_axes(cfg), transformer.abstract_params(cfg, dtype)
     stacked = sharding.tree_shardings(axes, shapes, mesh, rules)
     is_axes = lambda x: isinstance(x, tuple) and all(isinstance(a, (str, type(None))) for a in x)
@@ -169,7 +169,6 @@ def make_sampler(cfg: ModelConfig, sc: SampleConfig, mesh, rules, dtype=jnp.floa
 
     `params` may be stacked (they are split once per call) or already `split_layers`-ed.
     """
-    from nla_jax import sharding
     stacked_sh, split_sh = _split_shardings(cfg, mesh, rules, dtype)
     bs = sharding.named_sharding(("batch", "seq"), None, mesh, rules)
     b1 = sharding.named_sharding(("batch",), None, mesh, rules)

@@ -17,6 +17,7 @@ from typing import Any, Iterator, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from nla_jax.errors import UserError
@@ -64,7 +65,6 @@ def make_mesh(shape: Sequence[int], axes: Sequence[str] = MESH_AXES,
         raise UserError(f"mesh shape {tuple(shape)} needs {math.prod(shape)} devices but "
                         f"{len(devices)} are available (set mesh.shape to match, or use -1)")
     try:
-        from jax.experimental import mesh_utils
         dev = mesh_utils.create_device_mesh(shape, devices)
     except Exception:  # CPU/fake devices: plain order is fine
         dev = np.asarray(devices).reshape(shape)

@@ -59,7 +59,7 @@ def test_unnormalised_mean_is_zero_and_renormalised_mean_is_the_floor(center):
     var = st.var(center)
     assert measure.fve(measure.mean_mse(t, st, center), var).mean() == pytest.approx(0.0, abs=1e-12)
     assert measure.fve(measure.floor_mse(t, st, center), var).mean() == pytest.approx(st.floor(center), abs=1e-12)
-    if not center:  # a large shared mean: the floor is well below 0 (DESIGN §1), not 0
+    if not center:  # a large shared mean: the floor is well below 0 (WORKSPACE.md, "The method in brief"), not 0
         assert st.floor(False) < -0.05
 
 

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 from typing import Iterator
 
+import grain
+import jax
 import numpy as np
 
+from nla_jax import sharding
 from nla_jax.data import store as store_lib
 from nla_jax.errors import UserError
 
@@ -68,8 +71,6 @@ def iterate(store_root: str, split: str, *, batch: int, seed: int, start_step: i
 
     The batch also holds "row" (global store row ids); `only` restricts the split to those rows.
     """
-    import grain
-    import jax
     process = jax.process_index() if process is None else process
     num_processes = jax.process_count() if num_processes is None else num_processes
     store = store_lib.open_store(store_root)
@@ -88,8 +89,6 @@ def iterate(store_root: str, split: str, *, batch: int, seed: int, start_step: i
 
 def to_global(local: dict, mesh, rules) -> dict:
     """Host-local batch -> global arrays sharded along the batch axis of the mesh."""
-    import jax
-    from nla_jax import sharding
     out = {}
     for k, v in local.items():
         axes = ("batch",) + (None,) * (v.ndim - 1)

@@ -5,7 +5,7 @@ regresses the activation from block K's output at the wrapper's last token. The 
 Linear(d, d) initialised to the identity (or, with head_init="ridge", to the ridge solution on
 the warm-start data). `head_norm="rms"` scales the head's input to norm sqrt(d) first: raw block
 outputs have norms in the hundreds with two huge dimensions, which an identity head trains on
-badly (DESIGN §1).
+badly (WORKSPACE.md, "The method in brief").
 
 Inputs are right-padded (positions count from each row's first token), so the read-out index is
 prefix + explanation length + suffix - 1, computed inside the compiled step.

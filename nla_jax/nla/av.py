@@ -66,7 +66,7 @@ def choose_marker(tok, rendered_ids: Sequence[int], want) -> int:
 
 
 def auto_norm(mean_norm: float) -> float:
-    """A round number a bit above the mean activation norm (DESIGN §1: 150 for Qwen-7B L20)."""
+    """A round number a bit above the mean activation norm (the public release: 150 for Qwen2.5-7B block 20)."""
     x = 1.1 * mean_norm
     step = 10 ** math.floor(math.log10(x)) / 10
     return float(math.ceil(x / step) * step)

@@ -1,4 +1,4 @@
-"""Normalised-activation statistics, the AR loss and fve_nrm (DESIGN §1).
+"""Normalised-activation statistics, the AR loss and fve_nrm (WORKSPACE.md, "The method in brief").
 
 Stored activations stay raw. At train time a vector v becomes v_nrm = sqrt(d) * u/|u| with
 u = v (or v - mean with centring). mse_nrm is the mean squared error over dimensions between
