@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import logging
 import os
 import sys
 import warnings
@@ -34,6 +35,12 @@ def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None = None):
     if cfg is None and overrides:
         raise UserError("--config.* overrides need --config")
     return args, cfg
+
+
+def quiet_orbax_readonly() -> None:
+    """Orbax logs "Given directory is read only" for every read-only checkpoint manager, which is
+    what reading a finished run means (evaluate, explain, export); drop that one message."""
+    logging.getLogger("absl").addFilter(lambda r: not str(r.getMessage()).startswith("Given directory is read only"))
 
 
 def enable_compilation_cache() -> None:
@@ -72,6 +79,17 @@ def _mute_abandoned_work() -> None:
     warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning)
 
 
+def _fail(msg: str) -> None:
+    """The one line a user mistake gets: progress bars closed first, exit status 2 (NLA_TRACEBACK=1
+    re-raises instead, for debugging; called inside the `except` block, so a bare raise works)."""
+    _close_progress_bars()
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    if os.environ.get("NLA_TRACEBACK"):
+        raise
+    _mute_abandoned_work()
+    sys.exit(2)
+
+
 def cli_main(fn: Callable[..., int | None]) -> Callable[..., int | None]:
     """Decorator for CLI entry points: UserError -> one line on stderr, exit 2.
 
@@ -87,23 +105,11 @@ def cli_main(fn: Callable[..., int | None]) -> Callable[..., int | None]:
                 hostmem.tune_malloc()
             return fn(*args, **kwargs)
         except UserError as e:
-            msg = str(e).strip().replace("\n", " ")
-            _close_progress_bars()
-            print(f"error: {msg}", file=sys.stderr, flush=True)
-            if os.environ.get("NLA_TRACEBACK"):
-                raise
-            _mute_abandoned_work()
-            sys.exit(2)
+            _fail(str(e).strip().replace("\n", " "))
         except OSError as e:
             if not disk_full(e):
                 raise
-            what = getattr(e, "filename", None) or "a file"
-            _close_progress_bars()
-            print(f"error: {disk_full_error(what, e)}", file=sys.stderr, flush=True)
-            if os.environ.get("NLA_TRACEBACK"):
-                raise
-            _mute_abandoned_work()
-            sys.exit(2)
+            _fail(disk_full_error(getattr(e, "filename", None) or "a file", e))
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             sys.exit(130)

@@ -5,7 +5,7 @@
         --out runs/smollm2_135m_quick/evaluate
 
 A checkpoint is a trainer work directory (its final pair), WORKDIR/rl, WORKDIR/rl@STEP or
-WORKDIR/sft_av (the SFT pair); see nla_jax/nla/pair.py. Each pair is loaded with the config and
+WORKDIR/sft_av (the SFT pair); see nla_jax/nla/workdir.py (load_pair). Each pair is loaded with the config and
 statistics it was trained with; the --config supplies the store (data.store; its split eval.split
 is evaluated), the mesh and the `eval` section. Every pair's target (model file, layer, width) must
 be the store's.
@@ -38,18 +38,21 @@ prints the side-by-side table. OUTDIR defaults to FIRST_CHECKPOINT_WORKDIR/evalu
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
 import os
 import sys
 import time
 
+import jax
 import numpy as np
 from tqdm import tqdm
 
-from nla_jax import cli
+from nla_jax import cli, fileio, metrics, report, sampling, sharding, weights
 from nla_jax.cli import cli_main
+from nla_jax.data import store as store_lib
+from nla_jax.data import summaries as summaries_lib
 from nla_jax.errors import UserError
+from nla_jax.nla import measure
+from nla_jax.nla import workdir as workdir_lib
 
 FORMAT = "nla_jax.evaluate/1"
 
@@ -85,17 +88,14 @@ def check_settings(E) -> None:
 
 def plan(path: str) -> Plan:
     """Resolve a checkpoint path and read its saved config (metadata only)."""
-    from nla_jax.nla import pair
-    workdir, kind, step = pair.resolve(path)
+    workdir, kind, step = workdir_lib.resolve(path)
     first = os.path.join(workdir, "rl" if kind == "rl" else "sft_av")
-    step, meta = pair.saved_meta(first, step)
-    return Plan(path, workdir, kind, step, pair.config_from_meta(meta, first))
+    step, meta = workdir_lib.saved_meta(first, step)
+    return Plan(path, workdir, kind, step, workdir_lib.config_from_meta(meta, first))
 
 
 def check_target(p: Plan, store) -> None:
     """The store must hold activations of the pair's own target at its layer (one line otherwise)."""
-    from nla_jax import extract
-    from nla_jax import weights
     man = store.manifest
     meta = man.get("meta", {})
     try:
@@ -107,29 +107,11 @@ def check_target(p: Plan, store) -> None:
                         f"checkpoint {p.path} explains layer {p.cfg.model.layer} of a d={d} model")
     want = meta.get("model", {}).get("checksum")
     if want:
-        have = extract.model_checksum(p.cfg.model.source)
+        have = weights.model_checksum(p.cfg.model.source)
         if have != want:
             raise UserError(f"store {store.root} was extracted from model {meta['model'].get('source')!r} "
                             f"(sha256 {want[:12]}), but checkpoint {p.path} was trained on "
                             f"{p.cfg.model.source!r} (sha256 {have[:12]})")
-
-
-def read_summaries(path: str) -> dict[int, str]:
-    """{row: text} of a summaries.jsonl (read only; a torn last line is ignored)."""
-    if not os.path.exists(path):
-        return {}
-    out = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.endswith("\n"):
-                break
-            if line.strip():
-                try:
-                    rec = json.loads(line)
-                    out[int(rec["row"])] = str(rec["text"])
-                except (ValueError, KeyError, TypeError):
-                    raise UserError(f"{path}:{n}: not a summary record ({{row, text}})") from None
-    return out
 
 
 def unique_labels(plans: list[Plan]) -> list[str]:
@@ -147,45 +129,42 @@ def unique_labels(plans: list[Plan]) -> list[str]:
 
 def evaluate_pair(p, D: dict, E, bar) -> dict:
     """Every measurement of one loaded pair on the rows D (acts, doc_id, position, tokens, summaries)."""
-    from nla_jax import sampling, sharding
-    from nla_jax.nla import measure
-    from nla_jax.nla import pair as pair_lib
-    S = p.S
-    tok = S.tok
+    run = p.run
+    tok = run.tokenizer
     acts, docs, pos, toks = D["acts"], D["doc_id"], D["position"], D["tokens"]
     n, B = len(acts), int(E.batch)
-    center = S.ctx.center
-    var = S.stats.var(center)
-    t = measure.targets(acts, S.stats, center)
+    center = run.ctx.center
+    var = run.stats.var(center)
+    t = measure.targets(acts, run.stats, center)
     ci = lambda v, d=docs: measure.ci(v, d, E.n_boot, E.seed)
-    sc = sampling.SampleConfig(max_new_tokens=S.ctx.av.max_len, temperature=max(float(E.temperature), 1e-6),
+    sc = sampling.SampleConfig(max_new_tokens=run.ctx.av.max_len, temperature=max(float(E.temperature), 1e-6),
                                greedy=E.temperature <= 0)
     perm = measure.derangement_by_doc(docs, E.seed)
     tick = lambda k: bar.update(k)
     res: dict = {"label": p.label, "path": p.path, "workdir": p.workdir, "kind": p.kind, "step": p.step,
-                 "center": center, "var_nrm": var, "inject": S.ctx.av.mode, "max_len": S.ctx.av.max_len}
-    with sharding.use_mesh(S.mesh, S.rules):
+                 "center": center, "var_nrm": var, "inject": run.ctx.av.mode, "max_len": run.ctx.av.max_len}
+    with sharding.use_mesh(run.mesh, run.rules):
         bar.set_postfix_str("explain")
-        real = measure.explain_rows(S, p.av, acts, B, sc, E.seed, tick)
+        real = measure.explain_rows(run, p.av, acts, B, sc, E.seed, tick)
         bar.set_postfix_str("explain shuffled")
-        shuf = measure.explain_rows(S, p.av, acts[perm], B, sc, E.seed, tick)
+        shuf = measure.explain_rows(run, p.av, acts[perm], B, sc, E.seed, tick)
         bar.set_postfix_str("reconstruct")
-        pred = measure.reconstruct(S, p.ar, real["tokens"], real["expl_len"], B, tick)
-        pred_shuf = measure.reconstruct(S, p.ar, shuf["tokens"], shuf["expl_len"], B, tick)
-        pred_empty = measure.reconstruct(S, p.ar, np.zeros((1, S.ctx.ar.max_len), np.int32), np.zeros(1, np.int32),
+        pred = measure.reconstruct(run, p.ar, real["tokens"], real["expl_len"], B, tick)
+        pred_shuf = measure.reconstruct(run, p.ar, shuf["tokens"], shuf["expl_len"], B, tick)
+        pred_empty = measure.reconstruct(run, p.ar, np.zeros((1, run.ctx.ar.max_len), np.int32), np.zeros(1, np.int32),
                                          B, tick)
         ctx_texts = [measure.context_text(tok, toks[i], int(pos[i]), E.context_tokens) for i in range(n)]
-        ce, cl = measure.texts_to_expl(tok, ctx_texts, S.ctx.ar, keep="end")
-        pred_ctx = measure.reconstruct(S, p.ar, ce, cl, B, tick)
+        ce, cl = measure.texts_to_expl(tok, ctx_texts, run.ctx.ar, keep="end")
+        pred_ctx = measure.reconstruct(run, p.ar, ce, cl, B, tick)
         have = np.array([i for i in range(n) if D["rows"][i] in D["summaries"]], np.int64)
         pred_teacher = None
         if len(have):
-            te, tl = measure.texts_to_expl(tok, [D["summaries"][D["rows"][i]] for i in have], S.ctx.ar)
-            pred_teacher = measure.reconstruct(S, p.ar, te, tl, B, tick)
+            te, tl = measure.texts_to_expl(tok, [D["summaries"][D["rows"][i]] for i in have], run.ctx.ar)
+            pred_teacher = measure.reconstruct(run, p.ar, te, tl, B, tick)
 
         # -- fve / cosine, each beside the floor and the shuffled control
-        mse = {"real": measure.mse_rows(pred, t), "floor": measure.floor_mse(t, S.stats, center),
-               "mean": measure.mean_mse(t, S.stats, center), "shuffled": measure.mse_rows(pred_shuf, t),
+        mse = {"real": measure.mse_rows(pred, t), "floor": measure.floor_mse(t, run.stats, center),
+               "mean": measure.mean_mse(t, run.stats, center), "shuffled": measure.mse_rows(pred_shuf, t),
                "empty": measure.mse_rows(pred_empty, t), "context": measure.mse_rows(pred_ctx, t)}
         f = {k: measure.fve(v, var) for k, v in mse.items()}
         res["fve"] = {k: ci(v) for k, v in f.items()}
@@ -208,7 +187,7 @@ def evaluate_pair(p, D: dict, E, bar) -> dict:
         lens = real["expl_len"].astype(np.int64)
         res["length"] = {"mean": ci(lens[ok], docs[ok]) if ok.any() else ci([], []),
                          "mean_all_rows": ci(lens),
-                         "hist": np.bincount(lens[ok], minlength=S.ctx.av.max_len + 1).tolist(),
+                         "hist": np.bincount(lens[ok], minlength=run.ctx.av.max_len + 1).tolist(),
                          "failed": int((~ok).sum())}
         texts = measure.decode_explanations(tok, real)
         texts_shuf = measure.decode_explanations(tok, shuf)
@@ -224,8 +203,8 @@ def evaluate_pair(p, D: dict, E, bar) -> dict:
         res["kl_ref"] = {"ref": None, "per_token": ci([], []), "per_explanation": ci([], [])}
         if E.kl_ref:
             bar.set_postfix_str("KL to reference")
-            where, ref = pair_lib.reference_av(p)
-            kl = measure.av_kl_rows(S, p.av, ref, acts, real, B, tick)
+            where, ref = workdir_lib.reference_av(p)
+            kl = measure.av_kl_rows(run, p.av, ref, acts, real, B, tick)
             del ref
             res["kl_ref"] = {"ref": where, "per_token": measure.ratio_ci(kl["kl_sum"], kl["tokens"], docs, E.n_boot, E.seed),
                              "per_explanation": ci(kl["kl_sum"])}
@@ -234,18 +213,18 @@ def evaluate_pair(p, D: dict, E, bar) -> dict:
         res["downstream"] = None
         if E.downstream:
             bar.set_postfix_str("downstream")
-            mean_raw = S.stats.mean_array().astype(np.float64)
+            mean_raw = run.stats.mean_array().astype(np.float64)
             cmean = mean_raw if center else None
-            floor_dir = S.stats.floor_prediction(center)
+            floor_dir = run.stats.floor_prediction(center)
             kls = np.zeros((n, 4))
             rel = np.zeros(n)
-            for idx, tk, ps in measure.context_batches(toks, pos, B, E.seq_multiple, S.mcfg.pad_id):
-                xk, h = measure.block_output(S, tk, ps)
+            for idx, tk, ps in measure.context_batches(toks, pos, B, E.seq_multiple, run.model_cfg.pad_id):
+                xk, h = measure.block_output(run, tk, ps)
                 repl = np.stack([np.broadcast_to(mean_raw, h.shape),
                                  measure.denormalise(np.broadcast_to(floor_dir, h.shape), h, cmean),
                                  measure.denormalise(pred[idx], h, cmean),
                                  measure.denormalise(pred_shuf[idx], h, cmean)], axis=1)
-                kls[idx] = measure.next_token_kl(S, xk, ps, repl)
+                kls[idx] = measure.next_token_kl(run, xk, ps, repl)
                 rel[idx] = np.linalg.norm(h - acts[idx], axis=-1) / np.maximum(np.linalg.norm(acts[idx], axis=-1), 1e-12)
                 tick(1)
             km = kls[:, 0]
@@ -280,9 +259,8 @@ def evaluate_pair(p, D: dict, E, bar) -> dict:
 
 
 def total_batches(n: int, n_teacher: int, E) -> int:
-    from nla_jax.nla.measure import n_batches
-    nb = n_batches(n, int(E.batch))
-    return 5 * nb + 1 + (n_batches(n_teacher, int(E.batch)) if n_teacher else 0) + nb * bool(E.kl_ref) \
+    nb = measure.n_batches(n, int(E.batch))
+    return 5 * nb + 1 + (measure.n_batches(n_teacher, int(E.batch)) if n_teacher else 0) + nb * bool(E.kl_ref) \
         + nb * bool(E.downstream)
 
 
@@ -290,7 +268,6 @@ def total_batches(n: int, n_teacher: int, E) -> int:
 
 def training_curves(workdir: str) -> dict:
     """fve and reward against step from a run's metrics.jsonl (RL rollouts; SFT-AR validation)."""
-    from nla_jax import metrics
     recs = metrics.read(os.path.join(workdir, "metrics.jsonl"))
     rl = sorted((r for r in recs if r.get("stage") == "rl" and r.get("kind") is None and "fve_nrm" in r),
                 key=lambda r: r["step"])
@@ -378,21 +355,6 @@ def table(doc: dict) -> str:
 
 # ============================================================================= output
 
-def write_atomic(path: str, text: str) -> str:
-    """Write to a temporary file beside `path` (fsynced); returns its name. Rename it to commit."""
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return tmp
-
-
 def _plain(o):
     if isinstance(o, np.generic):
         return o.item()
@@ -404,36 +366,19 @@ def _plain(o):
 def write_outputs(out: str, doc: dict, html: str) -> None:
     """evaluate.json and report.html, both renamed into place only after both are written."""
     os.makedirs(out, exist_ok=True)
-    targets = [os.path.join(out, "evaluate.json"), os.path.join(out, "report.html")]
-    tmps = []
-    try:
-        tmps.append(write_atomic(targets[0], json.dumps(doc, indent=1, default=_plain, allow_nan=True)))
-        tmps.append(write_atomic(targets[1], html))
-        for tmp, dst in zip(tmps, targets):
-            os.replace(tmp, dst)
-    finally:
-        for tmp in tmps:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+    fileio.replace_together({os.path.join(out, "evaluate.json"): fileio.json_text(doc, default=_plain, allow_nan=True),
+                             os.path.join(out, "report.html"): html})
 
 
 # ============================================================================= main
 
-class _QuietReadOnly(logging.Filter):
-    """Drop orbax's per-manager 'Given directory is read only' notice (evaluate only reads)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.getMessage()).startswith("Given directory is read only")
-
-
 @cli_main
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.getLogger("absl").addFilter(_QuietReadOnly())
+    cli.quiet_orbax_readonly()
     args, cfg = cli.parse(build_parser(), argv)
     E = cfg.eval
     check_settings(E)
-    from nla_jax.data import store as store_lib
     plans = [plan(c) for c in args.checkpoint]        # bad paths / damaged metadata: one line, before any model
     store = store_lib.open_store(cfg.data.store)
     for p in plans:
@@ -444,27 +389,23 @@ def main(argv=None) -> int:
     rows = np.sort(store.rows_of_split(E.split))
     if len(rows) == 0:
         raise UserError(f"store {cfg.data.store} has no rows in split {E.split!r} (config key eval.split)")
-    from nla_jax.nla import measure
     rows = measure.pick_rows(store, E.split, int(E.rows), int(E.seed))
     D = store.read(None, rows, fields=("acts", "doc_id", "position", "tokens"))
     D["rows"] = rows.tolist()
-    summ_path = E.summaries or os.path.join(cfg.data.store, "summaries.jsonl")
-    D["summaries"] = {r: t for r, t in read_summaries(summ_path).items() if r in set(D["rows"])}
+    summ_path = E.summaries or summaries_lib.path_in(cfg.data.store)
+    D["summaries"] = {r: t for r, t in summaries_lib.read_texts(summ_path).items() if r in set(D["rows"])}
 
-    import jax
-    from nla_jax.nla import pair as pair_lib
     cli.enable_compilation_cache()
     t0 = time.time()
     labels = unique_labels(plans)
     results = []
     for p, label in zip(plans, labels):
-        pr = pair_lib.load(p.path, mesh_cfg=cfg.mesh, rules=cfg.rules, label=label)
+        pr = workdir_lib.load_pair(p.path, mesh_cfg=cfg.mesh, rules=cfg.rules, label=label)
         with tqdm(total=total_batches(len(rows), len(D["summaries"]), E), desc=label, unit="batch",
                   dynamic_ncols=True, file=sys.stderr) as bar:
             results.append(evaluate_pair(pr, D, E, bar))
         del pr
 
-    from nla_jax import report
     docs = D["doc_id"]
     doc = {"format": FORMAT, "command": ["python", "-m", "nla_jax.evaluate", *argv],
            "config": args.config, "store": os.path.abspath(cfg.data.store), "split": E.split,

@@ -13,7 +13,7 @@ reconstruction is compared with the true activation:
         (the activation minus the dataset mean when the run used centring); mse_nrm = 2 (1 - cos)
   fve   this row's contribution to fve_nrm: 1 - mse_nrm / Var(v_nrm) (the held-out metric's terms)
   floor the same cosine for the best constant prediction (the renormalised dataset mean): what an
-        explanation must beat to carry information about this token (not 0: DESIGN §1)
+        explanation must beat to carry information about this token (not 0: WORKSPACE.md, "The method in brief")
 
 Positions: `--positions 5,7,-1` (negative counts from the end; `a:b` ranges, Python-style, too).
 Default: every token except position 0 and special tokens (BOS etc.): position 0 is the attention
@@ -36,18 +36,21 @@ import os
 import sys
 from typing import Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
-from nla_jax import cli
+from nla_jax import cli, fileio, sampling, sharding
 from nla_jax.cli import cli_main
+from nla_jax.data.corpus import Document
 from nla_jax.errors import UserError
-
-
-def quiet_readonly_warning() -> None:
-    """Orbax warns "Given directory is read only" for every read-only checkpoint manager, which is
-    what reading a finished run means; drop that one message from the absl logger."""
-    import logging
-    logging.getLogger("absl").addFilter(lambda r: not str(r.getMessage()).startswith("Given directory is read only"))
+from nla_jax.models import transformer
+from nla_jax.nla import av as av_lib
+from nla_jax.nla import stats as stats_lib
+from nla_jax.nla import steps
+from nla_jax.nla import workdir as workdir_lib
+from nla_jax.nla.run import Run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,31 +80,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ----------------------------------------------------------------------------- loading
 
-def mesh_fits(shape: Sequence[int], devices: int) -> bool:
-    """Whether a saved mesh shape (one -1 allowed) can be built from this many devices."""
-    known = math.prod(s for s in shape if s != -1)
-    return devices % known == 0 if -1 in shape else known == devices
-
-
-def load_pair(path: str):
-    """pair.load on this machine: the mesh the pair was trained with when it fits the local devices,
-    else every local device on the data axis (a pair trained on a pod, read on a laptop)."""
-    import jax
-    import ml_collections
-    from nla_jax import sharding
-    from nla_jax.nla import pair as pair_lib
-    workdir, kind, step = pair_lib.resolve(path)
-    _, meta = pair_lib.saved_meta(os.path.join(workdir, "rl" if kind == "rl" else "sft_av"), step)
-    shape = tuple((meta.get("config") or {}).get("mesh", {}).get("shape", (-1, 1, 1)))
-    n = len(jax.devices())
-    mesh = None
-    if not mesh_fits(shape, n):
-        print(f"note: the pair was trained on a {shape} mesh; using this machine's {n} device(s) as (-1, 1, 1)",
-              file=sys.stderr)
-        mesh = ml_collections.ConfigDict({"shape": (-1, 1, 1), "axes": sharding.MESH_AXES})
-    return pair_lib.load(path, mesh_cfg=mesh)
-
-
 # ----------------------------------------------------------------------------- inputs
 
 def read_text(args) -> str:
@@ -127,7 +105,6 @@ def tokenize(tok, text: str) -> tuple[list[int], list[str]]:
 
     Display texts come from character offsets in the original text, so multi-byte characters split
     over several byte-level tokens are shown once (on the first) instead of as replacement marks."""
-    from nla_jax.data.corpus import Document
     ids, offsets = tok.encode_with_offsets(text)
     full = Document(doc_id="explain", text=text).render(tok)   # the store's own rendering
     lead = len(full) - len(ids)
@@ -180,21 +157,17 @@ def parse_positions(spec: str | None, n: int, default: Sequence[int]) -> list[in
 
 # ----------------------------------------------------------------------------- model calls
 
-def activations(S, tokens: Sequence[int], positions: Sequence[int]) -> np.ndarray:
+def activations(run: Run, tokens: Sequence[int], positions: Sequence[int]) -> np.ndarray:
     """The frozen target's block-K output at `positions` of one sequence: [p, d] float32."""
-    import jax
-    import jax.numpy as jnp
-    from nla_jax import sharding
-    from nla_jax.models import transformer as T
-
-    K = S.cfg.model.layer
+    K = run.cfg.model.layer
 
     @jax.jit
-    def run(params, toks):
-        with sharding.use_mesh(S.mesh, S.rules):
-            return T.forward(params, toks, S.mcfg, capture_layer=K, logits=False)["hidden"][0].astype(jnp.float32)
+    def block_k(params, toks):
+        with sharding.use_mesh(run.mesh, run.rules):
+            out = transformer.forward(params, toks, run.model_cfg, capture_layer=K, logits=False)
+            return out["hidden"][0].astype(jnp.float32)                      # [s, d]
 
-    h = np.asarray(run(S.target, np.asarray([tokens], np.int32)))
+    h = np.asarray(block_k(run.target, np.asarray([tokens], np.int32)))
     return h[np.asarray(positions)]
 
 
@@ -215,34 +188,28 @@ def check_sampling(samples: int, temperature: float | None, top_p, top_k, batch:
         raise UserError(f"--top-k {top_k}: expected >= 0")
 
 
-def sample_config(S, samples: int, temperature: float | None, top_p, top_k):
-    from nla_jax import sampling
+def sample_config(run: Run, samples: int, temperature: float | None, top_p, top_k):
     check_sampling(samples, temperature, top_p, top_k)
-    r = S.cfg.rl
+    r = run.cfg.rl
     if temperature is None:
         temperature = 0.0 if samples == 1 else float(r.temperature)
     top_p = float(r.top_p if top_p is None else top_p)
     top_k = int(r.top_k if top_k is None else top_k)
-    return sampling.SampleConfig(max_new_tokens=S.ctx.av.max_len, temperature=max(temperature, 1e-6),
+    return sampling.SampleConfig(max_new_tokens=run.ctx.av.max_len, temperature=max(temperature, 1e-6),
                                  greedy=temperature == 0, top_k=top_k, top_p=top_p), temperature
 
 
-def explain_acts(S, av: dict, ar: dict, acts: np.ndarray, samples: int, sc, seed: int, batch: int,
+def explain_acts(run: Run, av: dict, ar: dict, acts: np.ndarray, samples: int, sc, seed: int, batch: int,
                  progress: bool = True) -> list[list[dict]]:
     """For each activation row, `samples` explanations with their AR scores.
 
     Rows are repeated `samples` times and sampled in fixed-size batches (the last one padded, so
     one shape is compiled); every sample of every row has its own random stream."""
-    import jax
-    from tqdm import tqdm
-    from nla_jax.nla import av as av_lib
-    from nla_jax.nla import steps
-
     rows = np.repeat(acts.astype(np.float32), samples, axis=0)
     n, d = rows.shape
     batch = max(1, min(batch, n))
-    explain = jax.jit(functools.partial(steps.explain, ctx=S.ctx, sc=sc))
-    score = jax.jit(functools.partial(steps.ar_eval, ctx=S.ctx))
+    explain = jax.jit(functools.partial(steps.explain, ctx=run.ctx, sc=sc))
+    score = jax.jit(functools.partial(steps.ar_eval, ctx=run.ctx))
     out = {"tokens": [], "expl_len": [], "ok": [], "mse": []}
     bar = tqdm(total=n, desc="explain", unit="expl", disable=not progress, file=sys.stderr)
     for i in range(0, n, batch):
@@ -250,8 +217,8 @@ def explain_acts(S, av: dict, ar: dict, acts: np.ndarray, samples: int, sc, seed
         m = len(chunk)
         if m < batch:
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - m, axis=0)])
-        ex = explain(av, chunk, S.mean, jax.random.fold_in(jax.random.key(seed), i))
-        mse = score(ar, {"acts": chunk, "expl": ex["tokens"], "expl_len": ex["expl_len"]}, S.mean)
+        ex = explain(av, chunk, run.mean, jax.random.fold_in(jax.random.key(seed), i))
+        mse = score(ar, {"acts": chunk, "expl": ex["tokens"], "expl_len": ex["expl_len"]}, run.mean)
         ex = jax.device_get(ex)
         out["tokens"].append(np.asarray(ex["tokens"])[:m])
         out["expl_len"].append(np.asarray(ex["expl_len"])[:m])
@@ -260,8 +227,8 @@ def explain_acts(S, av: dict, ar: dict, acts: np.ndarray, samples: int, sc, seed
         bar.update(m)
     bar.close()
     got = {k: np.concatenate(v) for k, v in out.items()}
-    texts = av_lib.decode(S.tok, got["tokens"], got["expl_len"])
-    var = S.stats.var(S.ctx.center)
+    texts = av_lib.decode(run.tokenizer, got["tokens"], got["expl_len"])
+    var = run.stats.var(run.ctx.center)
     res = []
     for r in range(len(acts)):
         items = []
@@ -273,12 +240,11 @@ def explain_acts(S, av: dict, ar: dict, acts: np.ndarray, samples: int, sc, seed
     return res
 
 
-def floor_cos(S, acts: np.ndarray) -> np.ndarray:
+def floor_cos(run: Run, acts: np.ndarray) -> np.ndarray:
     """Cosine of the best constant prediction (the renormalised mean) with each activation [p]."""
-    from nla_jax.nla import stats as stats_lib
-    center = S.ctx.center
-    target = stats_lib.normalise_np(acts, S.stats.mean_array() if center else None)
-    pred = S.stats.floor_prediction(center)
+    center = run.ctx.center
+    target = stats_lib.normalise_np(acts, run.stats.mean_array() if center else None)
+    pred = run.stats.floor_prediction(center)
     return (target @ pred) / acts.shape[1]
 
 
@@ -423,37 +389,34 @@ def write_file(path: str, text: str) -> None:
     d = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(d):
         raise UserError(f"output {path!r}: directory {d} does not exist")
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    fileio.write_atomic(path, text)
 
 
 # ----------------------------------------------------------------------------- main
 
-def run(pair, text: str, positions: str | None = None, samples: int = 1, temperature: float | None = None,
+def explain_text(pair, text: str, positions: str | None = None, samples: int = 1, temperature: float | None = None,
         top_p=None, top_k=None, seed: int = 0, batch: int = 16, progress: bool = True) -> dict:
-    """Explain tokens of `text` with a loaded pair (nla_jax.nla.pair.load); returns the result dict
+    """Explain tokens of `text` with a loaded pair (nla_jax.nla.workdir.load_pair); returns the result dict
     the table, JSON and viewer are made from."""
-    S = pair.S
+    run = pair.run
     check_sampling(samples, temperature, top_p, top_k, batch)
-    ids, shown = tokenize(S.tok, text)
-    if len(ids) > S.mcfg.max_seq_len:
-        raise UserError(f"the text is {len(ids)} tokens long; the model's context is {S.mcfg.max_seq_len}")
-    special = S.tok.special_ids
+    ids, shown = tokenize(run.tokenizer, text)
+    if len(ids) > run.model_cfg.max_seq_len:
+        raise UserError(f"the text is {len(ids)} tokens long; the model's context is {run.model_cfg.max_seq_len}")
+    special = run.tokenizer.special_ids
     default = [i for i in range(1, len(ids)) if ids[i] not in special]
     if positions is None and not default:
         raise UserError(f"the text has no token to explain besides position 0 ({len(ids)} token(s)); "
                         f"give a longer text or --positions 0")
     pos = parse_positions(positions, len(ids), default)
-    sc, temp = sample_config(S, samples, temperature, top_p, top_k)
-    acts = activations(S, ids, pos)
-    got = explain_acts(S, pair.av, pair.ar, acts, samples, sc, seed, batch, progress)
-    floors = floor_cos(S, acts)
+    sc, temp = sample_config(run, samples, temperature, top_p, top_k)
+    acts = activations(run, ids, pos)
+    got = explain_acts(run, pair.av, pair.ar, acts, samples, sc, seed, batch, progress)
+    floors = floor_cos(run, acts)
     return {
         "checkpoint": pair.path, "label": pair.label, "kind": pair.kind, "step": int(pair.step),
-        "model": S.cfg.model.source, "layer": int(S.cfg.model.layer), "center": bool(S.ctx.center),
-        "var_nrm": float(S.stats.var(S.ctx.center)), "samples": samples, "temperature": float(temp),
+        "model": run.cfg.model.source, "layer": int(run.cfg.model.layer), "center": bool(run.ctx.center),
+        "var_nrm": float(run.stats.var(run.ctx.center)), "samples": samples, "temperature": float(temp),
         "top_p": sc.top_p, "top_k": sc.top_k, "seed": seed, "text": text,
         "tokens": [{"pos": i, "id": int(t), "text": s} for i, (t, s) in enumerate(zip(ids, shown))],
         "explained": {str(p): {"floor_cos": float(f), "act_norm": float(np.linalg.norm(a)), "samples": s}
@@ -470,9 +433,9 @@ def main(argv=None) -> int:
         if out and not os.path.isdir(os.path.dirname(os.path.abspath(out))):
             raise UserError(f"output {out!r}: directory {os.path.dirname(os.path.abspath(out))} does not exist")
     cli.enable_compilation_cache()
-    quiet_readonly_warning()
-    pair = load_pair(args.checkpoint)
-    result = run(pair, text, args.positions, args.samples, args.temperature, args.top_p, args.top_k, args.seed,
+    cli.quiet_orbax_readonly()
+    pair = workdir_lib.load_pair_here(args.checkpoint)
+    result = explain_text(pair, text, args.positions, args.samples, args.temperature, args.top_p, args.top_k, args.seed,
                  args.batch)
     if not args.quiet:
         print_table(result)

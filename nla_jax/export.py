@@ -47,24 +47,28 @@ import sys
 import tempfile
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import load_file, save_file
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import processors
 
-from nla_jax import cli
+from nla_jax import cli, fileio, weights
 from nla_jax.cli import cli_main
 from nla_jax.errors import UserError
+from nla_jax.models import transformer
+from nla_jax.nla import ar as ar_lib
+from nla_jax.nla import av as av_lib
+from nla_jax.nla import stats as stats_lib
+from nla_jax.nla import workdir as workdir_lib
+from nla_jax.weights import hf as hf_weights
+from nla_jax.weights import layout
 
 FORMAT_AV = "nla_jax.av/1"
 FORMAT_AR = "nla_jax.ar/1"
 HEAD_NORM_EPS = 1e-6        # nla_jax.nla.ar.features: h * rsqrt(mean(h^2) + 1e-6)
 SHARD_BYTES = 4 << 30       # safetensors shard size above which the weights are split (index.json)
-_ARCH = {"llama": ("LlamaForCausalLM", "LlamaModel"), "qwen2": ("Qwen2ForCausalLM", "Qwen2Model")}
-_HF_LAYER = {  # nla_jax leaf -> transformers name inside model.layers.{i}.
-    "attn_norm": "input_layernorm.weight", "mlp_norm": "post_attention_layernorm.weight",
-    "wq": "self_attn.q_proj.weight", "wk": "self_attn.k_proj.weight", "wv": "self_attn.v_proj.weight",
-    "wo": "self_attn.o_proj.weight", "w_gate": "mlp.gate_proj.weight", "w_up": "mlp.up_proj.weight",
-    "w_down": "mlp.down_proj.weight", "bq": "self_attn.q_proj.bias", "bk": "self_attn.k_proj.bias",
-    "bv": "self_attn.v_proj.bias",
-}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,7 +89,7 @@ def hf_config(mcfg, *, layers: int | None = None, base_model: bool = False, dtyp
         # transformers' Llama puts `attention_bias` on q, k, v *and* o; ours has no o bias.
         raise UserError(f"model {mcfg.name!r}: a llama-family model with q/k/v biases has no transformers "
                         f"equivalent (Qwen2 has exactly those biases)")
-    causal, base = _ARCH[mcfg.family]
+    causal, base = hf_weights.ARCHITECTURES[mcfg.family]
     eos = list(mcfg.eos_ids)
     c: dict[str, Any] = {
         "architectures": [base if base_model else causal], "model_type": mcfg.family,
@@ -112,55 +116,39 @@ def hf_config(mcfg, *, layers: int | None = None, base_model: bool = False, dtyp
 
 def hf_tensors(mcfg, params: dict, layers: int | None = None, final_norm: bool = True,
                lm_head: bool = True) -> dict[str, np.ndarray]:
-    """nla_jax params -> {transformers name: array} (HF [out, in] layout, the params' dtype, unchanged)."""
-    D, H, KV, hd = mcfg.d_model, mcfg.n_heads, mcfg.n_kv_heads, mcfg.head_dim
-    host = lambda a: np.asarray(a)
-    out = {"model.embed_tokens.weight": host(params["embed"])}
-    L = params["layers"]
-    n = jax_leaves_len(L) if layers is None else layers
-    stacked = {k: host(v) for k, v in L.items()}
+    """nla_jax params -> {transformers name: array} (HF [out, in] layout, the params' dtype, unchanged).
 
-    def hf(leaf: str, w: np.ndarray) -> np.ndarray:
-        if leaf in ("attn_norm", "mlp_norm"):
-            return w
-        if leaf == "wq":
-            return w.reshape(D, H * hd).T
-        if leaf in ("wk", "wv"):
-            return w.reshape(D, KV * hd).T
-        if leaf == "wo":
-            return w.reshape(H * hd, D).T
-        if leaf in ("w_gate", "w_up", "w_down"):
-            return w.T
-        if leaf == "bq":
-            return w.reshape(H * hd)
-        if leaf in ("bk", "bv"):
-            return w.reshape(KV * hd)
-        raise KeyError(leaf)
-
+    Names and layouts come from nla_jax.weights.layout, the table the Hugging Face reader uses,
+    so what is written here is what `weights.load` reads back."""
+    embed = np.asarray(params["embed"])
+    out = {layout.HF_TOP["embed"]: embed}
+    stacked = {leaf: np.asarray(w) for leaf, w in params["layers"].items()}
+    n = _layer_count(stacked) if layers is None else layers
     for i in range(n):
         for leaf, w in stacked.items():
-            out[f"model.layers.{i}.{_HF_LAYER[leaf]}"] = np.ascontiguousarray(hf(leaf, w[i]))
+            out[layout.hf_layer_name(i, leaf)] = np.ascontiguousarray(layout.to_hf_layout(mcfg, leaf, w[i]))
     if mcfg.family == "qwen2" and not mcfg.qkv_bias:
-        z = np.zeros((), out["model.embed_tokens.weight"].dtype)
+        # transformers' Qwen2 always has q/k/v biases: write zeros, which change nothing.
+        q_size, kv_size = mcfg.n_heads * mcfg.head_dim, mcfg.n_kv_heads * mcfg.head_dim
         for i in range(n):
-            out[f"model.layers.{i}.self_attn.q_proj.bias"] = np.broadcast_to(z, (H * hd,)).copy()
-            for b in ("k", "v"):
-                out[f"model.layers.{i}.self_attn.{b}_proj.bias"] = np.broadcast_to(z, (KV * hd,)).copy()
+            out[layout.hf_layer_name(i, "bq")] = np.zeros((q_size,), embed.dtype)
+            for leaf in ("bk", "bv"):
+                out[layout.hf_layer_name(i, leaf)] = np.zeros((kv_size,), embed.dtype)
     if final_norm:
-        out["model.norm.weight"] = host(params["final_norm"]) if "final_norm" in params else \
-            np.ones((D,), out["model.embed_tokens.weight"].dtype)
+        # a base model without its final norm (the AR) still needs the weight to load cleanly: ones
+        out[layout.HF_TOP["final_norm"]] = np.asarray(params["final_norm"]) if "final_norm" in params else \
+            np.ones((mcfg.d_model,), embed.dtype)
     if lm_head and not mcfg.tie_embeddings:
-        out["lm_head.weight"] = np.ascontiguousarray(host(params["lm_head"]).T)
+        out[layout.HF_TOP["lm_head"]] = np.ascontiguousarray(np.asarray(params["lm_head"]).T)
     return out
 
 
-def jax_leaves_len(layers: dict) -> int:
-    return int(next(iter(layers.values())).shape[0])
+def _layer_count(stacked: dict) -> int:
+    return int(next(iter(stacked.values())).shape[0])
 
 
 def write_safetensors(d: str, tensors: dict[str, np.ndarray], shard_bytes: int | None = None) -> None:
     """model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json."""
-    from safetensors.numpy import save_file
     shard_bytes = SHARD_BYTES if shard_bytes is None else shard_bytes
     meta = {"format": "pt"}
     total = sum(a.nbytes for a in tensors.values())
@@ -187,15 +175,12 @@ def write_safetensors(d: str, tensors: dict[str, np.ndarray], shard_bytes: int |
 def write_tokenizer(d: str, tok, mcfg) -> None:
     """tokenizer.json (with a BOS post-processor when the model wants one, so transformers' tokenizer
     adds it as nla_jax does), tokenizer_config.json (chat template), special_tokens_map.json."""
-    from tokenizers import processors
     t = tok.tok
     if tok.add_bos and tok.bos_id is not None:
-        from tokenizers import Tokenizer as HFTokenizer
         t = HFTokenizer.from_str(t.to_str())
         b = tok.id_to_token(tok.bos_id)
         t.post_processor = processors.TemplateProcessing(single=f"{b} $A", pair=f"{b} $A $B", special_tokens=[(b, tok.bos_id)])
-    with open(os.path.join(d, "tokenizer.json"), "w", encoding="utf-8") as f:
-        f.write(t.to_str())
+    fileio.write_atomic(os.path.join(d, "tokenizer.json"), t.to_str())
     name = lambda i: tok.id_to_token(i) if i is not None else None
     specials = {"bos_token": name(tok.bos_id), "eos_token": name(tok.eos_ids[0]) if tok.eos_ids else None,
                 "pad_token": name(tok.pad_id)}
@@ -208,9 +193,7 @@ def write_tokenizer(d: str, tok, mcfg) -> None:
 
 
 def _write_json(path: str, obj) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, ensure_ascii=False)
-        f.write("\n")
+    fileio.write_atomic(path, fileio.json_text(obj, ensure_ascii=False))
 
 
 def _dtype_name(a) -> str:
@@ -318,8 +301,7 @@ pred = h @ head["w"] + head["b"]
 # ----------------------------------------------------------------------------- export / load
 
 def export_pair(pair, out: str, force: bool = False) -> str:
-    """Write the export of a loaded pair (nla_jax.nla.pair.load) to `out`, atomically."""
-    import jax
+    """Write the export of a loaded pair (nla_jax.nla.workdir.load_pair) to `out`, atomically."""
     if jax.process_count() > 1:
         raise UserError("export runs in one process (it gathers every parameter onto the host)")
     out = os.path.abspath(out)
@@ -363,16 +345,15 @@ def _check_out(out: str, force: bool) -> None:
 
 
 def _write_export(pair, d: str) -> None:
-    from safetensors.numpy import save_file
-    S, cfg = pair.S, pair.cfg
+    run, cfg = pair.run, pair.cfg
     K = int(cfg.model.layer)
-    mcfg, tok, ctx = S.mcfg, S.tok, S.ctx
+    mcfg, tok, ctx = run.model_cfg, run.tokenizer, run.ctx
     av, ar = pair.av, pair.ar
     # the AV: a full causal LM plus its prompt/injection and extra parameters
     write_model_dir(os.path.join(d, "av"), mcfg, av["model"], tok)
     use_proj = "proj" in av["extra"]
     _write_json(os.path.join(d, "av", "nla_av.json"), av_json(ctx.av, tok, mcfg, K, use_proj))
-    extra = {"mean": np.asarray(S.mean, np.float32)}
+    extra = {"mean": np.asarray(run.mean, np.float32)}
     if use_proj:
         extra["proj"] = np.asarray(av["extra"]["proj"])
     save_file(extra, os.path.join(d, "av", "nla_av_extra.safetensors"), metadata={"format": "pt"})
@@ -385,14 +366,14 @@ def _write_export(pair, d: str) -> None:
     _write_json(os.path.join(d, "ar", "config.json"), c)
     save_file({"w": np.asarray(ar["head"]["w"]), "b": np.asarray(ar["head"]["b"])},
               os.path.join(d, "ar", "ar_head.safetensors"), metadata={"format": "pt"})
-    _write_json(os.path.join(d, "ar", "nla_ar.json"), ar_json(ctx.ar, tok, S.stats, ctx.center))
+    _write_json(os.path.join(d, "ar", "nla_ar.json"), ar_json(ctx.ar, tok, run.stats, ctx.center))
     prov = {"checkpoint": os.path.abspath(pair.path), "label": pair.label, "kind": pair.kind, "step": int(pair.step),
             "workdir": pair.workdir, "model": cfg.model.source, "layer": K, "center": bool(ctx.center),
             "config": cfg.to_dict()}
     _write_json(os.path.join(d, "nla_export.json"), prov)
-    with open(os.path.join(d, "README.md"), "w") as f:
-        f.write(_README.format(label=pair.label, checkpoint=pair.path, kind=pair.kind, step=pair.step,
-                               model=cfg.model.source, layer=K))
+    fileio.write_atomic(os.path.join(d, "README.md"),
+                        _README.format(label=pair.label, checkpoint=pair.path, kind=pair.kind, step=pair.step,
+                                       model=cfg.model.source, layer=K))
 
 
 def _read_json(path: str) -> dict:
@@ -411,15 +392,6 @@ def load(outdir: str, dtype=None) -> tuple[dict, dict, dict]:
 
     The AV's transformer goes through nla_jax's ordinary Hugging Face loader; dtype defaults to
     the exported one, so float32 (and bfloat16) weights come back bit for bit."""
-    import jax.numpy as jnp
-    from safetensors.numpy import load_file
-    from nla_jax import weights
-    from nla_jax.weights import tokenizer as tokenizer_lib
-    from nla_jax.models import transformer as T
-    from nla_jax.nla import ar as ar_lib
-    from nla_jax.nla import av as av_lib
-    from nla_jax.nla import stats as stats_lib
-
     av_dir, ar_dir = os.path.join(outdir, "av"), os.path.join(outdir, "ar")
     a, r = _read_json(os.path.join(av_dir, "nla_av.json")), _read_json(os.path.join(ar_dir, "nla_ar.json"))
     if a.get("format") != FORMAT_AV or r.get("format") != FORMAT_AR:
@@ -436,11 +408,11 @@ def load(outdir: str, dtype=None) -> tuple[dict, dict, dict]:
                             max_len=a["max_len"])
     # the AR: embed + K+1 blocks read through the same safetensors reader, then its head
     K = int(r["layer"])
-    acfg, _ = weights.hf_config(ar_dir)
+    acfg, _ = hf_weights.model_config(ar_dir)
     if acfg.n_layers != K + 1:
         raise UserError(f"{ar_dir}/config.json: {acfg.n_layers} layers, nla_ar.json says layer {K} (K+1 blocks)")
-    read = weights.hf_reader(ar_dir, acfg)
-    abstract = T.abstract_params(acfg, dtype)
+    read = hf_weights.leaf_reader(ar_dir, acfg)
+    abstract = transformer.abstract_params(acfg, dtype)
     full = lambda s: tuple(slice(None) for _ in s.shape)
     ar_params = {"embed": jnp.asarray(read("embed", full(abstract["embed"])), dtype),
                  "layers": {k: jnp.asarray(read(f"layers/{k}", full(v)), dtype) for k, v in abstract["layers"].items()}}
@@ -459,13 +431,12 @@ def main(argv=None) -> int:
     out = os.path.abspath(args.out)
     _check_out(out, args.force)  # before the slow load
     cli.enable_compilation_cache()
-    from nla_jax.explain import load_pair, quiet_readonly_warning
-    quiet_readonly_warning()
-    pair = load_pair(args.checkpoint)
+    cli.quiet_orbax_readonly()
+    pair = workdir_lib.load_pair_here(args.checkpoint, with_target=False)
     export_pair(pair, out, args.force)
     sizes = {sub: sum(os.path.getsize(os.path.join(out, sub, f)) for f in os.listdir(os.path.join(out, sub)))
              for sub in ("av", "ar")}
-    print(f"exported {pair.label} to {out}: av/ ({sizes['av'] / 1e6:.1f} MB, {pair.S.mcfg.n_layers} blocks), "
+    print(f"exported {pair.label} to {out}: av/ ({sizes['av'] / 1e6:.1f} MB, {pair.run.model_cfg.n_layers} blocks), "
           f"ar/ ({sizes['ar'] / 1e6:.1f} MB, {pair.cfg.model.layer + 1} blocks + head)")
     return 0
 

@@ -15,15 +15,22 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import json
-import os
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
-from nla_jax import cli, faults
+from nla_jax import cli, distributed, faults, sharding, weights
 from nla_jax.cli import cli_main
+from nla_jax.data import corpus
+from nla_jax.data import plan as plan_lib
+from nla_jax.data import positions
+from nla_jax.data import store as store_lib
 from nla_jax.errors import UserError
+from nla_jax.models import transformer as T
 
 CODE_VERSION = "extract-v1"
 
@@ -59,7 +66,6 @@ def data_meta(cfg, mcfg, checksum: str) -> dict:
 @cli_main
 def main(argv=None) -> int:
     args, cfg = cli.parse(build_parser(), argv)
-    from nla_jax.data import store as store_lib
     if args.verify:
         problems = store_lib.verify(cfg.data.store)
         for p in problems:
@@ -74,18 +80,9 @@ def main(argv=None) -> int:
 
 
 def extract(cfg, args) -> int:
-    from nla_jax import distributed
+    """Extract this process's share of the corpus into its part; process 0 finalizes the store."""
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     cli.enable_compilation_cache()
-    import jax
-    import jax.numpy as jnp
-    from tqdm import tqdm
-
-    from nla_jax import sharding
-    from nla_jax import weights
-    from nla_jax.data import corpus, plan as plan_lib, positions, store as store_lib
-    from nla_jax.models import transformer as T
-
     d = cfg.data
     positions.check_fractions([(n, f) for n, f in d.splits])
     if d.dtype not in store_lib.DTYPES:

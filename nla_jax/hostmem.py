@@ -10,7 +10,7 @@ resident peak: freed memory stays in the heap for reuse (4.2 -> 6.5 GB maxrss fo
 TPU/GPU jobs keep their activations on the device, where this changes nothing.
 
 `tune_malloc()` must run before JAX starts its worker threads (before the first computation):
-a thread that already has its own arena keeps it. CLIs get it from `errors.cli_main`, before `main` runs.
+a thread that already has its own arena keeps it. CLIs get it from `cli.cli_main`, before `main` runs.
 Set NLA_HOST_MALLOC=system to leave malloc as it is.
 """
 from __future__ import annotations

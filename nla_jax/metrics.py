@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from typing import Any
 
 import numpy as np
 
-from nla_jax import faults
+from nla_jax import faults, fileio
 
 
 def _plain(v: Any):
@@ -28,15 +29,22 @@ def _plain(v: Any):
 
 
 class MetricsWriter:
+    """Appends one JSON line per record to WORKDIR/metrics.jsonl (and scalars to WORKDIR/tb);
+    enabled=False (processes other than 0) keeps the interface and writes nothing."""
+
     def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
         self.enabled = enabled
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.tb = None
         if enabled:
             os.makedirs(workdir, exist_ok=True)
-            drop_torn_tail(self.path)
+            fileio.drop_torn_tail(self.path)
             if tensorboard:
                 try:
+                    # imported here, not at the top: tensorboardX is optional (metrics.jsonl is the
+                    # record, TensorBoard only a view of it) and its import (protobuf, ~0.1-0.3 s) is
+                    # only worth paying in the one process that writes events, not in every program
+                    # that imports this module to read metrics.jsonl
                     from tensorboardX import SummaryWriter
                     self.tb = SummaryWriter(os.path.join(workdir, "tb"))
                 except ImportError:
@@ -77,7 +85,8 @@ class MetricsWriter:
 
 
 def _silence_tensorboard_threads() -> None:
-    import threading
+    """Drop uncaught exceptions of tensorboardX's threads (once per process): after a failed close
+    they would only repeat the error already reported, as tracebacks."""
     previous = threading.excepthook
     if getattr(previous, "_nla_tb", False):
         return
@@ -88,31 +97,6 @@ def _silence_tensorboard_threads() -> None:
         previous(args)
     hook._nla_tb = True
     threading.excepthook = hook
-
-
-def drop_torn_tail(path: str) -> None:
-    """Truncate a file to its last newline: what a kill in the middle of a write leaves behind."""
-    try:
-        with open(path, "rb+") as f:
-            size = f.seek(0, os.SEEK_END)
-            if size == 0:
-                return
-            f.seek(size - 1)
-            if f.read(1) == b"\n":
-                return
-            pos = size
-            while pos > 0:
-                step = min(4096, pos)
-                f.seek(pos - step)
-                chunk = f.read(step)
-                i = chunk.rfind(b"\n")
-                if i >= 0:
-                    f.truncate(pos - step + i + 1)
-                    return
-                pos -= step
-            f.truncate(0)
-    except FileNotFoundError:
-        pass
 
 
 def read(path: str) -> list[dict]:

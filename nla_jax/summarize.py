@@ -1,4 +1,4 @@
-"""Teacher summaries for the warm-start rows (DESIGN §1), stored beside the activations.
+"""Teacher summaries for the warm-start rows (WORKSPACE.md, "The method in brief"), stored beside the activations.
 
     python -m nla_jax.summarize --config configs/smollm2_135m.py            # generate (resumes)
     python -m nla_jax.summarize --config configs/smollm2_135m.py --import summaries.jsonl
@@ -7,7 +7,7 @@ For every row of the configured splits (default av_sft and ar_sft) a teacher mod
 itself unless `summarize.teacher` names another source) reads the end of the row's context and
 writes a short description of what matters for predicting the next token. With
 `summarize.append_final_tokens > 0` the text also quotes the context's last tokens: a small
-model's summaries rarely name them, and the reconstructor needs them (DESIGN §1).
+model's summaries rarely name them, and the reconstructor needs them (WORKSPACE.md, "The method in brief").
 `summarize.teacher="quote"` skips the model: the text is only that quote of the last
 `quote_tokens` tokens (a cheap warm start, and the ablation that isolates the final-token signal).
 
@@ -23,13 +23,17 @@ import os
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from tqdm import tqdm
 
-from nla_jax import cli
+from nla_jax import cli, fileio, sampling, weights
 from nla_jax.cli import cli_main
+from nla_jax.data import store as store_lib
+from nla_jax.data import summaries as summaries_lib
 from nla_jax.errors import UserError
-
-FILE = "summaries.jsonl"
 
 
 def build_parser():
@@ -40,29 +44,10 @@ def build_parser():
 
 
 def read_done(path: str) -> dict[int, dict]:
-    """Rows already summarised; a torn last line (no newline) is cut off."""
-    done: dict[int, dict] = {}
-    if not os.path.exists(path):
-        return done
-    with open(path, "rb") as f:
-        data = f.read()
-    end = data.rfind(b"\n") + 1
-    if end < len(data):  # a crash mid-line: drop the fragment
-        with open(path, "r+b") as f:
-            f.truncate(end)
-    for line in data[:end].splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            done[int(rec["row"])] = rec
-    return done
-
-
-def append_records(path: str, recs: list[dict]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        for r in recs:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Rows already summarised, {row: record}. A last line without its newline is a write a
+    crash cut short: it is cut off the file first, so the next append starts on a line of its own."""
+    fileio.drop_torn_tail(path)
+    return summaries_lib.read_records(path)
 
 
 def teacher_prompt(template: str, context: str, last: str) -> str:
@@ -76,10 +61,9 @@ def target_rows(store, splits) -> np.ndarray:
 @cli_main
 def main(argv=None) -> int:
     args, cfg = cli.parse(build_parser(), argv)
-    from nla_jax.data import store as store_lib
     sc = cfg.summarize
     store = store_lib.open_store(cfg.data.store)
-    out = os.path.join(cfg.data.store, FILE)
+    out = summaries_lib.path_in(cfg.data.store)
     rows = target_rows(store, sc.splits)
     done = read_done(out)
     if args.import_path:
@@ -91,14 +75,6 @@ def main(argv=None) -> int:
     if not todo:
         return 0
     cli.enable_compilation_cache()
-    import jax
-    import jax.numpy as jnp
-    from tqdm import tqdm
-
-    from nla_jax import sampling
-    from nla_jax import weights
-
-    import ml_collections
     teacher_model = ml_collections.ConfigDict(cfg.model.to_dict())
     if sc.teacher not in ("target", "quote"):
         teacher_model.source = sc.teacher
@@ -132,7 +108,7 @@ def main(argv=None) -> int:
                 text = f"{text} The text ends with: \u00ab{lasts[j].strip()}\u00bb".strip()
             recs.append({"row": r, "doc_id": int(got["doc_id"][j]), "position": int(got["position"][j]),
                          "text": text})
-        append_records(out, recs)
+        fileio.append_jsonl(out, recs)
         bar.update(len(chunk))
         bar.set_postfix(rows_s=f"{(i + len(chunk)) / (time.perf_counter() - t0):.2f}")
     bar.close()
@@ -141,7 +117,6 @@ def main(argv=None) -> int:
 
 def quote_rows(store, tok, todo: list[int], sc, out: str) -> int:
     """Warm-start texts that only quote each context's final tokens (no teacher model)."""
-    from tqdm import tqdm
     bar = tqdm(total=len(todo), desc="quote", unit="row")
     for i in range(0, len(todo), 256):
         chunk = todo[i:i + 256]
@@ -152,13 +127,15 @@ def quote_rows(store, tok, todo: list[int], sc, out: str) -> int:
             last = tok.decode(got["tokens"][j][max(0, p + 1 - sc.quote_tokens):p + 1].tolist()).strip()
             recs.append({"row": r, "doc_id": int(got["doc_id"][j]), "position": p,
                          "text": f"The text ends with: \u00ab{last}\u00bb"})
-        append_records(out, recs)
+        fileio.append_jsonl(out, recs)
         bar.update(len(chunk))
     bar.close()
     return 0
 
 
 def import_file(path: str, store, allowed: set[int], done: dict[int, dict], out: str) -> int:
+    """Validate summaries made elsewhere ({row, text} per line, rows in `allowed`, each once) and
+    append the ones not yet in `out`, with the doc_id and position the store holds for each row."""
     if not os.path.isfile(path):
         raise UserError(f"summaries file {path!r} does not exist")
     recs, seen = [], set()
@@ -188,7 +165,7 @@ def import_file(path: str, store, allowed: set[int], done: dict[int, dict], out:
            if recs else None)
     full = [{"row": r["row"], "doc_id": int(got["doc_id"][i]), "position": int(got["position"][i]),
              "text": r["text"]} for i, r in enumerate(recs)]
-    append_records(out, full)
+    fileio.append_jsonl(out, full)
     print(f"imported {len(full)} summaries ({len(seen) - len(full)} already present) into {out}", file=sys.stderr)
     return 0
 

@@ -159,7 +159,7 @@ def tiny_target():
     from nla_jax import weights
     cfg = configlib.get(TINY)
     mcfg, params, _ = weights.load_from_config(cfg.model)
-    return types.SimpleNamespace(mcfg=mcfg, target=params, cfg=cfg)
+    return types.SimpleNamespace(model_cfg=mcfg, target=params, cfg=cfg)
 
 
 def test_loss_recovered_known_answers(tiny_target):
@@ -192,11 +192,11 @@ def test_loss_recovered_known_answers(tiny_target):
     assert lr(k_mix) == pytest.approx(1 - kl_mean[3:].sum() / kl_mean.sum(), abs=1e-6)
     # the replacement equals the model's own hook: add (repl - original) after block K at the position
     # (add_at scales its vector by |h|/sqrt(d), so pass the difference times sqrt(d)/|h|)
-    full = T.forward(S.target, jnp.asarray(tokens), S.mcfg)["logits"]
+    full = T.forward(S.target, jnp.asarray(tokens), S.model_cfg)["logits"]
     d = h.shape[1]
     delta = (np.broadcast_to(mean, h.shape) - h) * np.sqrt(d) / np.linalg.norm(h, axis=1, keepdims=True)
     ov = T.Override(jnp.asarray(pos)[:, None], jnp.asarray(delta, jnp.float32)[:, None])
-    hooked = T.forward(S.target, jnp.asarray(tokens), S.mcfg, override=ov, add_after=S.cfg.model.layer)["logits"]
+    hooked = T.forward(S.target, jnp.asarray(tokens), S.model_cfg, override=ov, add_after=S.cfg.model.layer)["logits"]
     lp0 = np.asarray(jax_log_softmax(full[np.arange(b), pos]), np.float64)
     lp1 = np.asarray(jax_log_softmax(hooked[np.arange(b), pos]), np.float64)
     want = (np.exp(lp0) * (lp0 - lp1)).sum(-1)

@@ -39,8 +39,8 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pair(workdir):
-    from nla_jax.nla import pair as pair_lib
-    return pair_lib.load(workdir)
+    from nla_jax.nla import workdir as workdir_lib
+    return workdir_lib.load_pair(workdir)
 
 
 @pytest.fixture(scope="module")
@@ -130,17 +130,17 @@ def test_tokens_and_activations_are_the_stores(pair, tmp_path_factory):
     rows = np.arange(0, st.num_rows, max(1, st.num_rows // 6))[:6]
     got = st.read(None, rows, fields=("acts", "doc_id", "position", "tokens"))
     for act, doc, p, stored in zip(got["acts"], got["doc_id"], got["position"], got["tokens"]):
-        ids, shown = explain.tokenize(pair.S.tok, texts[int(doc)])
+        ids, shown = explain.tokenize(pair.run.tokenizer, texts[int(doc)])
         assert ids[:p + 1] == stored[:p + 1].tolist()
-        mine = explain.activations(pair.S, ids[:max(p + 1, 96)], [int(p)])[0]
+        mine = explain.activations(pair.run, ids[:max(p + 1, 96)], [int(p)])[0]
         np.testing.assert_allclose(mine, act, rtol=1e-5, atol=1e-5 * np.abs(act).max())
 
 
 def test_greedy_does_not_depend_on_batching(pair):
     from nla_jax import explain
     text = "the old city under the bright river"
-    a = explain.run(pair, text, positions="2,4,-1", samples=1, temperature=0.0, batch=1, progress=False)
-    b = explain.run(pair, text, positions="2,4,-1", samples=1, temperature=0.0, batch=16, progress=False)
+    a = explain.explain_text(pair, text, positions="2,4,-1", samples=1, temperature=0.0, batch=1, progress=False)
+    b = explain.explain_text(pair, text, positions="2,4,-1", samples=1, temperature=0.0, batch=16, progress=False)
     assert a["temperature"] == 0
     for p in a["explained"]:
         sa, sb = a["explained"][p]["samples"][0], b["explained"][p]["samples"][0]
@@ -161,7 +161,7 @@ def test_parse_positions():
 
 
 def test_saved_mesh_fits_or_falls_back():
-    from nla_jax.explain import mesh_fits
+    from nla_jax.nla.workdir import mesh_fits
     assert mesh_fits((-1, 1, 1), 1) and mesh_fits((-1, 2, 1), 8) and mesh_fits((2, 2, 2), 8)
     assert not mesh_fits((2, 2, 2), 1) and not mesh_fits((-1, 8, 8), 16) and not mesh_fits((1, 8, 1), 4)
 

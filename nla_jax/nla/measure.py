@@ -1,5 +1,5 @@
-"""Measurements of a trained (AV, AR) pair, shared by the trainer's eval stage (`nla/quality.py`)
-and `python -m nla_jax.evaluate`.
+"""Measurements of a trained (AV, AR) pair, shared by the trainer's eval stage (`nla/evaluation.py`),
+`python -m nla_jax.evaluate` and `python -m nla_jax.explain`.
 
 Everything is per row first (one number per evaluated activation), then averaged with a 95%
 bootstrap interval over *documents* (rows of one document move together). Definitions:
@@ -29,15 +29,15 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
-from nla_jax import sampling
-from nla_jax.data import loader as data_loader
-from nla_jax.models import transformer as T
+from nla_jax import distributed, sampling
+from nla_jax.models import transformer
 from nla_jax.nla import ar as ar_lib
 from nla_jax.nla import av as av_lib
 from nla_jax.nla import stats as stats_lib
+from nla_jax.nla import batches as batches_lib
 from nla_jax.nla import steps
+from nla_jax.nla.run import Run
 
 Progress = Callable[[int], None] | None
 
@@ -68,11 +68,7 @@ def derangement_by_doc(docs: np.ndarray, seed: int) -> np.ndarray:
 
 # ============================================================================= batching
 
-def _gather(x) -> np.ndarray:
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True)) if jax.process_count() > 1 else np.asarray(x)
-
-
-def batched(S, fn: Callable, arrays: dict[str, np.ndarray], batch: int, progress: Progress = None,
+def batched(run, fn: Callable, arrays: dict[str, np.ndarray], batch: int, progress: Progress = None,
             with_offset: bool = False) -> dict[str, np.ndarray]:
     """Apply fn(global batch dict[, row offset]) -> dict of [b, ...] arrays over rows in global batches.
 
@@ -88,9 +84,9 @@ def batched(S, fn: Callable, arrays: dict[str, np.ndarray], batch: int, progress
     outs = []
     for i in range(0, n, batch):
         idx = np.minimum(np.arange(i, i + batch), n - 1)[pidx * per:(pidx + 1) * per]
-        g = data_loader.to_global({k: v[idx] for k, v in arrays.items()}, S.mesh, S.rules)
+        g = batches_lib.to_global(run, {k: v[idx] for k, v in arrays.items()})
         o = fn(g, i) if with_offset else fn(g)
-        outs.append({k: _gather(v) for k, v in o.items()})
+        outs.append({k: distributed.host_array(v) for k, v in o.items()})
         if progress is not None:
             progress(1)
     return {k: np.concatenate([o[k] for o in outs])[:n] for k in outs[0]}
@@ -112,20 +108,20 @@ def _predict_fn(ctx: steps.Ctx):
 
 # ============================================================================= explain and reconstruct
 
-def explain_rows(S, av: dict, acts: np.ndarray, batch: int, sc: sampling.SampleConfig, seed: int,
+def explain_rows(run: Run, av: dict, acts: np.ndarray, batch: int, sc: sampling.SampleConfig, seed: int,
                  progress: Progress = None) -> dict:
     """One explanation per activation row [n, d]: tokens [n, N], lengths, expl_len, ok, logprobs (numpy).
     The sampling key of the batch starting at row i is fold_in(key(seed), i)."""
-    fn = _explain_fn(S.ctx, sc)
+    fn = _explain_fn(run.ctx, sc)
     key = jax.random.key(seed)
-    return batched(S, lambda g, i: fn(av, g["acts"], S.mean, jax.random.fold_in(key, i)), {"acts": acts}, batch,
+    return batched(run, lambda g, i: fn(av, g["acts"], run.mean, jax.random.fold_in(key, i)), {"acts": acts}, batch,
                    progress, with_offset=True)
 
 
-def reconstruct(S, ar: dict, expl: np.ndarray, expl_len: np.ndarray, batch: int, progress: Progress = None) -> np.ndarray:
+def reconstruct(run: Run, ar: dict, expl: np.ndarray, expl_len: np.ndarray, batch: int, progress: Progress = None) -> np.ndarray:
     """The AR's predictions [n, d] (raw head outputs; compare after normalising) from explanation ids."""
-    fn = _predict_fn(S.ctx)
-    out = batched(S, lambda g: {"pred": fn(ar, g["expl"], g["expl_len"])},
+    fn = _predict_fn(run.ctx)
+    out = batched(run, lambda g: {"pred": fn(ar, g["expl"], g["expl_len"])},
                   {"expl": np.asarray(expl, np.int32), "expl_len": np.asarray(expl_len, np.int32)}, batch, progress)
     return out["pred"]
 
@@ -187,11 +183,11 @@ def mean_mse(target: np.ndarray, stats: stats_lib.ActStats, center: bool) -> np.
     return ((target - mu[None]) ** 2).mean(-1)
 
 
-def score(S, ar: dict, ex: dict, acts: np.ndarray, batch: int, progress: Progress = None) -> np.ndarray:
+def score(run: Run, ar: dict, ex: dict, acts: np.ndarray, batch: int, progress: Progress = None) -> np.ndarray:
     """Per-row mse_nrm of the AR reading explanations `ex` (tokens, expl_len). A row without a closing
     tag is read up to its cap (as the RL metrics do); the failure rate is reported beside it."""
-    pred = reconstruct(S, ar, ex["tokens"], ex["expl_len"], batch, progress)
-    return mse_rows(pred, targets(acts, S.stats, S.ctx.center))
+    pred = reconstruct(run, ar, ex["tokens"], ex["expl_len"], batch, progress)
+    return mse_rows(pred, targets(acts, run.stats, run.ctx.center))
 
 
 # ============================================================================= intervals
@@ -277,7 +273,7 @@ def _av_kl_fn(ctx: steps.Ctx):
 
         def logp(p):
             ov = av_lib.override(ctx.av, acts, p["extra"], mean)
-            out = T.forward(p["model"], inp, ctx.cfg, override=ov, add_after=av_lib.add_after(ctx.av),
+            out = transformer.forward(p["model"], inp, ctx.cfg, override=ov, add_after=av_lib.add_after(ctx.av),
                             logits_from=P - 1)
             return jax.nn.log_softmax(out["logits"].astype(jnp.float32), axis=-1)  # [b, L, V]
 
@@ -288,11 +284,11 @@ def _av_kl_fn(ctx: steps.Ctx):
     return jax.jit(f)
 
 
-def av_kl_rows(S, av: dict, ref: dict, acts: np.ndarray, ex: dict, batch: int, progress: Progress = None) -> dict:
+def av_kl_rows(run: Run, av: dict, ref: dict, acts: np.ndarray, ex: dict, batch: int, progress: Progress = None) -> dict:
     """Per-row {"kl_sum", "tokens"}: KL(AV || reference AV) summed over each row's generated tokens
     (closing tag and EOS included, as in the RL loss), exact over the vocabulary at temperature 1."""
-    fn = _av_kl_fn(S.ctx)
-    return batched(S, lambda g: fn(av, ref, g["acts"], g["tokens"], g["lengths"], S.mean),
+    fn = _av_kl_fn(run.ctx)
+    return batched(run, lambda g: fn(av, ref, g["acts"], g["tokens"], g["lengths"], run.mean),
                    {"acts": acts, "tokens": np.asarray(ex["tokens"], np.int32),
                     "lengths": np.asarray(ex["lengths"], np.int32)}, batch, progress)
 
@@ -313,8 +309,8 @@ def _lower_fn(cfg, layer: int):
     def f(params, tokens):
         b, s = tokens.shape
         valid = jnp.ones((b, s), bool)
-        x = T.embed(params, tokens)
-        return T.run_blocks(cfg, params["layers"], x, T.positions_from_mask(valid), T.causal_mask(valid), 0, layer + 1)
+        x = transformer.embed(params, tokens)
+        return transformer.run_blocks(cfg, params["layers"], x, transformer.positions_from_mask(valid), transformer.causal_mask(valid), 0, layer + 1)
     return jax.jit(f)
 
 
@@ -329,29 +325,29 @@ def _upper_fn(cfg, layer: int):
         xs = [xk] + [xk.at[rows, pos].set(repl[:, j].astype(xk.dtype)) for j in range(m)]
         x = jnp.concatenate(xs, axis=0)                                             # [(m+1) b, s, d]
         valid = jnp.ones(x.shape[:2], bool)
-        y = T.run_blocks(cfg, params["layers"], x, T.positions_from_mask(valid), T.causal_mask(valid), layer + 1,
+        y = transformer.run_blocks(cfg, params["layers"], x, transformer.positions_from_mask(valid), transformer.causal_mask(valid), layer + 1,
                          cfg.n_layers)
         at = jnp.take_along_axis(y, jnp.tile(pos, m + 1)[:, None, None], axis=1)    # [(m+1) b, 1, d]
-        lp = jax.nn.log_softmax(T.unembed(cfg, params, at)[:, 0].astype(jnp.float32), -1)
+        lp = jax.nn.log_softmax(transformer.unembed(cfg, params, at)[:, 0].astype(jnp.float32), -1)
         lp = lp.reshape(m + 1, b, -1)
         kl = jnp.sum(jnp.exp(lp[0])[None] * (lp[0][None] - lp[1:]), axis=-1)      # [m, b]
         return {"kl": kl.T}
     return jax.jit(f)
 
 
-def block_output(S, tokens: np.ndarray, positions: np.ndarray) -> tuple[jax.Array, np.ndarray]:
+def block_output(run: Run, tokens: np.ndarray, positions: np.ndarray) -> tuple[jax.Array, np.ndarray]:
     """Block K's output of the target over a batch of contexts (tokens [b, s] >= 0): (the device
     array [b, s, d], the vectors at `positions` as float64 numpy)."""
-    xk = _lower_fn(S.mcfg, S.cfg.model.layer)(S.target, tokens)
+    xk = _lower_fn(run.model_cfg, run.cfg.model.layer)(run.target, tokens)
     h = np.asarray(jnp.take_along_axis(xk, jnp.asarray(positions)[:, None, None], axis=1)[:, 0], np.float64)
     return xk, h
 
 
-def next_token_kl(S, xk: jax.Array, positions: np.ndarray, repl: np.ndarray) -> np.ndarray:
+def next_token_kl(run: Run, xk: jax.Array, positions: np.ndarray, repl: np.ndarray) -> np.ndarray:
     """KL(next-token distribution at each row's position | original || with block K's output there
     replaced by repl[:, j]) [b, m], nats. Replacement = adding (repl - original) after block K at
     that one position; every other position and block is untouched."""
-    out = _upper_fn(S.mcfg, S.cfg.model.layer)(S.target, xk, jnp.asarray(positions, jnp.int32),
+    out = _upper_fn(run.model_cfg, run.cfg.model.layer)(run.target, xk, jnp.asarray(positions, jnp.int32),
                                                 jnp.asarray(repl, jnp.float32))
     return np.asarray(out["kl"], np.float64)
 

@@ -123,22 +123,22 @@ def _stage(run: Run, name: str, init: Callable, optimizers: dict, optimizes: dic
 
 # ============================================================================= the three stages
 
+def _sft(run: Run, stage: str, model: str, init_model, model_axes) -> StageState:
+    """An SFT stage: one model (`model` = "av" or "ar") and its AdamW state."""
+    sec = run.cfg[stage]
+    shapes = jax.eval_shape(lambda t: init_model(run, t), run.target)
+    tx = optim.make(sec.optim, max(sec.steps, 1), shapes)
+    init = lambda t: {model: init_model(run, t), "opt": tx.init(init_model(run, t)), **_counters()}
+    return _stage(run, stage, init, {"opt": tx}, {"opt": model},
+                  {model: optim.labels(shapes, sec.optim.train_embed)}, {model: model_axes(run)})
+
+
 def sft_av(run: Run) -> StageState:
-    sec = run.cfg.sft_av
-    av_shapes = jax.eval_shape(lambda t: init_av(run, t), run.target)
-    tx = optim.make(sec.optim, max(sec.steps, 1), av_shapes)
-    init = lambda t: {"av": init_av(run, t), "opt": tx.init(init_av(run, t)), **_counters()}
-    return _stage(run, "sft_av", init, {"opt": tx}, {"opt": "av"},
-                  {"av": optim.labels(av_shapes, sec.optim.train_embed)}, {"av": av_axes(run)})
+    return _sft(run, "sft_av", "av", init_av, av_axes)
 
 
 def sft_ar(run: Run) -> StageState:
-    sec = run.cfg.sft_ar
-    ar_shapes = jax.eval_shape(lambda t: init_ar(run, t), run.target)
-    tx = optim.make(sec.optim, max(sec.steps, 1), ar_shapes)
-    init = lambda t: {"ar": init_ar(run, t), "opt": tx.init(init_ar(run, t)), **_counters()}
-    return _stage(run, "sft_ar", init, {"opt": tx}, {"opt": "ar"},
-                  {"ar": optim.labels(ar_shapes, sec.optim.train_embed)}, {"ar": ar_axes(run)})
+    return _sft(run, "sft_ar", "ar", init_ar, ar_axes)
 
 
 def rl(run: Run) -> StageState:

@@ -12,8 +12,9 @@ import json
 import os
 from typing import Any, Sequence
 
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, AddedToken
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
 from nla_jax.errors import UserError
 
@@ -67,8 +68,6 @@ class Tokenizer:
         if not self.chat_template:
             raise UserError("this model has no chat template; pass raw text instead")
         if self._template is None:
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-
             def raise_exception(msg):
                 raise UserError(f"chat template: {msg}")
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
@@ -101,11 +100,11 @@ def from_gguf_fields(fields: dict[str, Any]) -> Tokenizer:
         tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     elif pre in ("llama-bpe", "llama3"):
         tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(_regex(_LLAMA3_RE), behavior="isolated"),
+            pre_tokenizers.Split(Regex(_LLAMA3_RE), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
     elif pre == "qwen2":
         tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(_regex(_QWEN2_RE), behavior="isolated"),
+            pre_tokenizers.Split(Regex(_QWEN2_RE), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
     elif pre in ("gpt2", "default"):
         tok.pre_tokenizer = byte_level
@@ -121,11 +120,6 @@ def from_gguf_fields(fields: dict[str, Any]) -> Tokenizer:
     return Tokenizer(tok, chat_template=fields.get("tokenizer.chat_template"), bos_id=bos, eos_ids=eos_ids,
                      pad_id=fields.get("tokenizer.ggml.padding_token_id", eos if eos is not None else 0),
                      add_bos=bool(fields.get("tokenizer.ggml.add_bos_token", False)), special_ids=special)
-
-
-def _regex(pattern: str):
-    from tokenizers import Regex
-    return Regex(pattern)
 
 
 def from_hf_dir(path: str, model_cfg: dict[str, Any]) -> Tokenizer:
