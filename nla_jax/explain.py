@@ -28,7 +28,6 @@ opening `viewer.html#pos=N`) fills `#explanation` with its `.sample` items and t
 from __future__ import annotations
 
 import argparse
-import functools
 import html
 import json
 import math
@@ -47,8 +46,8 @@ from nla_jax.data.corpus import Document
 from nla_jax.errors import UserError
 from nla_jax.models import transformer
 from nla_jax.nla import av as av_lib
+from nla_jax.nla import measure
 from nla_jax.nla import stats as stats_lib
-from nla_jax.nla import steps
 from nla_jax.nla import workdir as workdir_lib
 from nla_jax.nla.run import Run
 
@@ -203,39 +202,28 @@ def explain_acts(run: Run, av: dict, ar: dict, acts: np.ndarray, samples: int, s
                  progress: bool = True) -> list[list[dict]]:
     """For each activation row, `samples` explanations with their AR scores.
 
-    Rows are repeated `samples` times and sampled in fixed-size batches (the last one padded, so
-    one shape is compiled); every sample of every row has its own random stream."""
-    rows = np.repeat(acts.astype(np.float32), samples, axis=0)
-    n, d = rows.shape
-    batch = max(1, min(batch, n))
-    explain = jax.jit(functools.partial(steps.explain, ctx=run.ctx, sc=sc))
-    score = jax.jit(functools.partial(steps.ar_eval, ctx=run.ctx))
-    out = {"tokens": [], "expl_len": [], "ok": [], "mse": []}
-    bar = tqdm(total=n, desc="explain", unit="expl", disable=not progress, file=sys.stderr)
-    for i in range(0, n, batch):
-        chunk = rows[i:i + batch]
-        m = len(chunk)
-        if m < batch:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - m, axis=0)])
-        ex = explain(av, chunk, run.mean, jax.random.fold_in(jax.random.key(seed), i))
-        mse = score(ar, {"acts": chunk, "expl": ex["tokens"], "expl_len": ex["expl_len"]}, run.mean)
-        ex = jax.device_get(ex)
-        out["tokens"].append(np.asarray(ex["tokens"])[:m])
-        out["expl_len"].append(np.asarray(ex["expl_len"])[:m])
-        out["ok"].append(np.asarray(ex["ok"])[:m])
-        out["mse"].append(np.asarray(mse)[:m])
-        bar.update(m)
-    bar.close()
-    got = {k: np.concatenate(v) for k, v in out.items()}
+    The evaluation core (nla/measure.py) does the work: rows are repeated `samples` times and
+    sampled in fixed-size batches (the last one padded, so one shape is compiled); the batch at
+    row offset i samples with fold_in(key(seed), i), so every sample of every row has its own
+    random stream."""
+    rows = np.repeat(acts.astype(np.float32), samples, axis=0)            # [p * samples, d]
+    n = len(rows)
+    shards = run.batch_shards
+    batch = -(-max(1, min(batch, n)) // shards) * shards                   # whole rows per data shard
+    with tqdm(total=2 * measure.n_batches(n, batch), desc="explain", unit="batch", disable=not progress,
+              file=sys.stderr) as bar:
+        got = measure.explain_rows(run, av, rows, batch, sc, seed, bar.update)
+        mse = measure.score(run, ar, got, rows, batch, bar.update)         # [p * samples] mse_nrm
     texts = av_lib.decode(run.tokenizer, got["tokens"], got["expl_len"])
     var = run.stats.var(run.ctx.center)
     res = []
     for r in range(len(acts)):
         items = []
         for j in range(r * samples, (r + 1) * samples):
-            mse = float(got["mse"][j])
-            items.append({"text": texts[j], "cos": 1.0 - mse / 2.0, "mse_nrm": mse, "fve": 1.0 - mse / var,
-                          "closed": bool(got["ok"][j]), "n_tokens": int(got["expl_len"][j])})
+            m = float(mse[j])
+            items.append({"text": texts[j], "cos": float(measure.cosine(m)), "mse_nrm": m,
+                          "fve": float(measure.fve(m, var)), "closed": bool(got["ok"][j]),
+                          "n_tokens": int(got["expl_len"][j])})
         res.append(items)
     return res
 
