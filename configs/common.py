@@ -13,9 +13,12 @@ def variants(arg: str | None, allowed) -> list[str]:
     return chosen
 
 
-def mesh(shape=(-1, 1, 1)) -> ml_collections.ConfigDict:
-    """Mesh axes (data, fsdp, tensor); one -1 takes the remaining devices."""
-    return ml_collections.ConfigDict({"shape": tuple(shape), "axes": ("data", "fsdp", "tensor")})
+def mesh(shape=(-1, 1, 1), platform: str = "any") -> ml_collections.ConfigDict:
+    """Mesh axes (data, fsdp, tensor); one -1 takes the remaining devices. `platform` ("any", "cpu",
+    "gpu", "tpu"): the JAX backend the config is meant for; a run on another backend is refused
+    (a 7B config on a CPU-only install would otherwise train on CPU)."""
+    return ml_collections.ConfigDict({"shape": tuple(shape), "axes": ("data", "fsdp", "tensor"),
+                                      "platform": platform})
 
 
 def rules(**overrides) -> tuple:

@@ -49,13 +49,14 @@ def get_config(arg=None):
     cfg = ml_collections.ConfigDict()
     cfg.model = ml_collections.ConfigDict(dict(
         source="/path/to/Llama-3.3-70B-Instruct",   # set this: a Hugging Face directory
-        dtype="bfloat16",
+        dtype="bfloat16",        # compute dtype; log-probs and losses stay float32
+        weight_dtype="float32",  # master weights and Adam moments (bf16 updates at LR 1e-6 would round away)
         layer=53,                                   # block K: HF hidden_states[54]
         remat=True,
         arch=ml_collections.ConfigDict(ARCH),
         seed=0,
     ))
-    cfg.mesh = common.mesh((1, 8, 8))               # (data, fsdp, tensor) on 64 GPUs
+    cfg.mesh = common.mesh((1, 8, 8), platform="gpu")   # (data, fsdp, tensor) on 64 GPUs
     cfg.rules = common.rules()
     cfg.data = common.data(store="runs/llama3_3_70b/acts", max_len=512)
     cfg.summarize = common.summarize(batch=64, max_new_tokens=128)
@@ -76,6 +77,7 @@ def get_config(arg=None):
         closer_len=4, ar_prefix_len=4, ar_suffix_len=5,
     ))
     if "v5p64" in variants:
+        cfg.mesh.platform = "tpu"
         cfg.aot.update(accelerator="TPU-v5p-95GB", device_memory_gb=95.0, usable_fraction=0.95)
     if "g4" in variants:
         cfg.rl.update(batch=32, group_size=4)

@@ -32,13 +32,14 @@ def get_config(arg=None):
     cfg = ml_collections.ConfigDict()
     cfg.model = ml_collections.ConfigDict(dict(
         source="/path/to/Qwen2.5-0.5B-Instruct",   # set this: a Hugging Face directory
-        dtype="bfloat16",
+        dtype="bfloat16",        # compute dtype; log-probs and losses stay float32
+        weight_dtype="float32",  # master weights and Adam moments (bf16 updates at LR 1e-6 would round away)
         layer=16,                                  # block K: HF hidden_states[17]
         remat=True,
         arch=ml_collections.ConfigDict(ARCH),
         seed=0,
     ))
-    cfg.mesh = common.mesh((1, 8, 1))
+    cfg.mesh = common.mesh((1, 8, 1), platform="gpu")
     cfg.rules = common.rules()
     cfg.data = common.data(store="runs/qwen2_5_0_5b/acts", max_len=512)
     cfg.summarize = common.summarize(batch=64, max_new_tokens=128)

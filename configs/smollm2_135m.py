@@ -25,7 +25,8 @@ def get_config(arg=None):
     cfg = ml_collections.ConfigDict()
     cfg.model = ml_collections.ConfigDict(dict(
         source="embedded",   # or a .gguf path, or a Hugging Face safetensors directory
-        dtype="float32",     # float32 on CPU (bf16 training is slow on XLA:CPU: WORKSPACE); bfloat16 on accelerators
+        dtype="float32",     # compute: float32 on CPU (bf16 training is slow on XLA:CPU: WORKSPACE); bfloat16 on accelerators
+        weight_dtype="float32",  # trained parameters and optimizer state (master weights), whatever the compute dtype
         layer=20,            # block K: the residual stream after block K (HF hidden_states[K + 1])
         remat=False,
         arch=ml_collections.ConfigDict(),  # only for source="random"

@@ -164,8 +164,7 @@ def _replicated(run: run_lib.Run, shape=(), dtype=None):
 
 def lower_rl(run: run_lib.Run):
     layout = state_lib.rl(run)
-    ref = run_lib.with_shardings(jax.eval_shape(lambda t: state_lib.init_av(run, t), run.target),
-                                 state_lib.av_shardings(run))
+    ref = state_lib.abstract_reference(run)
     d = run.model_cfg.d_model
     batch = _batch(run, {"acts": ((run.cfg.rl.batch, d), jnp.dtype(run.cfg.data.dtype))}, "rl.batch")
     key = jax.eval_shape(lambda: jax.random.key(0))
@@ -265,10 +264,10 @@ def check(cfg) -> None:
 def build_run(cfg, bf16_as: str) -> run_lib.Run:
     """The abstract run: no weights, store or tokenizer; bfloat16 compiled as float16 with
     --bf16-as f16 (same bytes; see the module docstring)."""
-    dtype = weights_lib.dtype_of(cfg.model.dtype)
-    if bf16_as == "f16" and dtype == jnp.bfloat16:
-        dtype = jnp.float16
-    return run_lib.build(cfg, abstract=True, param_dtype=dtype)
+    as_compiled = lambda d: jnp.float16 if bf16_as == "f16" and d == jnp.bfloat16 else d
+    compute = as_compiled(weights_lib.dtype_of(cfg.model.dtype))
+    weight = as_compiled(weights_lib.dtype_of(weights_lib.weight_dtype_name(cfg.model)))
+    return run_lib.build(cfg, abstract=True, compute_dtype=compute, weight_dtype=weight)
 
 
 @cli_main
@@ -290,7 +289,8 @@ def main(argv=None) -> int:
     run = build_run(cfg, args.bf16_as)
     mesh, m = run.mesh, run.model_cfg
     print(f"config {args.config}: {m.name} ({m.family}, {_params(m) / 1e9:.2f}B params, {m.n_layers} blocks, "
-          f"d={m.d_model}), block K={cfg.model.layer}, {cfg.model.dtype}, remat={bool(cfg.model.remat)}")
+          f"d={m.d_model}), block K={cfg.model.layer}, compute {cfg.model.dtype}, weights "
+          f"{weights_lib.weight_dtype_name(cfg.model)}, remat={bool(cfg.model.remat)}")
     print(f"target: {t.devices} x {t.accelerator} ({t.memory_gb:g} GB each, budget {t.usable_fraction:g} x = "
           f"{t.budget_gb:.2f} GB); mesh {dict(mesh.shape)} on {t.devices} fake CPU devices")
     print(f"batches: sft_av {cfg.sft_av.batch}, sft_ar {cfg.sft_ar.batch}, rl {cfg.rl.batch} x group "
@@ -313,7 +313,7 @@ def main(argv=None) -> int:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"config": args.config, "model": m.name, "params": _params(m), "layer": cfg.model.layer,
-                       "dtype": cfg.model.dtype, "mesh": dict(mesh.shape), "target": dataclasses.asdict(t),
+                       "dtype": cfg.model.dtype, "weight_dtype": weights_lib.weight_dtype_name(cfg.model), "mesh": dict(mesh.shape), "target": dataclasses.asdict(t),
                        "budget_gb": t.budget_gb, "bf16_as": args.bf16_as, "steps": rows, "note": note,
                        "jax": jax.__version__}, f, indent=1)
     over = [r for r in rows if not r["fits"]]

@@ -48,6 +48,7 @@ from nla_jax.models import transformer
 from nla_jax.nla import av as av_lib
 from nla_jax.nla import measure
 from nla_jax.nla import stats as stats_lib
+from nla_jax.nla import steps
 from nla_jax.nla import workdir as workdir_lib
 from nla_jax.nla.run import Run
 
@@ -163,7 +164,8 @@ def activations(run: Run, tokens: Sequence[int], positions: Sequence[int]) -> np
     @jax.jit
     def block_k(params, toks):
         with sharding.use_mesh(run.mesh, run.rules):
-            out = transformer.forward(params, toks, run.model_cfg, capture_layer=K, logits=False)
+            out = transformer.forward(steps.for_compute(params, run.ctx), toks, run.model_cfg, capture_layer=K,
+                                      logits=False)
             return out["hidden"][0].astype(jnp.float32)                      # [s, d]
 
     h = np.asarray(block_k(run.target, np.asarray([tokens], np.int32)))

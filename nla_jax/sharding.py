@@ -12,6 +12,7 @@ Activation constraints (`constrain`) are no-ops unless a mesh and rules are acti
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from typing import Any, Iterator, Sequence
 
@@ -71,7 +72,29 @@ def make_mesh(shape: Sequence[int], axes: Sequence[str] = MESH_AXES,
     return Mesh(dev, tuple(axes))
 
 
-def mesh_from_config(mesh_section) -> Mesh:
+PLATFORMS = ("any", "cpu", "gpu", "tpu")
+
+
+def check_platform(mesh_section, backend: str | None = None) -> None:
+    """Refuse to run a config meant for another backend (config key mesh.platform): one line
+    naming both, and how to install the accelerator build. A config saved before the key existed
+    is "any"."""
+    want = mesh_section.get("platform") or "any"
+    if want not in PLATFORMS:
+        raise UserError(f"config key mesh.platform={want!r}: expected one of {', '.join(PLATFORMS)}")
+    have = backend or jax.default_backend()
+    if want != "any" and have != want:
+        setup = {"gpu": "bash launch/setup.sh cuda12", "tpu": "bash launch/setup.sh tpu"}.get(want, "")
+        raise UserError(f"config key mesh.platform={want!r}, but JAX's backend here is {have!r}"
+                        + (f" (install the accelerator build: {setup})" if setup else "")
+                        + "; pass --config.mesh.platform=any to run anyway")
+
+
+def mesh_from_config(mesh_section, check: bool = True) -> Mesh:
+    """The config's mesh over this job's devices; `check=False` skips the platform check (aot
+    compiles for the target on fake CPU devices)."""
+    if check:
+        check_platform(mesh_section)
     return make_mesh(tuple(mesh_section.shape), tuple(mesh_section.axes))
 
 
@@ -157,3 +180,37 @@ def batch_shards(mesh: Mesh, rules=None) -> int:
         return 1
     axes = (axes,) if isinstance(axes, str) else tuple(axes)
     return int(math.prod(mesh.shape[a] for a in axes))
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchLayout:
+    """Which rows of a global batch this process feeds: the one function of (mesh, process layout)
+    the loader, the validation and evaluation batches, `share_prompt` and `aot` all use.
+
+    A global batch of B rows is split into `shards` equal blocks along the mesh's batch axes
+    (data x fsdp); block s goes to the devices at batch-coordinate s. A process feeds the blocks
+    its devices hold, in order: so processes that hold replicas of one block (a tensor or fsdp axis
+    spanning hosts) feed identical rows, and no process count has to divide the batch."""
+    shards: int                       # blocks a global batch splits into
+    held: tuple[int, ...]             # the blocks this process's devices hold, ascending
+
+    def check(self, batch: int, key: str) -> None:
+        if batch % self.shards:
+            raise UserError(f"config key {key}={batch} must be a multiple of {self.shards}, the number of batch "
+                            f"shards of the mesh (data x fsdp)")
+
+    def local_positions(self, batch: int) -> np.ndarray:
+        """Positions in a global batch of `batch` rows that this process feeds, in order [b_local]."""
+        per = batch // self.shards
+        return np.concatenate([np.arange(s * per, (s + 1) * per) for s in self.held]).astype(np.int64)
+
+
+def batch_layout(mesh: Mesh, rules=None, process_index: int | None = None) -> BatchLayout:
+    """The BatchLayout of `process_index` (default: this process) on `mesh` under `rules`."""
+    shards = batch_shards(mesh, rules)
+    axes = rules_dict(rules if rules is not None else DEFAULT_RULES).get("batch")
+    spec = P(axes) if axes is not None else P()
+    where = NamedSharding(mesh, spec).devices_indices_map((shards,))     # device -> (slice into [shards],)
+    me = jax.process_index() if process_index is None else process_index
+    held = sorted({idx[0].start or 0 for dev, idx in where.items() if dev.process_index == me})
+    return BatchLayout(shards, tuple(held))

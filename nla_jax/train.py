@@ -172,7 +172,7 @@ def sft_validation(run, writer, name: str) -> Callable[[dict, int], dict]:
     sec = run.cfg[name]
     if name == "sft_av":
         val, val_docs = batches_lib.fixed_rows(run, run_lib.rows_with_summaries(run, "ar_sft"), sec.val_rows,
-                                               batches_lib.av_batch)
+                                               batches_lib.av_batch, f"{name}.val_rows")
         perm = jnp.asarray(np.random.default_rng(0).permutation(val["acts"].shape[0]))
         eval_fn = jax.jit(functools.partial(steps.sft_av_eval, ctx=run.ctx))
 
@@ -184,7 +184,7 @@ def sft_validation(run, writer, name: str) -> Callable[[dict, int], dict]:
                                              "ce_gap": gap[0], "ce_gap_lo": gap[1], "ce_gap_hi": gap[2]})
         return evaluate
     val, val_docs = batches_lib.fixed_rows(run, run_lib.rows_with_summaries(run, "av_sft"), sec.val_rows,
-                                           batches_lib.ar_batch)
+                                           batches_lib.ar_batch, f"{name}.val_rows")
     eval_fn = jax.jit(functools.partial(steps.ar_eval, ctx=run.ctx))
     var, floor = run.stats.var(run.ctx.center), run.stats.floor(run.ctx.center)
 
@@ -286,6 +286,7 @@ def run_rl(run, writer) -> None:
         state = state_lib.fresh(run, progress.layout)
         if sec.init_from_sft:
             state = {**state, "av": jax.tree.map(jnp.copy, ref), "ar": workdir_lib.load_final(run, "sft_ar", "ar")}
+    ref = state_lib.frozen_reference(run, ref)   # after the AV copied it: masters stay in weight_dtype
     step_fn = state_lib.rl_step(run, progress.layout, jax.tree.map(lambda a: a.sharding, ref))
     bar = progress.progress(start)
     key0 = jax.random.key(sec.seed)

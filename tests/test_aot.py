@@ -41,12 +41,14 @@ def test_grpo_step_compiles_for_8_devices_and_fits(tmp_path):
     assert row["temp_gb"] > 0 and row["compile_s"] > 0
     # The arguments are the sharded state and the reference AV (plus a [16, 896] batch): their
     # per-device bytes, computed from the shardings, match XLA's count, and are about 1/8 of the
-    # unsharded bytes (2 bytes a param; Adam mu and nu for all but the frozen embeddings).
+    # unsharded bytes: the AV's float32 master weights 4 bytes a param (Adam mu and nu likewise, for
+    # all but the frozen embeddings); the frozen reference AV in the bf16 compute dtype, 2 bytes.
     parts = row["parts_gb"]
     assert abs(row["argument_gb"] - sum(parts.values())) < 0.001
     params = rep["params"]  # 0.494B, tied embeddings
-    assert abs(parts["av"] - 2 * params / 8 / 1e9) < 0.01
-    assert abs(parts["ref_av"] - parts["av"]) < 1e-6
+    assert rep["dtype"] == "bfloat16" and rep["weight_dtype"] == "float32"
+    assert abs(parts["av"] - 4 * params / 8 / 1e9) < 0.01
+    assert abs(parts["ref_av"] - parts["av"] / 2) < 1e-6
     # donated state: the new state is written over the old one
     assert row["alias_gb"] > 0.9 * (row["argument_gb"] - parts["ref_av"])
 

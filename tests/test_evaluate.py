@@ -159,7 +159,7 @@ def tiny_target():
     from nla_jax import weights
     cfg = configlib.get(TINY)
     mcfg, params, _ = weights.load_from_config(cfg.model)
-    return types.SimpleNamespace(model_cfg=mcfg, target=params, cfg=cfg)
+    return types.SimpleNamespace(model_cfg=mcfg, target=params, cfg=cfg, ctx=types.SimpleNamespace(compute_dtype=None))
 
 
 def test_loss_recovered_known_answers(tiny_target):

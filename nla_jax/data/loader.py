@@ -3,9 +3,11 @@
 The rows of global batch `step` are a pure function of (seed, step): epoch e = step*B // n
 uses permutation(seed, e) of the split's rows (rows in canonical (doc_id, position) order, so
 the store's part layout does not matter). Resuming at step N therefore needs no iterator
-state, and 1 process or P processes see the same global batches: process p reads rows
-[p*B/P, (p+1)*B/P) of each global batch and `jax.make_array_from_process_local_data` joins
-them. grain runs the reads ahead of the consumer on a thread pool.
+state, and 1 process or P processes see the same global batches. Each process reads the positions
+of each global batch that its devices hold (`sharding.BatchLayout.local_positions`: processes
+holding replicas of one batch shard read the same rows) and `jax.make_array_from_process_local_data`
+joins them; without a layout, process p reads rows [p*B/P, (p+1)*B/P). grain runs the reads ahead
+of the consumer on a thread pool.
 """
 from __future__ import annotations
 
@@ -50,11 +52,17 @@ class SplitOrder:
         epoch, i = divmod(step, per_epoch)
         return self.rows[self._perm(epoch)[i * self.batch:(i + 1) * self.batch]]
 
-    def local_rows(self, step: int, process: int, num_processes: int) -> np.ndarray:
-        if self.batch % num_processes:
-            raise UserError(f"global batch {self.batch} is not divisible by {num_processes} processes")
-        k = self.batch // num_processes
-        return self.global_rows(step)[process * k:(process + 1) * k]
+    def local_rows(self, step: int, positions: np.ndarray) -> np.ndarray:
+        """The store rows at `positions` of global batch `step`."""
+        return self.global_rows(step)[positions]
+
+
+def even_positions(batch: int, process: int, num_processes: int) -> np.ndarray:
+    """Process p's positions when every process holds its own equal slice of the batch."""
+    if batch % num_processes:
+        raise UserError(f"global batch {batch} is not divisible by {num_processes} processes")
+    k = batch // num_processes
+    return np.arange(process * k, (process + 1) * k)
 
 
 def _columns(store: store_lib.Store, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -66,18 +74,22 @@ def _columns(store: store_lib.Store, rows: np.ndarray) -> tuple[np.ndarray, np.n
 def iterate(store_root: str, split: str, *, batch: int, seed: int, start_step: int = 0,
             process: int | None = None, num_processes: int | None = None, prefetch: int = 2,
             fields: tuple[str, ...] = ("acts", "doc_id", "position", "tokens"),
-            only: np.ndarray | None = None) -> Iterator[tuple[int, dict]]:
+            only: np.ndarray | None = None, positions: np.ndarray | None = None) -> Iterator[tuple[int, dict]]:
     """(step, host-local numpy batch) from `start_step` on, read ahead by grain threads.
 
     The batch also holds "row" (global store row ids); `only` restricts the split to those rows.
+    `positions`: the positions of each global batch this process reads (BatchLayout.local_positions);
+    default an even split by process.
     """
-    process = jax.process_index() if process is None else process
-    num_processes = jax.process_count() if num_processes is None else num_processes
+    if positions is None:
+        process = jax.process_index() if process is None else process
+        num_processes = jax.process_count() if num_processes is None else num_processes
+        positions = even_positions(batch, process, num_processes)
     store = store_lib.open_store(store_root)
     order = SplitOrder(store, split, batch, seed, only)
 
     def read(step: int) -> tuple[int, dict]:
-        rows = order.local_rows(step, process, num_processes)
+        rows = order.local_rows(step, positions)
         out = store.read(None, rows, fields=fields)
         out["row"] = rows.astype(np.int64)
         return step, out
@@ -87,10 +99,13 @@ def iterate(store_root: str, split: str, *, batch: int, seed: int, start_step: i
     yield from it
 
 
-def to_global(local: dict, mesh, rules) -> dict:
-    """Host-local batch -> global arrays sharded along the batch axis of the mesh."""
+def to_global(local: dict, mesh, rules, global_batch: int | None = None) -> dict:
+    """Host-local batch -> global arrays sharded along the batch axis of the mesh. `global_batch`:
+    the global row count (required when processes hold replicas of a batch shard, where it cannot
+    be inferred from the local rows)."""
     out = {}
     for k, v in local.items():
         axes = ("batch",) + (None,) * (v.ndim - 1)
-        out[k] = jax.make_array_from_process_local_data(sharding.named_sharding(axes, None, mesh, rules), v)
+        shape = None if global_batch is None else (global_batch,) + v.shape[1:]
+        out[k] = jax.make_array_from_process_local_data(sharding.named_sharding(axes, None, mesh, rules), v, shape)
     return out

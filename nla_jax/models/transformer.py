@@ -83,14 +83,15 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:
         if "norm" in path:
             leaves.append(jnp.ones(shape, dtype))
         elif path.endswith("['bq']") or path.endswith("['bk']") or path.endswith("['bv']"):
-            leaves.append(0.1 * jax.random.normal(k, shape, dtype))
+            leaves.append((0.1 * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
         else:
             fan_in = shape[1] if axes[0] == "layers" else shape[0]
             if axes[:2] == ("layers", "heads"):  # wo: [L, H, hd, D]
                 fan_in = shape[1] * shape[2]
             if axes[0] == "vocab":
                 fan_in = shape[1]
-            leaves.append(jax.random.normal(k, shape, dtype) / np.sqrt(fan_in))
+            # drawn in float32 and cast once: a numpy scalar divisor would promote bf16 to float32
+            leaves.append((jax.random.normal(k, shape, jnp.float32) / np.sqrt(fan_in)).astype(dtype))
     return jax.tree.unflatten(treedef, leaves)
 
 

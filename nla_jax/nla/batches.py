@@ -9,11 +9,11 @@ from __future__ import annotations
 import zlib
 from typing import Callable, Iterator
 
-import jax
 import numpy as np
 
 from nla_jax import faults
 from nla_jax.data import loader as data_loader
+from nla_jax.errors import UserError
 from nla_jax.nla import ar as ar_lib
 from nla_jax.nla import av as av_lib
 from nla_jax.nla.run import Run
@@ -39,30 +39,37 @@ def ar_batch(run: Run, local: dict) -> dict:
     return {"acts": local["acts"], "expl": expl, "expl_len": lens}
 
 
-def to_global(run: Run, local: dict) -> dict:
-    return data_loader.to_global(local, run.mesh, run.rules)
+def to_global(run: Run, local: dict, global_batch: int) -> dict:
+    """This process's rows (BatchLayout.local_positions of a `global_batch`-row batch) -> global arrays."""
+    return data_loader.to_global(local, run.mesh, run.rules, global_batch)
 
 
 def stage_batches(run: Run, split: str, batch: int, start: int, make: MakeBatch | None,
                   only: np.ndarray | None = None, stage: str | None = None) -> Iterator[tuple[int, dict]]:
     """(step, global batch) from `start` on: `make` turns the host rows into the step's inputs
     (None: activations only, the RL stage). `stage` names the fault point tests poison batches at."""
+    layout = run.batch_layout
+    layout.check(batch, f"{stage or split}.batch")
+    positions = layout.local_positions(batch)
     for step, local in data_loader.iterate(run.cfg.data.store, split, batch=batch, seed=split_seed(run, split),
-                                           start_step=start, fields=("acts",), only=only):
+                                           start_step=start, fields=("acts",), only=only, positions=positions):
         if stage is not None and (poison := faults.point(f"train.{stage}.batch")) in ("nan", "inf"):
             local["acts"] = np.full_like(local["acts"], np.nan if poison == "nan" else np.inf)  # tests only
-        yield step, to_global(run, make(run, local) if make else {"acts": local["acts"]})
+        yield step, to_global(run, make(run, local) if make else {"acts": local["acts"]}, batch)
 
 
-def fixed_rows(run: Run, rows: np.ndarray, n: int, make: MakeBatch) -> tuple[dict, np.ndarray]:
+def fixed_rows(run: Run, rows: np.ndarray, n: int, make: MakeBatch, key: str = "val_rows") -> tuple[dict, np.ndarray]:
     """A fixed validation batch of the first n rows in canonical order, trimmed to a multiple of
-    every process's batch shards: (global batch, doc ids of all its rows)."""
+    the batch shards: (global batch, doc ids of all its rows)."""
+    layout = run.batch_layout
     rows = np.sort(rows)[:n]
-    n = len(rows) - len(rows) % max(1, jax.process_count() * run.batch_shards)
+    n = len(rows) - len(rows) % layout.shards
+    if n == 0:
+        raise UserError(f"config key {key}: {len(rows)} validation rows are fewer than the {layout.shards} batch "
+                        f"shards of the mesh (raise it, or use fewer data x fsdp shards)")
     rows = rows[:n]
-    per_process = n // jax.process_count()
-    mine = rows[jax.process_index() * per_process:(jax.process_index() + 1) * per_process]
+    mine = rows[layout.local_positions(n)]
     local = run.store.read(None, mine, fields=("acts",))
     local["row"] = mine
     docs = run.store.read(None, rows, fields=("doc_id",))["doc_id"]
-    return to_global(run, make(run, local)), docs
+    return to_global(run, make(run, local), n), docs

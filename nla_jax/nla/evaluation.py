@@ -32,11 +32,18 @@ CONTEXT_TOKENS = 24   # tokens of context shown beside each example explanation 
 
 
 def heldout_rows(run: Run, split: str, n: int, seed: int) -> np.ndarray:
-    """measure.pick_rows trimmed to a multiple of the global batch split (every process and data
-    shard gets whole rows)."""
+    """measure.pick_rows trimmed to a multiple of the batch shards (every shard gets whole rows)."""
     rows = measure.pick_rows(run.store, split, n, seed)
-    shards = jax.process_count() * run.batch_shards
-    return rows[:len(rows) - len(rows) % shards]
+    return rows[:len(rows) - len(rows) % run.batch_shards]
+
+
+def eval_batch(n: int, most: int, shards: int) -> int:
+    """The largest multiple of `shards` that divides n (itself a multiple of shards) and is at most
+    max(most, shards): one compiled shape, no padding."""
+    batch = max(shards, min(most, n) - min(most, n) % shards)
+    while n % batch:
+        batch -= shards
+    return batch
 
 
 def heldout_stage(run: Run, pairs: Sequence[tuple[str, dict, dict]], workdir: str, writer) -> dict:
@@ -54,9 +61,7 @@ def heldout_stage(run: Run, pairs: Sequence[tuple[str, dict, dict]], workdir: st
     perm = measure.derangement_by_doc(docs, E.seed)
     sc = sampling.SampleConfig(max_new_tokens=run.ctx.av.max_len, temperature=max(E.temperature, 1e-6),
                                greedy=E.temperature <= 0)
-    batch = min(run.cfg.rl.batch * run.cfg.rl.group_size, len(rows))
-    while len(rows) % batch:
-        batch -= 1
+    batch = eval_batch(len(rows), run.cfg.rl.batch * run.cfg.rl.group_size, run.batch_shards)
     res = {"rows": int(len(rows)), "documents": int(len(np.unique(docs))), "var_nrm": var, "center": center,
            "floor": ci(fve(floor_mse)), "checkpoints": {}}
     examples = []

@@ -74,17 +74,18 @@ def batched(run, fn: Callable, arrays: dict[str, np.ndarray], batch: int, progre
 
     `arrays` are host arrays of the same leading length n (identical on every process); the last
     batch is padded by repeating its last row and the outputs are trimmed back to n. Each process
-    feeds its slice of every batch; outputs come back as numpy on every process.
+    feeds the positions of every batch its devices hold (sharding.BatchLayout); outputs come back as
+    numpy on every process. `batch` must be a multiple of the batch shards.
     """
     n = len(next(iter(arrays.values())))
-    nproc, pidx = jax.process_count(), jax.process_index()
-    if batch % nproc:
-        raise ValueError(f"batch {batch} must be a multiple of the process count {nproc}")
-    per = batch // nproc
+    layout = run.batch_layout
+    if batch % layout.shards:
+        raise ValueError(f"batch {batch} must be a multiple of the {layout.shards} batch shards")
+    mine = layout.local_positions(batch)
     outs = []
     for i in range(0, n, batch):
-        idx = np.minimum(np.arange(i, i + batch), n - 1)[pidx * per:(pidx + 1) * per]
-        g = batches_lib.to_global(run, {k: v[idx] for k, v in arrays.items()})
+        idx = np.minimum(np.arange(i, i + batch), n - 1)[mine]
+        g = batches_lib.to_global(run, {k: v[idx] for k, v in arrays.items()}, batch)
         o = fn(g, i) if with_offset else fn(g)
         outs.append({k: distributed.host_array(v) for k, v in o.items()})
         if progress is not None:
@@ -103,7 +104,8 @@ def _explain_fn(ctx: steps.Ctx, sc: sampling.SampleConfig):
 
 @functools.lru_cache(maxsize=16)
 def _predict_fn(ctx: steps.Ctx):
-    return jax.jit(lambda ar, expl, expl_len: ar_lib.predict(ar, ctx.cfg, ctx.ar, expl, expl_len))
+    return jax.jit(lambda ar, expl, expl_len: ar_lib.predict(steps.for_compute(ar, ctx), ctx.cfg, ctx.ar, expl,
+                                                              expl_len))
 
 
 # ============================================================================= explain and reconstruct
@@ -272,6 +274,7 @@ def _av_kl_fn(ctx: steps.Ctx):
         inp = jnp.concatenate([prompt, tokens[:, :-1].astype(jnp.int32)], axis=1)
 
         def logp(p):
+            p = steps.for_compute(p, ctx)
             ov = av_lib.override(ctx.av, acts, p["extra"], mean)
             out = transformer.forward(p["model"], inp, ctx.cfg, override=ov, add_after=av_lib.add_after(ctx.av),
                             logits_from=P - 1)
@@ -304,9 +307,17 @@ def denormalise(pred: np.ndarray, original: np.ndarray, mean: np.ndarray | None)
     return u * np.linalg.norm(o, axis=-1, keepdims=True) + (0 if mean is None else mean)
 
 
+def _cast(params, compute_dtype):
+    """The target in the compute dtype (model.dtype), as extraction ran it."""
+    if compute_dtype is None:
+        return params
+    return jax.tree.map(lambda a: a.astype(compute_dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
+
+
 @functools.lru_cache(maxsize=8)
-def _lower_fn(cfg, layer: int):
+def _lower_fn(cfg, layer: int, compute_dtype):
     def f(params, tokens):
+        params = _cast(params, compute_dtype)
         b, s = tokens.shape
         valid = jnp.ones((b, s), bool)
         x = transformer.embed(params, tokens)
@@ -315,10 +326,11 @@ def _lower_fn(cfg, layer: int):
 
 
 @functools.lru_cache(maxsize=8)
-def _upper_fn(cfg, layer: int):
+def _upper_fn(cfg, layer: int, compute_dtype):
     def f(params, xk, pos, repl):
         """xk [b, s, d] block-K output, pos [b], repl [b, m, d]: the next-token log-probs at pos with
         block K's output there unchanged and with each replacement; KL(original || replaced) [b, m]."""
+        params = _cast(params, compute_dtype)
         b, s, d = xk.shape
         m = repl.shape[1]
         rows = jnp.arange(b)
@@ -338,7 +350,7 @@ def _upper_fn(cfg, layer: int):
 def block_output(run: Run, tokens: np.ndarray, positions: np.ndarray) -> tuple[jax.Array, np.ndarray]:
     """Block K's output of the target over a batch of contexts (tokens [b, s] >= 0): (the device
     array [b, s, d], the vectors at `positions` as float64 numpy)."""
-    xk = _lower_fn(run.model_cfg, run.cfg.model.layer)(run.target, tokens)
+    xk = _lower_fn(run.model_cfg, run.cfg.model.layer, run.ctx.compute_dtype)(run.target, tokens)
     h = np.asarray(jnp.take_along_axis(xk, jnp.asarray(positions)[:, None, None], axis=1)[:, 0], np.float64)
     return xk, h
 
@@ -347,8 +359,8 @@ def next_token_kl(run: Run, xk: jax.Array, positions: np.ndarray, repl: np.ndarr
     """KL(next-token distribution at each row's position | original || with block K's output there
     replaced by repl[:, j]) [b, m], nats. Replacement = adding (repl - original) after block K at
     that one position; every other position and block is untouched."""
-    out = _upper_fn(run.model_cfg, run.cfg.model.layer)(run.target, xk, jnp.asarray(positions, jnp.int32),
-                                                jnp.asarray(repl, jnp.float32))
+    out = _upper_fn(run.model_cfg, run.cfg.model.layer, run.ctx.compute_dtype)(
+        run.target, xk, jnp.asarray(positions, jnp.int32), jnp.asarray(repl, jnp.float32))
     return np.asarray(out["kl"], np.float64)
 
 

@@ -69,6 +69,11 @@ class Run:
         """How many ways a global batch is split (a batch must be a multiple of this)."""
         return sharding.batch_shards(self.mesh, self.rules)
 
+    @property
+    def batch_layout(self) -> sharding.BatchLayout:
+        """Which rows of each global batch this process feeds (see sharding.BatchLayout)."""
+        return sharding.batch_layout(self.mesh, self.rules)
+
 
 # ============================================================================= config checks
 
@@ -181,26 +186,31 @@ def with_shardings(shapes: Any, shardings: Any) -> Any:
 # ============================================================================= build
 
 def build(cfg, *, store: bool = True, abstract: bool = False, weights: bool = True,
-          stats: stats_lib.ActStats | None = None, param_dtype=None) -> Run:
+          stats: stats_lib.ActStats | None = None, compute_dtype=None, weight_dtype=None) -> Run:
     """The run for `cfg` (see the module docstring). `stats`: the statistics a trained pair was
-    saved with (else computed from the store). `param_dtype` overrides model.dtype (aot compiles
-    bfloat16 as float16 on CPU)."""
-    mesh = sharding.mesh_from_config(cfg.mesh)
+    saved with (else computed from the store). `compute_dtype` / `weight_dtype` override
+    model.dtype / model.weight_dtype (aot compiles bfloat16 as float16 on CPU).
+
+    Parameters (the target, hence the AV and AR initialised from it, and their optimizer state)
+    are held in model.weight_dtype; forward passes compute in model.dtype (steps.for_compute)."""
+    mesh = sharding.mesh_from_config(cfg.mesh, check=not abstract)
     rules = cfg.rules
-    dtype = param_dtype or weights_lib.dtype_of(cfg.model.dtype)
+    dtype = weight_dtype or weights_lib.dtype_of(weights_lib.weight_dtype_name(cfg.model))
+    compute = compute_dtype or weights_lib.dtype_of(cfg.model.dtype)
+    compute = None if jnp.dtype(compute) == jnp.dtype(dtype) else compute
     if abstract:
         model_cfg = model_config_from_arch(cfg)
         target = abstract_target(model_cfg, dtype, mesh, rules)
         av_spec, ar_spec = synthetic_specs(cfg, model_cfg)
         ctx = steps.Ctx(cfg=model_cfg, av=av_spec, ar=ar_spec, center=bool(cfg.nla.center),
-                        remat=bool(cfg.model.remat), var_nrm=1.0)
+                        remat=bool(cfg.model.remat), var_nrm=1.0, compute_dtype=compute)
         mean = jax.ShapeDtypeStruct((model_cfg.d_model,), jnp.float32,
                                     sharding=sharding.named_sharding((), None, mesh, rules))
         return Run(cfg, mesh, rules, model_cfg, target, None, None, stats, mean, ctx, {})
 
     opened = store_lib.open_store(cfg.data.store) if store else None
     if weights:
-        model_cfg, target, tokenizer = weights_lib.load_from_config(cfg.model, mesh, rules)
+        model_cfg, target, tokenizer = weights_lib.load_from_config(cfg.model, mesh, rules, dtype=dtype)
     else:
         model_cfg, tokenizer = weights_lib.config_and_tokenizer(cfg.model)
         target = abstract_target(model_cfg, dtype, mesh, rules)
@@ -215,7 +225,7 @@ def build(cfg, *, store: bool = True, abstract: bool = False, weights: bool = Tr
     av_spec = av_lib.build_spec(tokenizer, model_cfg, cfg.av, stats.mean_norm)
     ar_spec = ar_lib.build_spec(tokenizer, model_cfg, cfg.ar, cfg.model.layer, max_len=cfg.av.max_len)
     ctx = steps.Ctx(cfg=model_cfg, av=av_spec, ar=ar_spec, center=bool(cfg.nla.center), remat=bool(cfg.model.remat),
-                    var_nrm=stats.var(bool(cfg.nla.center)))
+                    var_nrm=stats.var(bool(cfg.nla.center)), compute_dtype=compute)
     summaries = summaries_lib.read_texts(summaries_lib.path_in(cfg.data.store)) if opened is not None else {}
     mean = jax.device_put(jnp.asarray(stats.mean_array()), sharding.named_sharding((), None, mesh, rules))
     return Run(cfg, mesh, rules, model_cfg, target, tokenizer, opened, stats, mean, ctx, summaries)
@@ -226,7 +236,8 @@ def load_target(run: Run) -> dict:
     needs them after all, e.g. the target-initialised reference verbalizer)."""
     if not _is_abstract(run.target):
         return run.target
-    _, target, _ = weights_lib.load_from_config(run.cfg.model, run.mesh, run.rules)
+    _, target, _ = weights_lib.load_from_config(run.cfg.model, run.mesh, run.rules,
+                                                dtype=weights_lib.dtype_of(weights_lib.weight_dtype_name(run.cfg.model)))
     return target
 
 

@@ -73,6 +73,21 @@ def init_ar(run: Run, target: dict) -> dict:
     return ar_lib.init_params(target, run.cfg.model.layer, run.model_cfg.d_model)
 
 
+def frozen_reference(run: Run, av: dict) -> dict:
+    """The RL stage's reference verbalizer as it is kept: never trained, so held in the compute
+    dtype (half the bytes of float32 masters under bf16 compute), with the AV's shardings."""
+    if run.ctx.compute_dtype is None:
+        return av
+    shardings = jax.tree.map(lambda a: a.sharding, av)
+    return jax.jit(lambda p: steps.for_compute(p, run.ctx), out_shardings=shardings)(av)
+
+
+def abstract_reference(run: Run) -> dict:
+    """frozen_reference's result as sharded ShapeDtypeStructs (aot)."""
+    shapes = jax.eval_shape(lambda t: steps.for_compute(init_av(run, t), run.ctx), run.target)
+    return with_shardings(shapes, av_shardings(run))
+
+
 def av_shardings(run: Run) -> dict:
     return sharding.tree_shardings(av_axes(run), jax.eval_shape(lambda t: init_av(run, t), run.target),
                                    run.mesh, run.rules)
@@ -171,8 +186,9 @@ def fresh(run: Run, stage: StageState) -> dict:
 
 def share_prompt(run: Run) -> bool:
     """Whether the RL step shares each injected prompt across its group: it runs the B prompts at
-    batch B, so only when B splits evenly over every process's batch shards."""
-    return bool(run.cfg.rl.share_prompt) and run.cfg.rl.batch % (jax.process_count() * run.batch_shards) == 0
+    batch B, so only when B splits evenly over the batch shards (sharding.BatchLayout; the same
+    predicate whether the trainer or aot asks, on any number of processes)."""
+    return bool(run.cfg.rl.share_prompt) and run.cfg.rl.batch % run.batch_layout.shards == 0
 
 
 def rl_sample_config(run: Run) -> sampling.SampleConfig:

@@ -6,10 +6,18 @@ State layout (a dict pytree, what checkpoints hold):
   rl:     {"av", "ar", "opt_av", "opt_ar", "step", "skipped", "streak"}
 "skipped" counts non-finite steps (their updates are dropped inside the step), "streak" the
 current run of them; the host loop stops the run after `max_nonfinite` in a row.
+
+Mixed precision: parameters and optimizer state are held in `model.weight_dtype` (float32 master
+weights); every forward pass first casts them to `Ctx.compute_dtype` (`model.dtype`, bfloat16 on
+accelerators), so gradients flow back through the cast into float32 and an update far below
+bf16's resolution (LR 1e-6 on weights of size ~0.1) still moves the masters. Log-probs, losses and
+matmul accumulation stay float32 as before. compute_dtype None: the parameters' own dtype.
 """
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
@@ -32,6 +40,17 @@ class Ctx:
     center: bool
     remat: bool
     var_nrm: float          # Var(v_nrm) of the targets (centred or not): fve's denominator
+    compute_dtype: Any = None  # forward passes cast floating parameters to this (None: leave them)
+
+
+def for_compute(params: Any, ctx: Ctx) -> Any:
+    """The parameters as the forward pass uses them: floating leaves cast to ctx.compute_dtype
+    (a no-op, and no copy, when they already have it or compute_dtype is None)."""
+    dt = ctx.compute_dtype
+    if dt is None:
+        return params
+    return jax.tree.map(lambda a: a.astype(dt) if jnp.issubdtype(a.dtype, jnp.floating) and a.dtype != dt else a,
+                        params)
 
 
 def _bookkeeping(state: dict, ok: jax.Array) -> dict:
@@ -48,6 +67,7 @@ def _finite(*xs) -> jax.Array:
 
 def av_ce(av: dict, ctx: Ctx, acts, targets, mask, mean) -> tuple[jax.Array, jax.Array]:
     """Token-mean cross-entropy of targets given the injected activation; and per-row mean CE [b]."""
+    av = for_compute(av, ctx)
     lp = av_lib.logprobs(av["model"], av["extra"], ctx.cfg, ctx.av, acts, targets, mean, remat=ctx.remat)
     m = mask.astype(jnp.float32)
     per_row = -(lp * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
@@ -79,7 +99,7 @@ def sft_av_eval(av: dict, batch: dict, mean, perm, *, ctx: Ctx) -> dict:
 
 def ar_mse(ar: dict, ctx: Ctx, expl, expl_len, acts, mean) -> jax.Array:
     """Per-row mse_nrm [b] of the AR's reconstruction from explanation ids."""
-    pred = ar_lib.predict(ar, ctx.cfg, ctx.ar, expl, expl_len, ctx.remat)
+    pred = ar_lib.predict(for_compute(ar, ctx), ctx.cfg, ctx.ar, expl, expl_len, ctx.remat)
     target = stats_lib.normalise(acts, mean if ctx.center else None)
     return stats_lib.mse_nrm(pred, target)
 
@@ -105,7 +125,7 @@ def ar_eval(ar: dict, batch: dict, mean, *, ctx: Ctx) -> jax.Array:
 def ar_features(ar: dict, batch: dict, *, ctx: Ctx) -> jax.Array:
     """Head inputs [b, d] (for the ridge initialisation of the head)."""
     tok, valid, read_at = ar_lib.assemble(ctx.ar, batch["expl"], batch["expl_len"])
-    return ar_lib.features(ar, ctx.cfg, ctx.ar, tok, valid, read_at)
+    return ar_lib.features(for_compute(ar, ctx), ctx.cfg, ctx.ar, tok, valid, read_at)
 
 
 # ----------------------------------------------------------------------------- explanations
@@ -113,6 +133,7 @@ def ar_features(ar: dict, batch: dict, *, ctx: Ctx) -> jax.Array:
 def explain(av: dict, acts, mean, key, *, ctx: Ctx, sc: sampling.SampleConfig, group: int = 1) -> dict:
     """Sample `group` explanations per activation row [b, d] (rows b*G..b*G+G-1 of the outputs):
     tokens [b*G, N], lengths, expl_len, ok, logprobs. The injected prompt is prefilled once per row."""
+    av = for_compute(av, ctx)
     b = acts.shape[0]
     P = len(ctx.av.prompt)
     prompt = jnp.broadcast_to(jnp.asarray(ctx.av.prompt, jnp.int32), (b, P))
@@ -159,11 +180,12 @@ def rl_step(state: dict, ref_av: dict, batch: dict, mean, key, *, ctx: Ctx, rl, 
     inject, group = (batch["acts"], G) if share_prompt else (acts, 1)
     ref_lp = None
     if rl.beta > 0:
-        ref_lp = jax.lax.stop_gradient(av_lib.logprobs(ref_av["model"], ref_av["extra"], ctx.cfg, ctx.av, inject,
+        ref = for_compute(ref_av, ctx)
+        ref_lp = jax.lax.stop_gradient(av_lib.logprobs(ref["model"], ref["extra"], ctx.cfg, ctx.av, inject,
                                                        tokens, mean, sc.temperature, ctx.remat, group=group))
 
     def av_loss(av):
-        av = optim.stop_frozen(av, labels_av)
+        av = for_compute(optim.stop_frozen(av, labels_av), ctx)
         lp, ent = av_lib.logprobs(av["model"], av["extra"], ctx.cfg, ctx.av, inject, tokens, mean, sc.temperature,
                                   ctx.remat, entropy=True, group=group)
         loss, m = rl_losses.policy_loss(lp, jax.lax.stop_gradient(lp), ref_lp, adv, tmask, eps_low=rl.eps_low,

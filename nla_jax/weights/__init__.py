@@ -132,9 +132,16 @@ def _check_layer(model_section, cfg: ModelConfig) -> None:
                         f"(0..{cfg.n_layers - 1})")
 
 
-def load_from_config(model_section, mesh=None, rules=None):
-    """(ModelConfig, params, tokenizer) from a config's `model` section, optionally sharded."""
-    dtype = dtype_of(model_section.dtype)
+def weight_dtype_name(model_section) -> str:
+    """`model.weight_dtype`: the dtype trained parameters and optimizer state are held in. A config
+    saved before the key existed held its parameters in `model.dtype`."""
+    return model_section.get("weight_dtype") or model_section.dtype
+
+
+def load_from_config(model_section, mesh=None, rules=None, dtype=None):
+    """(ModelConfig, params, tokenizer) from a config's `model` section, optionally sharded; the
+    parameters in `dtype` (default model.dtype, the compute dtype: what inference programs use)."""
+    dtype = dtype_of(model_section.dtype) if dtype is None else dtype
     shardings = None
     if mesh is not None:
         # Shapes come from the source's own metadata, so resolve the config first (cheap).
