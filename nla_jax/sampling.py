@@ -186,6 +186,7 @@ def make_sampler(cfg: ModelConfig, sc: SampleConfig, mesh, rules, dtype=jnp.floa
             params = split(params)
         return run(params, prompt, valid, key)
 
+    call.split = split   # split once, reuse across calls (the layers are re-split otherwise)
     return call
 
 

@@ -24,13 +24,13 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from nla_jax import cli, fileio, sampling, weights
+from nla_jax import cli, distributed, fileio, sampling, sharding, weights
 from nla_jax.cli import cli_main
+from nla_jax.data import loader as data_loader
 from nla_jax.data import store as store_lib
 from nla_jax.data import summaries as summaries_lib
 from nla_jax.errors import UserError
@@ -78,14 +78,26 @@ def main(argv=None) -> int:
     teacher_model = ml_collections.ConfigDict(cfg.model.to_dict())
     if sc.teacher not in ("target", "quote"):
         teacher_model.source = sc.teacher
-    mcfg, params, tok = weights.load_from_config(teacher_model)
+    if sc.teacher == "quote":   # no model: the tokenizer is all it needs
+        _, tok = weights.config_and_tokenizer(teacher_model)
+        if tok is None:
+            raise UserError(f"teacher {sc.teacher!r} has no tokenizer")
+        return quote_rows(store, tok, todo, sc, out)
+    # The teacher runs sharded on the config's mesh (a 70B teacher does not fit one device): its
+    # weights are read shard by shard, each batch is fed by data shard (sharding.BatchLayout) and
+    # the texts are gathered back; process 0 writes them.
+    mesh = sharding.mesh_from_config(cfg.mesh)
+    layout = sharding.batch_layout(mesh, cfg.rules)
+    batch = -(-sc.batch // layout.shards) * layout.shards        # padded to whole batch shards
+    mcfg, params, tok = weights.load_from_config(teacher_model, mesh, cfg.rules)
     if tok is None:
         raise UserError(f"teacher {sc.teacher!r} has no tokenizer")
-    if sc.teacher == "quote":
-        return quote_rows(store, tok, todo, sc, out)
-    params = sampling.split_layers(params)
     scfg = sampling.SampleConfig(max_new_tokens=sc.max_new_tokens, temperature=sc.temperature, top_p=sc.top_p)
-    bar = tqdm(total=len(todo), desc="summarize", unit="row")
+    sample = sampling.make_sampler(mcfg, scfg, mesh, cfg.rules, weights.dtype_of(teacher_model.dtype))
+    with sharding.use_mesh(mesh, cfg.rules):
+        params = sample.split(params)
+    mine = layout.local_positions(batch)
+    bar = tqdm(total=len(todo), desc="summarize", unit="row", disable=jax.process_index() != 0)
     t0 = time.perf_counter()
     for i in range(0, len(todo), sc.batch):
         chunk = todo[i:i + sc.batch]
@@ -98,17 +110,20 @@ def main(argv=None) -> int:
             last = tok.decode(ctx[-max(sc.append_final_tokens, 1):].tolist())
             lasts.append(last)
             prompts.append(tok.encode_chat(teacher_prompt(sc.prompt, context, last.strip())))
-        toks, valid = sampling.pad_prompts(prompts + [prompts[0]] * (sc.batch - len(prompts)), mcfg.pad_id)
+        toks, valid = sampling.pad_prompts(prompts + [prompts[0]] * (batch - len(prompts)), mcfg.pad_id)  # [batch, T]
         key = jax.random.fold_in(jax.random.key(sc.seed), chunk[0])  # a row's text: f(seed, first row of batch)
-        res = jax.device_get(sampling.sample(params, jnp.asarray(toks), jnp.asarray(valid), key, cfg=mcfg, sc=scfg))
+        g = data_loader.to_global({"toks": toks[mine], "valid": valid[mine]}, mesh, cfg.rules, batch)
+        res = sample(params, g["toks"], g["valid"], key)
+        tokens, lengths = distributed.host_array(res.tokens), distributed.host_array(res.lengths)
         recs = []
         for j, r in enumerate(chunk):
-            text = tok.decode(res.tokens[j][:res.lengths[j]].tolist()).strip()
+            text = tok.decode(tokens[j][:lengths[j]].tolist()).strip()
             if sc.append_final_tokens > 0:
                 text = f"{text} The text ends with: \u00ab{lasts[j].strip()}\u00bb".strip()
             recs.append({"row": r, "doc_id": int(got["doc_id"][j]), "position": int(got["position"][j]),
                          "text": text})
-        fileio.append_jsonl(out, recs)
+        if jax.process_index() == 0:
+            fileio.append_jsonl(out, recs)
         bar.update(len(chunk))
         bar.set_postfix(rows_s=f"{(i + len(chunk)) / (time.perf_counter() - t0):.2f}")
     bar.close()

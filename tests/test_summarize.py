@@ -32,8 +32,8 @@ def small_store(tmp_path_factory, real):
     return root
 
 
-def _run(store, *extra):
-    env = dict(os.environ, PYTHONPATH=REPO, NLA_COMPILE_CACHE=os.path.join(REPO, "build", "jax_cache"))
+def _run(store, *extra, env=None):
+    env = dict(os.environ, PYTHONPATH=REPO, NLA_COMPILE_CACHE=os.path.join(REPO, "build", "jax_cache"), **(env or {}))
     return subprocess.run([sys.executable, "-m", "nla_jax.summarize", "--config",
                            os.path.join(REPO, "configs", "smollm2_135m.py"), f"--config.data.store={store}",
                            "--config.summarize.batch=2", "--config.summarize.max_new_tokens=8", *extra],
@@ -75,3 +75,20 @@ def test_import_validates(small_store, tmp_path):
     bad.write_text(json.dumps({"row": 0}) + "\n")
     r = _run(small_store, "--import", str(bad))
     assert r.returncode == 2 and "bad.jsonl:1" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sharded_teacher_writes_what_one_device_does(small_store, tmp_path):
+    """The teacher runs on the config's mesh: 2 devices on the data axis (each feeding its half of
+    every batch) write the texts one device writes, in the same order."""
+    import shutil
+    copies = {}
+    for name, devices in (("one", 1), ("two", 2)):
+        d = str(tmp_path / name)
+        shutil.copytree(small_store, d)
+        if os.path.exists(os.path.join(d, "summaries.jsonl")):
+            os.remove(os.path.join(d, "summaries.jsonl"))
+        env_flags = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+        r = _run(d, f"--config.mesh.shape=({devices},1,1)", env=env_flags)
+        assert r.returncode == 0, r.stderr[-3000:]
+        copies[name] = _records(d)
+    assert len(copies["one"]) == 4 and copies["two"] == copies["one"]
