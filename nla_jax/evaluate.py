@@ -401,8 +401,9 @@ def main(argv=None) -> int:
     results = []
     for p, label in zip(plans, labels):
         pr = workdir_lib.load_pair(p.path, mesh_cfg=cfg.mesh, rules=cfg.rules, label=label)
+        pr.run.batch_layout.check(int(E.batch), "eval.batch")    # every batch split into whole data shards
         with tqdm(total=total_batches(len(rows), len(D["summaries"]), E), desc=label, unit="batch",
-                  dynamic_ncols=True, file=sys.stderr) as bar:
+                  dynamic_ncols=True, file=sys.stderr, disable=jax.process_index() != 0) as bar:
             results.append(evaluate_pair(pr, D, E, bar))
         del pr
 
@@ -415,6 +416,8 @@ def main(argv=None) -> int:
            "checkpoints": results,
            "training_curves": {w: training_curves(w) for w in dict.fromkeys(r["workdir"] for r in results)}}
     doc["elapsed_s"] = round(time.time() - t0, 1)
+    if jax.process_index() != 0:      # every process computed the same numbers; one writes them
+        return 0
     html = report.render(doc, ROWS, fmt, lookup)
     write_outputs(out, doc, html)
     print(table(doc), flush=True)
