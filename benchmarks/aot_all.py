@@ -39,6 +39,8 @@ def targets() -> list[str]:
             continue
         path = os.path.join("configs", name)
         mod = _module(os.path.join(REPO, path))
+        if not hasattr(mod, "get_config"):   # configs/common.py and the package marker are not configs
+            continue
         base = mod.get_config(None)
         if "aot" not in base:
             continue

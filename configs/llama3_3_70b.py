@@ -1,9 +1,9 @@
-"""Llama-3.3-70B-Instruct at block K=53 (of 80), on 64 x H100 80GB (8 nodes of 8): fsdp=8 x tensor=8.
+"""Llama-3.3-70B-Instruct at block K=53 (of 80), on 128 x H100 80GB (16 nodes of 8): fsdp=16 x tensor=8.
 
 Point model.source at the model's Hugging Face directory (config.json, tokenizer.json, *.safetensors)
 and launch one process per GPU (see launch/slurm_gpu.sbatch), or one per host on a TPU pod:
 
-    sbatch --nodes=8 launch/slurm_gpu.sbatch configs/llama3_3_70b.py \\
+    sbatch --nodes=16 launch/slurm_gpu.sbatch configs/llama3_3_70b.py \\
         --config.model.source=/data/Llama-3.3-70B-Instruct --config.train.workdir=/shared/runs/llama70b
     TPU=my-v5p-128 ZONE=... bash launch/tpu_vm.sh configs/llama3_3_70b.py:v5p64 --config.model.source=...
 
@@ -17,17 +17,18 @@ left to the store's statistics (0 = a round number about 1.1 x the mean activati
 published value exists for this layer.
 Mesh: the tensor axis (8) shards heads (64 query, 8 KV), MLP (28672) and vocabulary inside a node's
 NVLink domain; fsdp shards the embed dimension of every weight and Adam moment across nodes. The
-GRPO step holds the AV, the reference AV, the AR (54 blocks) and both Adam states (13 GB a device
-here), the optimizer update's temporaries, and the sampler's weights: its decode loop needs each
-layer gathered over fsdp, and XLA hoists those loop-invariant gathers out of the loop, so a device
-holds 1/tensor of the whole verbalizer (17.6 GB at tensor=8). `python -m nla_jax.aot` puts the step
-at about 62 GB a device on 64 GPUs; on 32 (fsdp=4 x tensor=8) it needs about 90 GB (77 GB even with
-activations sharded over tensor and half the batch), so 32 H100s do not fit this step.
+GRPO step holds the AV and AR as float32 master weights with float32 Adam states, the reference AV
+in bf16 (12 GB a device at 128 GPUs), the optimizer update's temporaries, and the sampler's weights:
+its decode loop needs each layer gathered over fsdp, and XLA hoists those loop-invariant gathers out
+of the loop, so a device holds 1/tensor of the whole verbalizer (17.6 GB at tensor=8).
+`python -m nla_jax.aot` puts the step at 57.9 GB a device on 128 GPUs and 81.7 GB on 64 (fsdp=8),
+over the 72 GB budget of an 80 GB H100: the float32 masters (needed: a bf16 update at LR 2e-6 rounds
+away) cost ~19 GB a device there. Before them, with everything in bf16, 64 GPUs needed 62 GB.
 The public release: explanations capped at 150 tokens, group size 8, actor LR in 1e-6..1e-5 (2e-6 at this
 size), AR LR in 1e-5..5e-5 (2e-5). `model.arch` repeats config.json (RoPE with Llama-3 scaling)
 so `nla_jax.aot` needs no weights; with a real source directory, its config.json is what training
 uses (aot checks the two agree).
-Variants: v5p64 (a v5p-128 slice: 64 chips of 95 GB, same mesh), g4 (groups of 4).
+Variants: v5p64 (a v5p-128 slice: 64 chips of 95 GB, fsdp=8 x tensor=8: 81.7 GB of 90 usable), g4 (groups of 4).
 """
 import ml_collections
 
@@ -56,7 +57,7 @@ def get_config(arg=None):
         arch=ml_collections.ConfigDict(ARCH),
         seed=0,
     ))
-    cfg.mesh = common.mesh((1, 8, 8), platform="gpu")   # (data, fsdp, tensor) on 64 GPUs
+    cfg.mesh = common.mesh((1, 16, 8), platform="gpu")  # (data, fsdp, tensor) on 128 GPUs
     cfg.rules = common.rules()
     cfg.data = common.data(store="runs/llama3_3_70b/acts", max_len=512)
     cfg.summarize = common.summarize(batch=64, max_new_tokens=128)
@@ -71,13 +72,15 @@ def get_config(arg=None):
     cfg.train.update(ckpt_every=25)
     cfg.eval.update(rows=1024)
     cfg.aot = ml_collections.ConfigDict(dict(
-        devices=64, accelerator="H100-80GB", device_memory_gb=80.0,
+        devices=128, accelerator="H100-80GB", device_memory_gb=80.0,
         usable_fraction=0.9,     # of device memory a step may plan for (CUDA context, NCCL, fragmentation)
         prompt_len=64,           # AV prompt: chat template (with its date header) + marker + "<explanation>"
         closer_len=4, ar_prefix_len=4, ar_suffix_len=5,
     ))
     if "v5p64" in variants:
         cfg.mesh.platform = "tpu"
+        cfg.mesh.shape = (1, 8, 8)
+        cfg.aot.devices = 64
         cfg.aot.update(accelerator="TPU-v5p-95GB", device_memory_gb=95.0, usable_fraction=0.95)
     if "g4" in variants:
         cfg.rl.update(batch=32, group_size=4)
