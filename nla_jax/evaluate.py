@@ -63,7 +63,7 @@ def build_parser():
                    help="WORKDIR, WORKDIR/rl, WORKDIR/rl@STEP or WORKDIR/sft_av (repeatable: one column each)")
     p.add_argument("--out", default=None, metavar="OUTDIR",
                    help="where evaluate.json and report.html go (default: FIRST_WORKDIR/evaluate)")
-    return p
+    return cli.add_distributed_flags(p)
 
 
 # ============================================================================= checks (cheap, before any model)
@@ -395,6 +395,9 @@ def main(argv=None) -> int:
     summ_path = E.summaries or summaries_lib.path_in(cfg.data.store)
     D["summaries"] = {r: t for r, t in summaries_lib.read_texts(summ_path).items() if r in set(D["rows"])}
 
+    cli.start_distributed(args)
+    if int(E.batch) % (jax.process_count()):
+        raise UserError(f"config key eval.batch={E.batch} must be a multiple of the process count {jax.process_count()}")
     cli.enable_compilation_cache()
     t0 = time.time()
     labels = unique_labels(plans)
@@ -402,7 +405,7 @@ def main(argv=None) -> int:
     for p, label in zip(plans, labels):
         pr = workdir_lib.load_pair(p.path, mesh_cfg=cfg.mesh, rules=cfg.rules, label=label)
         with tqdm(total=total_batches(len(rows), len(D["summaries"]), E), desc=label, unit="batch",
-                  dynamic_ncols=True, file=sys.stderr) as bar:
+                  dynamic_ncols=True, file=sys.stderr, disable=jax.process_index() != 0) as bar:
             results.append(evaluate_pair(pr, D, E, bar))
         del pr
 
@@ -415,6 +418,8 @@ def main(argv=None) -> int:
            "checkpoints": results,
            "training_curves": {w: training_curves(w) for w in dict.fromkeys(r["workdir"] for r in results)}}
     doc["elapsed_s"] = round(time.time() - t0, 1)
+    if jax.process_index() != 0:
+        return 0  # every process holds the same results; process 0 writes and prints them
     html = report.render(doc, ROWS, fmt, lookup)
     write_outputs(out, doc, html)
     print(table(doc), flush=True)

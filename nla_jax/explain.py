@@ -28,7 +28,6 @@ opening `viewer.html#pos=N`) fills `#explanation` with its `.sample` items and t
 from __future__ import annotations
 
 import argparse
-import functools
 import html
 import json
 import math
@@ -41,14 +40,14 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from nla_jax import cli, fileio, sampling, sharding
+from nla_jax import cli, distributed, fileio, sampling, sharding
 from nla_jax.cli import cli_main
 from nla_jax.data.corpus import Document
 from nla_jax.errors import UserError
 from nla_jax.models import transformer
 from nla_jax.nla import av as av_lib
+from nla_jax.nla import measure
 from nla_jax.nla import stats as stats_lib
-from nla_jax.nla import steps
 from nla_jax.nla import workdir as workdir_lib
 from nla_jax.nla.run import Run
 
@@ -75,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--html", metavar="OUT.html", help="write the self-contained viewer here")
     p.add_argument("--json", metavar="OUT.json", help="write the results as JSON here")
     p.add_argument("--quiet", action="store_true", help="no table on stdout")
-    return p
+    return cli.add_distributed_flags(p)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -167,7 +166,7 @@ def activations(run: Run, tokens: Sequence[int], positions: Sequence[int]) -> np
             out = transformer.forward(params, toks, run.model_cfg, capture_layer=K, logits=False)
             return out["hidden"][0].astype(jnp.float32)                      # [s, d]
 
-    h = np.asarray(block_k(run.target, np.asarray([tokens], np.int32)))
+    h = distributed.host_array(block_k(run.target, np.asarray([tokens], np.int32)))
     return h[np.asarray(positions)]
 
 
@@ -203,30 +202,19 @@ def explain_acts(run: Run, av: dict, ar: dict, acts: np.ndarray, samples: int, s
                  progress: bool = True) -> list[list[dict]]:
     """For each activation row, `samples` explanations with their AR scores.
 
-    Rows are repeated `samples` times and sampled in fixed-size batches (the last one padded, so
-    one shape is compiled); every sample of every row has its own random stream."""
+    Rows are repeated `samples` times and sampled in fixed-size global batches (the last one padded,
+    so one shape is compiled; the size rounded up to a multiple of the processes' batch shards), each
+    process feeding its slice (`measure.batched`); every sample of every row has its own random stream."""
     rows = np.repeat(acts.astype(np.float32), samples, axis=0)
-    n, d = rows.shape
-    batch = max(1, min(batch, n))
-    explain = jax.jit(functools.partial(steps.explain, ctx=run.ctx, sc=sc))
-    score = jax.jit(functools.partial(steps.ar_eval, ctx=run.ctx))
-    out = {"tokens": [], "expl_len": [], "ok": [], "mse": []}
-    bar = tqdm(total=n, desc="explain", unit="expl", disable=not progress, file=sys.stderr)
-    for i in range(0, n, batch):
-        chunk = rows[i:i + batch]
-        m = len(chunk)
-        if m < batch:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - m, axis=0)])
-        ex = explain(av, chunk, run.mean, jax.random.fold_in(jax.random.key(seed), i))
-        mse = score(ar, {"acts": chunk, "expl": ex["tokens"], "expl_len": ex["expl_len"]}, run.mean)
-        ex = jax.device_get(ex)
-        out["tokens"].append(np.asarray(ex["tokens"])[:m])
-        out["expl_len"].append(np.asarray(ex["expl_len"])[:m])
-        out["ok"].append(np.asarray(ex["ok"])[:m])
-        out["mse"].append(np.asarray(mse)[:m])
-        bar.update(m)
+    n = len(rows)
+    shards = jax.process_count() * run.batch_shards
+    batch = -(-max(1, min(batch, n)) // shards) * shards
+    bar = tqdm(total=2 * measure.n_batches(n, batch), desc="explain", unit="batch",
+               disable=not progress or jax.process_index() != 0, file=sys.stderr)
+    ex = measure.explain_rows(run, av, rows, batch, sc, seed, progress=bar.update)
+    mse = measure.score(run, ar, ex, rows, batch, progress=bar.update)
     bar.close()
-    got = {k: np.concatenate(v) for k, v in out.items()}
+    got = {"tokens": ex["tokens"], "expl_len": ex["expl_len"], "ok": ex["ok"], "mse": mse}
     texts = av_lib.decode(run.tokenizer, got["tokens"], got["expl_len"])
     var = run.stats.var(run.ctx.center)
     res = []
@@ -432,11 +420,14 @@ def main(argv=None) -> int:
     for out in (args.html, args.json):
         if out and not os.path.isdir(os.path.dirname(os.path.abspath(out))):
             raise UserError(f"output {out!r}: directory {os.path.dirname(os.path.abspath(out))} does not exist")
+    cli.start_distributed(args)
     cli.enable_compilation_cache()
     cli.quiet_orbax_readonly()
     pair = workdir_lib.load_pair_here(args.checkpoint)
     result = explain_text(pair, text, args.positions, args.samples, args.temperature, args.top_p, args.top_k, args.seed,
                  args.batch)
+    if jax.process_index() != 0:
+        return 0  # every process computed the same result; process 0 prints and writes it
     if not args.quiet:
         print_table(result)
     if args.json:

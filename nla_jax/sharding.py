@@ -72,7 +72,14 @@ def make_mesh(shape: Sequence[int], axes: Sequence[str] = MESH_AXES,
 
 
 def mesh_from_config(mesh_section) -> Mesh:
-    return make_mesh(tuple(mesh_section.shape), tuple(mesh_section.axes))
+    """The config's mesh over every device of the run (all processes); a shape that does not fit
+    is one line naming the key and the allocation (processes x local devices)."""
+    try:
+        return make_mesh(tuple(mesh_section.shape), tuple(mesh_section.axes))
+    except UserError as e:
+        n, p = jax.device_count(), jax.process_count()
+        raise UserError(f"config key mesh.shape={tuple(mesh_section.shape)}: {e} "
+                        f"[this run: {p} process(es) x {jax.local_device_count()} local device(s) = {n}]") from None
 
 
 def rules_dict(rules: Sequence[tuple[str, Any]]) -> dict[str, Any]:

@@ -15,6 +15,9 @@ Output: STORE/summaries.jsonl, one {"row", "doc_id", "position", "text"} per lin
 a rerun skips rows already written and drops a half-written last line. `--import` validates
 summaries produced elsewhere ({"row": int, "text": str} per line) against the store and
 appends them the same way.
+
+Several processes (--coordinator/--num-processes/--process-id, or --distributed-auto) share the
+batches; process 0 writes the file, which ends up as one process would have written it.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from nla_jax import cli, fileio, sampling, weights
+from nla_jax import cli, distributed, fileio, sampling, weights
 from nla_jax.cli import cli_main
 from nla_jax.data import store as store_lib
 from nla_jax.data import summaries as summaries_lib
@@ -40,14 +43,7 @@ def build_parser():
     p = cli.parser(__doc__)
     p.add_argument("--import", dest="import_path", default=None, help="JSONL of {row, text} to validate and store")
     p.add_argument("--limit", type=int, default=None, help="summarise at most this many new rows (tests)")
-    return p
-
-
-def read_done(path: str) -> dict[int, dict]:
-    """Rows already summarised, {row: record}. A last line without its newline is a write a
-    crash cut short: it is cut off the file first, so the next append starts on a line of its own."""
-    fileio.drop_torn_tail(path)
-    return summaries_lib.read_records(path)
+    return cli.add_distributed_flags(p)
 
 
 def teacher_prompt(template: str, context: str, last: str) -> str:
@@ -60,18 +56,28 @@ def target_rows(store, splits) -> np.ndarray:
 
 @cli_main
 def main(argv=None) -> int:
+    """Several processes (--coordinator.. / --distributed-auto) share the batches round-robin; each
+    samples its own on its local devices and process 0, the only writer, appends every batch in
+    order, so the file is the one a single process writes (a row's text depends on the seed and its
+    batch's first row only)."""
     args, cfg = cli.parse(build_parser(), argv)
+    cli.start_distributed(args)
+    lead = jax.process_index() == 0
     sc = cfg.summarize
     store = store_lib.open_store(cfg.data.store)
     out = summaries_lib.path_in(cfg.data.store)
     rows = target_rows(store, sc.splits)
-    done = read_done(out)
+    if lead:
+        fileio.drop_torn_tail(out)  # a crash's half-written last line goes before anyone reads the file
+    distributed.barrier("summarize-read")
+    done = summaries_lib.read_records(out)
     if args.import_path:
-        return import_file(args.import_path, store, set(rows.tolist()), done, out)
+        return import_file(args.import_path, store, set(rows.tolist()), done, out) if lead else 0
     todo = [int(r) for r in rows if int(r) not in done]
     if args.limit is not None:
         todo = todo[:args.limit]
-    print(f"{len(rows)} rows in {list(sc.splits)}; {len(done)} done; {len(todo)} to summarise", file=sys.stderr)
+    if lead:
+        print(f"{len(rows)} rows in {list(sc.splits)}; {len(done)} done; {len(todo)} to summarise", file=sys.stderr)
     if not todo:
         return 0
     cli.enable_compilation_cache()
@@ -82,37 +88,57 @@ def main(argv=None) -> int:
     if tok is None:
         raise UserError(f"teacher {sc.teacher!r} has no tokenizer")
     if sc.teacher == "quote":
-        return quote_rows(store, tok, todo, sc, out)
+        return quote_rows(store, tok, todo, sc, out) if lead else 0
     params = sampling.split_layers(params)
     scfg = sampling.SampleConfig(max_new_tokens=sc.max_new_tokens, temperature=sc.temperature, top_p=sc.top_p)
-    bar = tqdm(total=len(todo), desc="summarize", unit="row")
+    chunks = [todo[i:i + sc.batch] for i in range(0, len(todo), sc.batch)]
+    nproc, me = jax.process_count(), jax.process_index()
+    bar = tqdm(total=len(todo), desc="summarize", unit="row", disable=not lead)
     t0 = time.perf_counter()
-    for i in range(0, len(todo), sc.batch):
-        chunk = todo[i:i + sc.batch]
-        got = store.read(None, np.asarray(chunk), fields=("doc_id", "position", "tokens"))
-        prompts, lasts = [], []
-        for j in range(len(chunk)):
-            p = int(got["position"][j])
-            ctx = got["tokens"][j][:p + 1]
-            context = tok.decode(ctx[-sc.context_tokens:].tolist())
-            last = tok.decode(ctx[-max(sc.append_final_tokens, 1):].tolist())
-            lasts.append(last)
-            prompts.append(tok.encode_chat(teacher_prompt(sc.prompt, context, last.strip())))
+    for first in range(0, len(chunks), nproc):
+        # a process without a batch this round repeats one (its result is dropped): every process
+        # has to join the gather
+        chunk = chunks[min(first + me, len(chunks) - 1)]
+        got, prompts, lasts = teacher_inputs(store, tok, chunk, sc)
         toks, valid = sampling.pad_prompts(prompts + [prompts[0]] * (sc.batch - len(prompts)), mcfg.pad_id)
         key = jax.random.fold_in(jax.random.key(sc.seed), chunk[0])  # a row's text: f(seed, first row of batch)
         res = jax.device_get(sampling.sample(params, jnp.asarray(toks), jnp.asarray(valid), key, cfg=mcfg, sc=scfg))
-        recs = []
-        for j, r in enumerate(chunk):
-            text = tok.decode(res.tokens[j][:res.lengths[j]].tolist()).strip()
-            if sc.append_final_tokens > 0:
-                text = f"{text} The text ends with: \u00ab{lasts[j].strip()}\u00bb".strip()
-            recs.append({"row": r, "doc_id": int(got["doc_id"][j]), "position": int(got["position"][j]),
-                         "text": text})
-        fileio.append_jsonl(out, recs)
-        bar.update(len(chunk))
-        bar.set_postfix(rows_s=f"{(i + len(chunk)) / (time.perf_counter() - t0):.2f}")
+        tokens, lengths = distributed.allgather(res.tokens), distributed.allgather(res.lengths)  # [nproc, B, ...]
+        for p in range(min(nproc, len(chunks) - first)):
+            chunk = chunks[first + p]
+            if lead:
+                got, _, lasts = teacher_inputs(store, tok, chunk, sc) if p else (got, prompts, lasts)
+                fileio.append_jsonl(out, summary_records(tok, chunk, got, lasts, tokens[p], lengths[p], sc))
+            bar.update(len(chunk))
+        bar.set_postfix(rows_s=f"{bar.n / (time.perf_counter() - t0):.2f}")
     bar.close()
     return 0
+
+
+def teacher_inputs(store, tok, chunk: list[int], sc) -> tuple[dict, list[list[int]], list[str]]:
+    """(store fields, teacher prompt ids, decoded final tokens) of a batch of rows."""
+    got = store.read(None, np.asarray(chunk), fields=("doc_id", "position", "tokens"))
+    prompts, lasts = [], []
+    for j in range(len(chunk)):
+        p = int(got["position"][j])
+        ctx = got["tokens"][j][:p + 1]
+        context = tok.decode(ctx[-sc.context_tokens:].tolist())
+        last = tok.decode(ctx[-max(sc.append_final_tokens, 1):].tolist())
+        lasts.append(last)
+        prompts.append(tok.encode_chat(teacher_prompt(sc.prompt, context, last.strip())))
+    return got, prompts, lasts
+
+
+def summary_records(tok, chunk: list[int], got: dict, lasts: list[str], tokens: np.ndarray, lengths: np.ndarray,
+                    sc) -> list[dict]:
+    """The summaries.jsonl records of a batch from its sampled tokens [B, N] and lengths [B]."""
+    recs = []
+    for j, r in enumerate(chunk):
+        text = tok.decode(tokens[j][:lengths[j]].tolist()).strip()
+        if sc.append_final_tokens > 0:
+            text = f"{text} The text ends with: \u00ab{lasts[j].strip()}\u00bb".strip()
+        recs.append({"row": r, "doc_id": int(got["doc_id"][j]), "position": int(got["position"][j]), "text": text})
+    return recs
 
 
 def quote_rows(store, tok, todo: list[int], sc, out: str) -> int:
