@@ -1,11 +1,13 @@
 """Llama-3.3-70B-Instruct at block K=53 (of 80), on 128 x H100 80GB (16 nodes of 8): fsdp=16 x tensor=8.
 
 Point model.source at the model's Hugging Face directory (config.json, tokenizer.json, *.safetensors)
-and launch one process per GPU (see launch/slurm_gpu.sbatch), or one per host on a TPU pod:
+and launch one process per node (all its GPUs; see launch/slurm_gpu.sbatch), or one per host on a
+TPU pod slice of 64 chips, a v5p-128 (16 hosts of 4 chips; see launch/tpu_vm.sh):
 
     sbatch --nodes=16 launch/slurm_gpu.sbatch configs/llama3_3_70b.py \\
         --config.model.source=/data/Llama-3.3-70B-Instruct --config.train.workdir=/shared/runs/llama70b
-    TPU=my-v5p-128 ZONE=... bash launch/tpu_vm.sh configs/llama3_3_70b.py:v5p64 --config.model.source=...
+    TPU=my-v5p-128 ZONE=... bash launch/tpu_vm.sh run configs/llama3_3_70b.py:v5p64 \\
+        --config.model.source=/mnt/shared/Llama-3.3-70B-Instruct --config.train.workdir=/mnt/shared/runs/llama70b
 
 Check that every step compiles and fits before renting the machines (no accelerator, no weights):
 

@@ -4,6 +4,7 @@ Point model.source at the model's Hugging Face directory and launch as for the 7
 
     python -m nla_jax.train --config configs/qwen2_5_0_5b.py --config.model.source=/data/Qwen2.5-0.5B-Instruct
     sbatch --nodes=1 launch/slurm_gpu.sbatch configs/qwen2_5_0_5b.py --config.model.source=/data/Qwen2.5-0.5B-Instruct
+    # one GPU: sbatch --gpus-per-node=1 launch/slurm_gpu.sbatch ... --config.mesh.shape="(-1,1,1)"
 
 Ahead-of-time check on 8 fake devices (tests/test_aot.py runs it in CI):
 

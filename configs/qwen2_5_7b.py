@@ -1,11 +1,12 @@
 """Qwen2.5-7B-Instruct at block K=20 (of 28), on one node of 8 x H100 80GB: the public release's setting.
 
 Point model.source at the model's Hugging Face directory (config.json, tokenizer.json, *.safetensors)
-and launch one process per GPU (see launch/slurm_gpu.sbatch):
+and launch one process per node, using all its GPUs (see launch/slurm_gpu.sbatch; mesh 8 = 1 node of 8):
 
     sbatch --nodes=1 launch/slurm_gpu.sbatch configs/qwen2_5_7b.py \\
         --config.model.source=/data/Qwen2.5-7B-Instruct --config.train.workdir=/shared/runs/qwen7b
     # the pipeline before training, same flags: python -m nla_jax.extract ... ; python -m nla_jax.summarize ...
+    # TPU: a v5p-16 slice (8 chips of 95 GB, 2 hosts): TPU=... ZONE=... bash launch/tpu_vm.sh run configs/qwen2_5_7b.py ...
 
 Check that every step compiles and fits the GPUs' memory before renting them (no GPU, no weights):
 

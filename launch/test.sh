@@ -5,11 +5,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p build && bash launch/setup.sh
-# Headless Chromium for the viewer/report browser tests (Playwright drives this system browser; it
-# never downloads one). Needs root and apt; without them those tests skip and say why.
-if ! command -v chromium >/dev/null && [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
-  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } \
-    >/dev/null 2>&1 || echo "warning: could not install chromium (browser tests will skip)" >&2
+# System programs some tests drive for real: headless Chromium for the viewer/report browser tests
+# (Playwright drives this system browser; it never downloads one) and SLURM + munge for a one-machine
+# cluster (tests/test_slurm.py). Needs root and apt; without them those tests skip and say why.
+want=()
+command -v chromium >/dev/null || want+=(chromium)
+if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v sbatch >/dev/null; then
+  want+=(slurm-wlm)
+fi
+command -v munged >/dev/null || want+=(munge)
+if [[ ${#want[@]} -gt 0 && $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${want[@]}"; } \
+    >/dev/null 2>&1 || echo "warning: could not install ${want[*]} (the tests that need them will skip)" >&2
 fi
 if [[ -z ${NLA_SKIP_PEERS:-} && -z ${NLA_PEERS_PYTHON:-} && -f ../shared/peers/setup.sh ]]; then
   if peers_py=$(bash ../shared/peers/setup.sh "$PWD/build/peers-venv" 2>build/peers-setup.log | tail -n 1); then

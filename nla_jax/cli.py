@@ -1,4 +1,5 @@
-"""Shared command-line plumbing: the `cli_main` wrapper (one-line errors), --config parsing, compilation cache."""
+"""Shared command-line plumbing: the `cli_main` wrapper (one-line errors), --config parsing, the
+distributed flags every program that runs a model takes, compilation cache."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +12,7 @@ from typing import Callable, Sequence
 
 import jax
 
-from nla_jax import configlib, hostmem
+from nla_jax import configlib, distributed, hostmem
 from nla_jax.errors import UserError, disk_full, disk_full_error
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,6 +36,27 @@ def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None = None):
     if cfg is None and overrides:
         raise UserError("--config.* overrides need --config")
     return args, cfg
+
+
+def add_distributed_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The multi-process flags of every program that runs a model (one process per host / GPU node):
+    explicit (--coordinator/--num-processes/--process-id) or discovered (--distributed-auto)."""
+    g = p.add_argument_group("several processes (one per host; see WORKSPACE.md, \"Running on a cluster\")")
+    g.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="address of process 0")
+    g.add_argument("--num-processes", type=int, default=1, metavar="N", help="processes in the run (default 1)")
+    g.add_argument("--process-id", type=int, default=0, metavar="I", help="this process, 0..N-1")
+    g.add_argument("--distributed-auto", action="store_true",
+                   help="discover the processes from the environment (SLURM, TPU VM pods): "
+                        "launch/slurm_gpu.sbatch, launch/tpu_vm.sh")
+    return p
+
+
+def start_distributed(args: argparse.Namespace) -> None:
+    """jax.distributed from the flags `add_distributed_flags` added (nothing for one process).
+    Call it before anything touches a JAX backend."""
+    if args.distributed_auto and (args.coordinator is not None or args.num_processes != 1 or args.process_id != 0):
+        raise UserError("--distributed-auto discovers the processes: drop --coordinator/--num-processes/--process-id")
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed_auto)
 
 
 def quiet_orbax_readonly() -> None:

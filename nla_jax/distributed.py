@@ -12,6 +12,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from nla_jax import backend
 from nla_jax.errors import UserError
 
 INIT_TIMEOUT_S = int(os.environ.get("NLA_DIST_INIT_TIMEOUT", "120"))
@@ -21,10 +22,15 @@ def initialize(coordinator: str | None, num_processes: int, process_id: int, aut
     """Start jax.distributed when more than one process is asked for (explicit timeout).
 
     auto=True: let JAX read the cluster from its environment (TPU VM metadata, SLURM), still
-    with the explicit timeout.
+    with the explicit timeout. Under SLURM, JAX takes the process count and id from SLURM_NTASKS /
+    SLURM_PROCID and the coordinator from the first node of SLURM_STEP_NODELIST, at port
+    JAX_COORDINATOR_PORT (else 61440 + SLURM_JOB_ID % 4096; launch/slurm_gpu.sbatch picks a free one).
+    On the CPU backend the processes exchange data through gloo in both modes.
     """
     if auto:
-        jax.distributed.initialize(initialization_timeout=INIT_TIMEOUT_S)
+        if backend.is_cpu(jax.config.jax_platforms):
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(initialization_timeout=INIT_TIMEOUT_S, local_device_ids=slurm_local_device_ids())
         return
     if num_processes <= 1:
         return
@@ -38,10 +44,35 @@ def initialize(coordinator: str | None, num_processes: int, process_id: int, aut
                                process_id=process_id, initialization_timeout=INIT_TIMEOUT_S)
 
 
+def slurm_local_device_ids(env=None) -> list[int] | None:
+    """[] (no restriction: the process uses every device of its node) when the SLURM job step runs
+    one task on each of its nodes, else None (JAX's default).
+
+    JAX's SLURM detection otherwise restricts each process to the GPU numbered SLURM_LOCALID (one
+    process per GPU), which with one process per node would leave it a single GPU of the node's
+    eight. JAX_LOCAL_DEVICE_IDS, when set, still wins (JAX reads it when this returns None).
+    SLURM_STEP_TASKS_PER_NODE looks like "1(x2)" or "2,1": tasks per node, run-length coded.
+    """
+    env = os.environ if env is None else env
+    spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+    if env.get("JAX_LOCAL_DEVICE_IDS") or not spec or "SLURM_JOB_ID" not in env:
+        return None
+    counts = [part.split("(")[0] for part in spec.split(",")]
+    return [] if counts and all(c == "1" for c in counts) else None
+
+
 def _allgather_ints(x: int) -> np.ndarray:
     if jax.process_count() == 1:
         return np.asarray([x])
     return np.asarray(multihost_utils.process_allgather(np.asarray([x], np.int64))).reshape(-1)
+
+
+def allgather(x) -> np.ndarray:
+    """Every process's host array x (same shape and dtype on each) stacked: [process_count, *x.shape]."""
+    x = np.asarray(x)
+    if jax.process_count() == 1:
+        return x[None]
+    return np.asarray(multihost_utils.process_allgather(x))
 
 
 def max_over_processes(x: int) -> int:

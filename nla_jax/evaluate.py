@@ -63,7 +63,7 @@ def build_parser():
                    help="WORKDIR, WORKDIR/rl, WORKDIR/rl@STEP or WORKDIR/sft_av (repeatable: one column each)")
     p.add_argument("--out", default=None, metavar="OUTDIR",
                    help="where evaluate.json and report.html go (default: FIRST_WORKDIR/evaluate)")
-    return p
+    return cli.add_distributed_flags(p)
 
 
 # ============================================================================= checks (cheap, before any model)
@@ -395,6 +395,9 @@ def main(argv=None) -> int:
     summ_path = E.summaries or summaries_lib.path_in(cfg.data.store)
     D["summaries"] = {r: t for r, t in summaries_lib.read_texts(summ_path).items() if r in set(D["rows"])}
 
+    cli.start_distributed(args)
+    if int(E.batch) % (jax.process_count()):
+        raise UserError(f"config key eval.batch={E.batch} must be a multiple of the process count {jax.process_count()}")
     cli.enable_compilation_cache()
     t0 = time.time()
     labels = unique_labels(plans)

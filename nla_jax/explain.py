@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from nla_jax import cli, fileio, sampling, sharding
+from nla_jax import cli, distributed, fileio, sampling, sharding
 from nla_jax.cli import cli_main
 from nla_jax.data.corpus import Document
 from nla_jax.errors import UserError
@@ -48,7 +48,6 @@ from nla_jax.models import transformer
 from nla_jax.nla import av as av_lib
 from nla_jax.nla import measure
 from nla_jax.nla import stats as stats_lib
-from nla_jax.nla import steps
 from nla_jax.nla import workdir as workdir_lib
 from nla_jax.nla.run import Run
 
@@ -75,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--html", metavar="OUT.html", help="write the self-contained viewer here")
     p.add_argument("--json", metavar="OUT.json", help="write the results as JSON here")
     p.add_argument("--quiet", action="store_true", help="no table on stdout")
-    return p
+    return cli.add_distributed_flags(p)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -168,7 +167,7 @@ def activations(run: Run, tokens: Sequence[int], positions: Sequence[int]) -> np
                                       logits=False)
             return out["hidden"][0].astype(jnp.float32)                      # [s, d]
 
-    h = np.asarray(block_k(run.target, np.asarray([tokens], np.int32)))
+    h = distributed.host_array(block_k(run.target, np.asarray([tokens], np.int32)))
     return h[np.asarray(positions)]
 
 
@@ -205,15 +204,15 @@ def explain_acts(run: Run, av: dict, ar: dict, acts: np.ndarray, samples: int, s
     """For each activation row, `samples` explanations with their AR scores.
 
     The evaluation core (nla/measure.py) does the work: rows are repeated `samples` times and
-    sampled in fixed-size batches (the last one padded, so one shape is compiled); the batch at
-    row offset i samples with fold_in(key(seed), i), so every sample of every row has its own
-    random stream."""
+    sampled in fixed-size global batches (the last one padded, so one shape is compiled), each
+    process feeding the batch shards its devices hold; the batch at row offset i samples with
+    fold_in(key(seed), i), so every sample of every row has its own random stream."""
     rows = np.repeat(acts.astype(np.float32), samples, axis=0)            # [p * samples, d]
     n = len(rows)
     shards = run.batch_shards
     batch = -(-max(1, min(batch, n)) // shards) * shards                   # whole rows per data shard
-    with tqdm(total=2 * measure.n_batches(n, batch), desc="explain", unit="batch", disable=not progress,
-              file=sys.stderr) as bar:
+    with tqdm(total=2 * measure.n_batches(n, batch), desc="explain", unit="batch",
+              disable=not progress or jax.process_index() != 0, file=sys.stderr) as bar:
         got = measure.explain_rows(run, av, rows, batch, sc, seed, bar.update)
         mse = measure.score(run, ar, got, rows, batch, bar.update)         # [p * samples] mse_nrm
     texts = av_lib.decode(run.tokenizer, got["tokens"], got["expl_len"])
@@ -422,11 +421,14 @@ def main(argv=None) -> int:
     for out in (args.html, args.json):
         if out and not os.path.isdir(os.path.dirname(os.path.abspath(out))):
             raise UserError(f"output {out!r}: directory {os.path.dirname(os.path.abspath(out))} does not exist")
+    cli.start_distributed(args)
     cli.enable_compilation_cache()
     cli.quiet_orbax_readonly()
     pair = workdir_lib.load_pair_here(args.checkpoint)
     result = explain_text(pair, text, args.positions, args.samples, args.temperature, args.top_p, args.top_k, args.seed,
                  args.batch)
+    if jax.process_index() != 0:
+        return 0  # every process computed the same result; process 0 prints and writes it
     if not args.quiet:
         print_table(result)
     if args.json:

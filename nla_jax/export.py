@@ -69,6 +69,7 @@ FORMAT_AV = "nla_jax.av/1"
 FORMAT_AR = "nla_jax.ar/1"
 HEAD_NORM_EPS = 1e-6        # nla_jax.nla.ar.features: h * rsqrt(mean(h^2) + 1e-6)
 SHARD_BYTES = 4 << 30       # safetensors shard size above which the weights are split (index.json)
+ONE_PROCESS = "export runs in one process (it gathers every parameter onto the host)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a trained pair: WORKDIR (final), WORKDIR/rl, WORKDIR/rl@STEP or WORKDIR/sft_av")
     p.add_argument("--out", required=True, metavar="OUTDIR", help="the export directory (created)")
     p.add_argument("--force", action="store_true", help="replace a non-empty OUTDIR")
-    return p
+    return cli.add_distributed_flags(p)  # shared with the other programs; export itself refuses several
 
 
 # ----------------------------------------------------------------------------- model directories
@@ -303,7 +304,7 @@ pred = h @ head["w"] + head["b"]
 def export_pair(pair, out: str, force: bool = False) -> str:
     """Write the export of a loaded pair (nla_jax.nla.workdir.load_pair) to `out`, atomically."""
     if jax.process_count() > 1:
-        raise UserError("export runs in one process (it gathers every parameter onto the host)")
+        raise UserError(ONE_PROCESS)
     out = os.path.abspath(out)
     _check_out(out, force)
     parent = os.path.dirname(out)
@@ -430,6 +431,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     out = os.path.abspath(args.out)
     _check_out(out, args.force)  # before the slow load
+    if args.num_processes > 1:
+        raise UserError(ONE_PROCESS)  # before connecting to anyone
+    cli.start_distributed(args)
+    if jax.process_count() > 1:
+        raise UserError(ONE_PROCESS)
     cli.enable_compilation_cache()
     cli.quiet_orbax_readonly()
     pair = workdir_lib.load_pair_here(args.checkpoint, with_target=False)

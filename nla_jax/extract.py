@@ -8,7 +8,7 @@ Each process extracts a strided slice of the (sorted) documents into its own sto
 is written before the row count (a crash leaves garbage past the ledger, never a corrupt row),
 and a rerun continues from each part's stored cursor. Process 0 joins the parts into
 manifest.json when all are done. Several processes: pass --coordinator/--num-processes/
---process-id (or launch/local_multiprocess.sh).
+--process-id (or launch/local_multiprocess.sh), or --distributed-auto under SLURM / on a TPU pod.
 """
 from __future__ import annotations
 
@@ -38,14 +38,11 @@ CODE_VERSION = "extract-v1"
 def build_parser():
     p = cli.parser(__doc__)
     p.add_argument("--verify", action="store_true", help="check the store against its manifest and exit")
-    p.add_argument("--coordinator", default=None, help="host:port of process 0 (multi-process runs)")
-    p.add_argument("--num-processes", type=int, default=1)
-    p.add_argument("--process-id", type=int, default=0)
     p.add_argument("--max-batches", type=int, default=None,
                    help="stop after this many batches (for tests and benchmarks; rerun to continue)")
     p.add_argument("--timing-out", default=None,
                    help="write JSON timing of the loop after the first (compiling) batch: seconds, rows, tokens")
-    return p
+    return cli.add_distributed_flags(p)
 
 
 def data_meta(cfg, mcfg, checksum: str) -> dict:
@@ -81,7 +78,7 @@ def main(argv=None) -> int:
 
 def extract(cfg, args) -> int:
     """Extract this process's share of the corpus into its part; process 0 finalizes the store."""
-    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    cli.start_distributed(args)
     cli.enable_compilation_cache()
     d = cfg.data
     positions.check_fractions([(n, f) for n, f in d.splits])

@@ -91,11 +91,17 @@ def check_platform(mesh_section, backend: str | None = None) -> None:
 
 
 def mesh_from_config(mesh_section, check: bool = True) -> Mesh:
-    """The config's mesh over this job's devices; `check=False` skips the platform check (aot
-    compiles for the target on fake CPU devices)."""
+    """The config's mesh over every device of the run (all processes); a shape that does not fit
+    is one line naming the key and the allocation (processes x local devices). `check=False` skips
+    the platform check (aot compiles for the target on fake CPU devices)."""
     if check:
         check_platform(mesh_section)
-    return make_mesh(tuple(mesh_section.shape), tuple(mesh_section.axes))
+    try:
+        return make_mesh(tuple(mesh_section.shape), tuple(mesh_section.axes))
+    except UserError as e:
+        n, p = jax.device_count(), jax.process_count()
+        raise UserError(f"config key mesh.shape={tuple(mesh_section.shape)}: {e} "
+                        f"[this run: {p} process(es) x {jax.local_device_count()} local device(s) = {n}]") from None
 
 
 def rules_dict(rules: Sequence[tuple[str, Any]]) -> dict[str, Any]:

@@ -15,6 +15,10 @@ Output: STORE/summaries.jsonl, one {"row", "doc_id", "position", "text"} per lin
 a rerun skips rows already written and drops a half-written last line. `--import` validates
 summaries produced elsewhere ({"row": int, "text": str} per line) against the store and
 appends them the same way.
+
+Several processes (--coordinator/--num-processes/--process-id, or --distributed-auto) run the teacher
+together on the config's mesh; process 0 writes the file, which ends up as one process would have
+written it.
 """
 from __future__ import annotations
 
@@ -40,14 +44,7 @@ def build_parser():
     p = cli.parser(__doc__)
     p.add_argument("--import", dest="import_path", default=None, help="JSONL of {row, text} to validate and store")
     p.add_argument("--limit", type=int, default=None, help="summarise at most this many new rows (tests)")
-    return p
-
-
-def read_done(path: str) -> dict[int, dict]:
-    """Rows already summarised, {row: record}. A last line without its newline is a write a
-    crash cut short: it is cut off the file first, so the next append starts on a line of its own."""
-    fileio.drop_torn_tail(path)
-    return summaries_lib.read_records(path)
+    return cli.add_distributed_flags(p)
 
 
 def teacher_prompt(template: str, context: str, last: str) -> str:
@@ -60,18 +57,28 @@ def target_rows(store, splits) -> np.ndarray:
 
 @cli_main
 def main(argv=None) -> int:
+    """Several processes (--coordinator.. / --distributed-auto) run the teacher together on the
+    config's mesh, each feeding the batch shards its devices hold; process 0, the only writer,
+    appends every batch in order, so the file is the one a single process writes (a row's text
+    depends on the seed and its batch's first row only)."""
     args, cfg = cli.parse(build_parser(), argv)
+    cli.start_distributed(args)
+    lead = jax.process_index() == 0
     sc = cfg.summarize
     store = store_lib.open_store(cfg.data.store)
     out = summaries_lib.path_in(cfg.data.store)
     rows = target_rows(store, sc.splits)
-    done = read_done(out)
+    if lead:
+        fileio.drop_torn_tail(out)  # a crash's half-written last line goes before anyone reads the file
+    distributed.barrier("summarize-read")
+    done = summaries_lib.read_records(out)
     if args.import_path:
-        return import_file(args.import_path, store, set(rows.tolist()), done, out)
+        return import_file(args.import_path, store, set(rows.tolist()), done, out) if lead else 0
     todo = [int(r) for r in rows if int(r) not in done]
     if args.limit is not None:
         todo = todo[:args.limit]
-    print(f"{len(rows)} rows in {list(sc.splits)}; {len(done)} done; {len(todo)} to summarise", file=sys.stderr)
+    if lead:
+        print(f"{len(rows)} rows in {list(sc.splits)}; {len(done)} done; {len(todo)} to summarise", file=sys.stderr)
     if not todo:
         return 0
     cli.enable_compilation_cache()
@@ -82,7 +89,7 @@ def main(argv=None) -> int:
         _, tok = weights.config_and_tokenizer(teacher_model)
         if tok is None:
             raise UserError(f"teacher {sc.teacher!r} has no tokenizer")
-        return quote_rows(store, tok, todo, sc, out)
+        return quote_rows(store, tok, todo, sc, out) if lead else 0
     # The teacher runs sharded on the config's mesh (a 70B teacher does not fit one device): its
     # weights are read shard by shard, each batch is fed by data shard (sharding.BatchLayout) and
     # the texts are gathered back; process 0 writes them.
@@ -97,37 +104,49 @@ def main(argv=None) -> int:
     with sharding.use_mesh(mesh, cfg.rules):
         params = sample.split(params)
     mine = layout.local_positions(batch)
-    bar = tqdm(total=len(todo), desc="summarize", unit="row", disable=jax.process_index() != 0)
+    bar = tqdm(total=len(todo), desc="summarize", unit="row", disable=not lead)
     t0 = time.perf_counter()
     for i in range(0, len(todo), sc.batch):
         chunk = todo[i:i + sc.batch]
-        got = store.read(None, np.asarray(chunk), fields=("doc_id", "position", "tokens"))
-        prompts, lasts = [], []
-        for j in range(len(chunk)):
-            p = int(got["position"][j])
-            ctx = got["tokens"][j][:p + 1]
-            context = tok.decode(ctx[-sc.context_tokens:].tolist())
-            last = tok.decode(ctx[-max(sc.append_final_tokens, 1):].tolist())
-            lasts.append(last)
-            prompts.append(tok.encode_chat(teacher_prompt(sc.prompt, context, last.strip())))
+        got, prompts, lasts = teacher_inputs(store, tok, chunk, sc)
         toks, valid = sampling.pad_prompts(prompts + [prompts[0]] * (batch - len(prompts)), mcfg.pad_id)  # [batch, T]
         key = jax.random.fold_in(jax.random.key(sc.seed), chunk[0])  # a row's text: f(seed, first row of batch)
         g = data_loader.to_global({"toks": toks[mine], "valid": valid[mine]}, mesh, cfg.rules, batch)
         res = sample(params, g["toks"], g["valid"], key)
         tokens, lengths = distributed.host_array(res.tokens), distributed.host_array(res.lengths)
-        recs = []
-        for j, r in enumerate(chunk):
-            text = tok.decode(tokens[j][:lengths[j]].tolist()).strip()
-            if sc.append_final_tokens > 0:
-                text = f"{text} The text ends with: \u00ab{lasts[j].strip()}\u00bb".strip()
-            recs.append({"row": r, "doc_id": int(got["doc_id"][j]), "position": int(got["position"][j]),
-                         "text": text})
-        if jax.process_index() == 0:
+        recs = summary_records(tok, chunk, got, lasts, tokens, lengths, sc)
+        if lead:
             fileio.append_jsonl(out, recs)
         bar.update(len(chunk))
         bar.set_postfix(rows_s=f"{(i + len(chunk)) / (time.perf_counter() - t0):.2f}")
     bar.close()
     return 0
+
+
+def teacher_inputs(store, tok, chunk: list[int], sc) -> tuple[dict, list[list[int]], list[str]]:
+    """(store fields, teacher prompt ids, decoded final tokens) of a batch of rows."""
+    got = store.read(None, np.asarray(chunk), fields=("doc_id", "position", "tokens"))
+    prompts, lasts = [], []
+    for j in range(len(chunk)):
+        p = int(got["position"][j])
+        ctx = got["tokens"][j][:p + 1]
+        context = tok.decode(ctx[-sc.context_tokens:].tolist())
+        last = tok.decode(ctx[-max(sc.append_final_tokens, 1):].tolist())
+        lasts.append(last)
+        prompts.append(tok.encode_chat(teacher_prompt(sc.prompt, context, last.strip())))
+    return got, prompts, lasts
+
+
+def summary_records(tok, chunk: list[int], got: dict, lasts: list[str], tokens: np.ndarray, lengths: np.ndarray,
+                    sc) -> list[dict]:
+    """The summaries.jsonl records of a batch from its sampled tokens [B, N] and lengths [B]."""
+    recs = []
+    for j, r in enumerate(chunk):
+        text = tok.decode(tokens[j][:lengths[j]].tolist()).strip()
+        if sc.append_final_tokens > 0:
+            text = f"{text} The text ends with: \u00ab{lasts[j].strip()}\u00bb".strip()
+        recs.append({"row": r, "doc_id": int(got["doc_id"][j]), "position": int(got["position"][j]), "text": text})
+    return recs
 
 
 def quote_rows(store, tok, todo: list[int], sc, out: str) -> int:

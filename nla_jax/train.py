@@ -2,7 +2,8 @@
 
     python -m nla_jax.train --config configs/smollm2_135m.py:quick
     python -m nla_jax.train --config configs/tiny.py --config.train.workdir=/tmp/w --stages sft_av,sft_ar,rl
-    # several processes (one per host / GPU): add --coordinator HOST:PORT --num-processes N --process-id I
+    # several processes (one per host): add --coordinator HOST:PORT --num-processes N --process-id I,
+    # or --distributed-auto under SLURM / on a TPU pod (launch/slurm_gpu.sbatch, launch/tpu_vm.sh)
 
 Stages run in order; each keeps its own orbax checkpoints under WORKDIR/<stage>/ and resumes from
 its latest good one, so rerunning the same command after a crash continues where it stopped.
@@ -50,12 +51,7 @@ def build_parser():
     p = cli.parser(__doc__)
     p.add_argument("--stages", default=None, help="comma-separated subset of sft_av,sft_ar,rl,eval "
                    "(default: config train.stages)")
-    p.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (multi-process runs)")
-    p.add_argument("--num-processes", type=int, default=1)
-    p.add_argument("--process-id", type=int, default=0)
-    p.add_argument("--distributed-auto", action="store_true",
-                   help="discover processes from the environment (TPU VM pods); see launch/tpu_vm.sh")
-    return p
+    return cli.add_distributed_flags(p)
 
 
 def check_stages(cfg, stages: tuple[str, ...]) -> None:
@@ -333,7 +329,7 @@ def main(argv=None) -> int:
         raise UserError(f"--stages: unknown stage {bad[0]!r} (expected some of {', '.join(STAGES)})")
     run_lib.check_store(cfg)
     check_stages(cfg, stages)
-    distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.distributed_auto)
+    cli.start_distributed(args)
     cli.enable_compilation_cache()
     check_run(cfg, stages)
     os.makedirs(cfg.train.workdir, exist_ok=True)

@@ -1,7 +1,10 @@
-"""Host malloc set-up (nla_jax/hostmem.py): freed big buffers are reused, not re-faulted.
+"""Host malloc set-up (nla_jax/hostmem.py): freed big buffers are reused, not re-faulted, when the
+backend is the CPU; on an accelerator (JAX_PLATFORMS, or an installed plugin) malloc is left alone.
 
 Each case runs in a fresh interpreter: mallopt has to precede the threads it should cover, and
-the pytest process itself must keep the system default.
+the pytest process itself must keep the system default. The plugin cases put a package of the
+plugin's name on the path whose import fails loudly: the decision has to come from the name alone,
+before jax (or the plugin) is imported.
 """
 import os
 import platform
@@ -19,6 +22,7 @@ import ctypes, resource, sys
 sys.path.insert(0, {repo!r})
 from nla_jax import hostmem
 applied = hostmem.tune_malloc({mode!r})
+assert "jax" not in sys.modules  # decided before JAX starts
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 libc.malloc.argtypes = [ctypes.c_size_t]
@@ -38,9 +42,10 @@ glibc_only = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ve
                                 reason="mallopt is glibc's")
 
 
-def _probe(mode: str) -> tuple[bool, int]:
+def _probe(mode: str | None, **env: str) -> tuple[bool, int]:
+    base = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "NLA_HOST_MALLOC", "PYTHONPATH")}
     out = subprocess.run([sys.executable, "-c", PROBE.format(repo=REPO, mode=mode)], check=True,
-                         capture_output=True, text=True, env={**os.environ, "NLA_HOST_MALLOC": ""}).stdout
+                         capture_output=True, text=True, env={**base, **env}).stdout
     applied, faults = out.split()
     return applied == "True", int(faults)
 
@@ -66,4 +71,40 @@ def test_bad_mode_is_one_line_error_from_a_cli():
     out = subprocess.run([sys.executable, "-m", "nla_jax.generate", "--help"], cwd=REPO, capture_output=True,
                          text=True, env={**os.environ, "NLA_HOST_MALLOC": "fast"})
     assert out.returncode == 2
-    assert out.stderr.strip().splitlines() == ["error: NLA_HOST_MALLOC='fast': expected 'reuse' or 'system'"]
+    assert out.stderr.strip().splitlines() == ["error: NLA_HOST_MALLOC='fast': expected one of 'auto', 'reuse', 'system'"]
+
+
+@glibc_only
+def test_default_reuses_on_the_cpu_backend():
+    applied, faults = _probe(None, JAX_PLATFORMS="cpu")
+    assert applied and faults < 1000, faults
+
+
+@glibc_only
+@pytest.mark.parametrize("platforms", ["cuda", "tpu", "gpu,cpu"])
+def test_default_leaves_malloc_alone_on_an_accelerator(platforms):
+    applied, faults = _probe(None, JAX_PLATFORMS=platforms)
+    assert not applied and faults > 100_000, faults
+    # an explicit "reuse" still applies it
+    assert _probe("reuse", JAX_PLATFORMS=platforms)[0]
+
+
+def _fake_plugin(tmp_path, name):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "__init__.py").write_text("raise RuntimeError('imported: the backend must be decided from the name only')\n")
+    return str(tmp_path)
+
+
+@glibc_only
+@pytest.mark.parametrize("plugin,backend", [("jax_cuda12_plugin", "gpu"), ("libtpu", "tpu")])
+def test_installed_plugin_means_accelerator_unless_jax_platforms_says_cpu(tmp_path, plugin, backend):
+    path = _fake_plugin(tmp_path, plugin)
+    applied, faults = _probe(None, PYTHONPATH=path)
+    assert not applied and faults > 100_000, faults
+    assert _probe(None, PYTHONPATH=path, JAX_PLATFORMS="cpu")[0]
+    out = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {REPO!r}); "
+                          "from nla_jax import backend; print(backend.expected())"],
+                         capture_output=True, text=True, check=True,
+                         env={**{k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}, "PYTHONPATH": path})
+    assert out.stdout.split() == [backend]

@@ -159,7 +159,11 @@ def _corpus(path, n=80, seed=0):
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("train")
+    return _build_store(tmp_path_factory.mktemp("train"))
+
+
+def _build_store(tmp):
+    """The tiny store of these tests in directory tmp (80 documents, layer 0, quote summaries)."""
     _corpus(tmp / "c.jsonl")
     root = str(tmp / "store")
     common = ["--config", TINY, f"--config.data.store={root}"]
@@ -338,6 +342,12 @@ def test_two_processes_match_one_process_on_four_devices(store, tmp_path):
     assert all(p.returncode == 0 for p in procs), [o[1][-3000:] for o in outs]
     r = _train(store, one, *RL_MESH, devices=4)
     assert r.returncode == 0, r.stderr[-3000:]
+    _assert_same_rl_run(one, two)
+
+
+def _assert_same_rl_run(one, two):
+    """The RL_MESH run in work directory `two` (2 processes x 2 devices) has the metrics and final
+    parameters of the one in `one` (1 process x 4 devices), up to the all-reduce's float32 rounding."""
     a, b = _records(one, "rl"), _records(two, "rl")
     assert sorted(a) == sorted(b) == [1, 2, 3]
     # metrics are written once (process 0), not once per process

@@ -351,7 +351,8 @@ def block_output(run: Run, tokens: np.ndarray, positions: np.ndarray) -> tuple[j
     """Block K's output of the target over a batch of contexts (tokens [b, s] >= 0): (the device
     array [b, s, d], the vectors at `positions` as float64 numpy)."""
     xk = _lower_fn(run.model_cfg, run.cfg.model.layer, run.ctx.compute_dtype)(run.target, tokens)
-    h = np.asarray(jnp.take_along_axis(xk, jnp.asarray(positions)[:, None, None], axis=1)[:, 0], np.float64)
+    h = np.asarray(distributed.host_array(jnp.take_along_axis(xk, jnp.asarray(positions)[:, None, None], axis=1)[:, 0]),
+                   np.float64)
     return xk, h
 
 
@@ -361,7 +362,7 @@ def next_token_kl(run: Run, xk: jax.Array, positions: np.ndarray, repl: np.ndarr
     that one position; every other position and block is untouched."""
     out = _upper_fn(run.model_cfg, run.cfg.model.layer, run.ctx.compute_dtype)(
         run.target, xk, jnp.asarray(positions, jnp.int32), jnp.asarray(repl, jnp.float32))
-    return np.asarray(out["kl"], np.float64)
+    return np.asarray(distributed.host_array(out["kl"]), np.float64)
 
 
 def context_batches(tokens: np.ndarray, positions: np.ndarray, batch: int, multiple: int, pad_id: int):
