@@ -7,7 +7,6 @@ with status 2. Programming errors keep their tracebacks.
 from __future__ import annotations
 
 import errno
-import os
 
 
 class UserError(Exception):

@@ -48,6 +48,7 @@ from nla_jax.models import transformer
 from nla_jax.nla import av as av_lib
 from nla_jax.nla import measure
 from nla_jax.nla import stats as stats_lib
+from nla_jax.nla import steps
 from nla_jax.nla import workdir as workdir_lib
 from nla_jax.nla.run import Run
 
