@@ -19,6 +19,8 @@ import time
 
 import pytest
 
+from test_slurm import _alive  # one reading of /proc/PID/stat (a zombie counts as ended)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = sorted([os.path.join("launch", f) for f in os.listdir(os.path.join(REPO, "launch"))] + [".ci/run"])
 TPU = os.path.join(REPO, "launch", "tpu_vm.sh")
@@ -114,15 +116,6 @@ def test_tpu_other_subcommands_and_refusals():
     _one_error(_bash(TPU, "--dry-run", "logs", "many", env=env), "expected a number")
     r = _bash(TPU, "--dry-run", "stop", env={"TPU": "", "ZONE": "z"})
     assert r.returncode != 0 and "set TPU" in r.stderr
-
-
-def _alive(pid):
-    """Running (an exited zombie, left to an init that does not reap, counts as ended)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def _wait_for(path, what, deadline_s=60):

@@ -307,17 +307,10 @@ def denormalise(pred: np.ndarray, original: np.ndarray, mean: np.ndarray | None)
     return u * np.linalg.norm(o, axis=-1, keepdims=True) + (0 if mean is None else mean)
 
 
-def _cast(params, compute_dtype):
-    """The target in the compute dtype (model.dtype), as extraction ran it."""
-    if compute_dtype is None:
-        return params
-    return jax.tree.map(lambda a: a.astype(compute_dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
-
-
 @functools.lru_cache(maxsize=8)
 def _lower_fn(cfg, layer: int, compute_dtype):
     def f(params, tokens):
-        params = _cast(params, compute_dtype)
+        params = steps.cast_floating(params, compute_dtype)   # the target as extraction ran it
         b, s = tokens.shape
         valid = jnp.ones((b, s), bool)
         x = transformer.embed(params, tokens)
@@ -330,7 +323,7 @@ def _upper_fn(cfg, layer: int, compute_dtype):
     def f(params, xk, pos, repl):
         """xk [b, s, d] block-K output, pos [b], repl [b, m, d]: the next-token log-probs at pos with
         block K's output there unchanged and with each replacement; KL(original || replaced) [b, m]."""
-        params = _cast(params, compute_dtype)
+        params = steps.cast_floating(params, compute_dtype)
         b, s, d = xk.shape
         m = repl.shape[1]
         rows = jnp.arange(b)

@@ -46,11 +46,15 @@ class Ctx:
 def for_compute(params: Any, ctx: Ctx) -> Any:
     """The parameters as the forward pass uses them: floating leaves cast to ctx.compute_dtype
     (a no-op, and no copy, when they already have it or compute_dtype is None)."""
-    dt = ctx.compute_dtype
-    if dt is None:
+    return cast_floating(params, ctx.compute_dtype)
+
+
+def cast_floating(params: Any, dtype) -> Any:
+    """Floating leaves cast to `dtype` (None, or leaves already in it: left as they are)."""
+    if dtype is None:
         return params
-    return jax.tree.map(lambda a: a.astype(dt) if jnp.issubdtype(a.dtype, jnp.floating) and a.dtype != dt else a,
-                        params)
+    return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) and a.dtype != dtype
+                        else a, params)
 
 
 def _bookkeeping(state: dict, ok: jax.Array) -> dict:
