@@ -377,6 +377,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cli.quiet_orbax_readonly()
     args, cfg = cli.parse(build_parser(), argv)
+    cli.start_distributed(args)      # before anything (checkpoint metadata, the store) starts a JAX backend
     E = cfg.eval
     check_settings(E)
     plans = [plan(c) for c in args.checkpoint]        # bad paths / damaged metadata: one line, before any model
@@ -395,9 +396,6 @@ def main(argv=None) -> int:
     summ_path = E.summaries or summaries_lib.path_in(cfg.data.store)
     D["summaries"] = {r: t for r, t in summaries_lib.read_texts(summ_path).items() if r in set(D["rows"])}
 
-    cli.start_distributed(args)
-    if int(E.batch) % (jax.process_count()):
-        raise UserError(f"config key eval.batch={E.batch} must be a multiple of the process count {jax.process_count()}")
     cli.enable_compilation_cache()
     t0 = time.time()
     labels = unique_labels(plans)

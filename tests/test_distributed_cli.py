@@ -5,11 +5,12 @@ Covers: extract, summarize, train, evaluate, explain and export all take --coord
 is one line; export refuses several processes with its one line before connecting to anyone;
 summarize as 2 processes on gloo (127.0.0.1) writes the same summaries.jsonl, byte for byte, as one
 process (batches shared round-robin, process 0 the only writer; 3 batches, so one process idles a
-round); which SLURM steps get every device of their node (`distributed.slurm_local_device_ids`).
+round); evaluate as 2 processes x 1 device reports what 1 process x 2 devices does; which SLURM steps get every device of their node (`distributed.slurm_local_device_ids`).
 The trainer's and extraction's multi-process runs are tested in test_train.py / test_extract.py,
 the SLURM auto-detection in test_slurm.py.
 """
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -86,3 +87,31 @@ def test_summarize_two_processes_write_what_one_does(tmp_path_factory, tmp_path)
     with open(os.path.join(stores["two"], "summaries.jsonl"), "rb") as f:
         two = f.read()
     assert len(one.splitlines()) == 5 and one == two
+
+
+@pytest.mark.timeout(900)
+def test_evaluate_two_processes_report_what_one_does(tmp_path_factory, tmp_path):
+    """evaluate as 2 processes x 1 device on a (2,1,1) mesh (each process feeds its data shard of
+    every batch) reports the numbers 1 process x 2 devices reports on the same mesh. It used to
+    crash before computing anything: the checkpoint metadata read started the JAX backend before
+    jax.distributed was initialised."""
+    from _tiny_run import trained_workdir
+    wd = trained_workdir(tmp_path_factory)
+    store = tiny_store(tmp_path_factory)
+    common = ["--config", TINY, f"--config.data.store={store}", "--checkpoint", wd,
+              "--config.mesh.shape=(2,1,1)", "--config.eval.batch=4", "--config.eval.n_boot=50"]
+    r = subprocess.run([sys.executable, "-m", "nla_jax.evaluate", *common, "--out", str(tmp_path / "one")],
+                       cwd=REPO, env=_env(devices=2), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "nla_jax.evaluate", *common, "--out", str(tmp_path / "two"),
+                               "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+                              cwd=REPO, env=_env(devices=1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True)
+             for i in range(2)]
+    outs = _communicate_all(procs, timeout=600)
+    assert all(p.returncode == 0 for p in procs), [o[1][-3000:] for o in outs]
+    one, two = ({k: v for k, v in json.load(open(tmp_path / d / "evaluate.json")).items()
+                 if k not in ("command", "elapsed_s")} for d in ("one", "two"))
+    assert one["devices"] == two["devices"] == 2
+    assert one == two
