@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import random
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,7 +41,7 @@ def main() -> int:
             f.write(json.dumps({"id": f"d{i}", "text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(120, 260)))}) + "\n")
     overrides = [f"--config.data.store={tmp}/store", f"--config.data.max_len={args.max_len}",
                  f"--config.data.sources=[{{'kind':'jsonl','path':'{corpus}','name':'b'}}]",
-                 f"--config.data.batch_per_process={args.batch}"]
+                 f"--config.data.batch={args.batch}"]
     timing_file = os.path.join(tmp, "timing.json")
     env = dict(os.environ, PYTHONPATH=REPO)
     print("[extract] running nla_jax.extract", file=sys.stderr, flush=True)
@@ -67,7 +66,8 @@ def main() -> int:
     fwd = jax.jit(lambda p, t, v, pos: jnp.take_along_axis(
         T.forward(p, t, mcfg, valid=v, capture_layer=K, logits=False)["hidden"], pos[..., None], axis=1))
     batches = [plan_lib.pad_batch(c, args.batch, cfg.data.seq_multiple, cfg.data.k)
-               for _, c in plan_lib.batches(plan, 0, args.batch)]
+               for c in (plan_lib.step_docs(plan, i, args.batch)
+                         for i in range(plan_lib.num_steps(len(plan), args.batch)))]
     jax.block_until_ready(fwd(params, *[jnp.asarray(x) for x in batches[0][:3]]))
     print("[forward] bare jitted forward on the same batches", file=sys.stderr, flush=True)
     t0 = time.perf_counter()

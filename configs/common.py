@@ -48,7 +48,7 @@ def data(**kw) -> ml_collections.ConfigDict:
         max_len=256,         # documents are truncated to this many tokens
         splits=(("av_sft", 0.25), ("ar_sft", 0.25), ("rl", 0.45), ("eval", 0.05)),
         dtype="float32",     # store dtype: float32 or bfloat16
-        batch_per_process=8,
+        batch=8,             # documents per global extraction batch (rounded up to whole batch shards)
         seq_multiple=64,     # pad batches to a multiple of this length (few compiled shapes)
         chunk_rows=256,
     )

@@ -46,15 +46,17 @@ import jax.numpy as jnp
 import numpy as np
 from jax._src import xla_bridge
 
-from nla_jax import cli, sharding
+from nla_jax import cli, sampling, sharding
 from nla_jax import weights as weights_lib
 from nla_jax.cli import cli_main
 from nla_jax.errors import UserError
 from nla_jax.models import transformer
+from nla_jax.nla import measure
 from nla_jax.nla import run as run_lib
 from nla_jax.nla import state as state_lib
 
-STEPS = ("sft_av", "sft_ar", "rl")
+TRAIN_STEPS = ("sft_av", "sft_ar", "rl")
+STEPS = TRAIN_STEPS + ("explain", "export")
 GB = 1e9
 NOTE = ("per-device bytes from XLA:CPU's memory analysis on fake CPU devices: an estimate of what the "
         "GPU/TPU compiler needs, not its exact plan")
@@ -65,7 +67,11 @@ _REEXEC = "NLA_AOT_CHILD"
 
 def build_parser():
     p = cli.parser(__doc__)
-    p.add_argument("--steps", default=",".join(STEPS), help="comma-separated subset of sft_av,sft_ar,rl")
+    p.add_argument("--steps", default=",".join(TRAIN_STEPS),
+                   help="comma-separated subset of " + ",".join(STEPS) + " (default: the training steps). "
+                        "explain: evaluate's and explain's per-batch program (sampler + AR read-out, eval.batch "
+                        "rows, the pair in the compute dtype); export: the pair's float32 masters on the "
+                        "mesh and the host memory of writing them (nothing compiled)")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the table as JSON here")
     p.add_argument("--devices", type=int, default=None, help="fake devices (default: config aot.devices)")
     p.add_argument("--device-memory-gb", type=float, default=None,
@@ -198,7 +204,32 @@ def lower_sft_ar(run: run_lib.Run):
     return _sft(run, "sft_ar", batch)
 
 
-LOWER = {"sft_av": lower_sft_av, "sft_ar": lower_sft_ar, "rl": lower_rl}
+def _pair_abstract(run: run_lib.Run) -> tuple[dict, dict]:
+    """The pair's parameters as a reader restores them (no optimizer state), in the run's weight dtype."""
+    return state_lib.sft_av(run).params_abstract("av"), state_lib.sft_ar(run).params_abstract("ar")
+
+
+def lower_explain(run: run_lib.Run):
+    """What evaluate and explain compile per batch of eval.batch rows: the verbalizer samples an
+    explanation (prefill + decode loop to the cap) and the reconstructor reads it back. The run is
+    the inference run: the pair held in the compute dtype (workdir.load_pair's default)."""
+    av, ar = _pair_abstract(run)
+    d = run.model_cfg.d_model
+    batch = _batch(run, {"acts": ((int(run.cfg.eval.batch), d), jnp.float32)}, "eval.batch")
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    sc = sampling.SampleConfig(max_new_tokens=run.ctx.av.max_len, greedy=True)
+    explain, predict = measure._explain_fn(run.ctx, sc), measure._predict_fn(run.ctx)
+
+    def explain_and_reconstruct(av, ar, acts, mean, key):      # acts [b, d] -> tokens [b, cap], pred [b, d]
+        ex = explain(av, acts, mean, key)
+        return ex["tokens"], predict(ar, ex["tokens"], ex["expl_len"])
+
+    fn = jax.jit(explain_and_reconstruct)
+    args = (av, ar, batch["acts"], _replicated(run, (d,)), _replicated(run, key.shape, key.dtype))
+    return fn, args, {"av": av, "ar": ar}
+
+
+LOWER = {"sft_av": lower_sft_av, "sft_ar": lower_sft_ar, "rl": lower_rl, "explain": lower_explain}
 
 
 def per_device_bytes(tree) -> int:
@@ -210,7 +241,23 @@ def per_device_bytes(tree) -> int:
     return total
 
 
+def export_row(run: run_lib.Run) -> dict:
+    """export compiles nothing: it restores the pair's float32 masters (no optimizer state, no
+    target) onto the mesh and writes one model directory at a time from process 0, which gathers
+    that model's full arrays into host memory. Device bytes = the sharded masters; host bytes =
+    the larger of the two models unsharded."""
+    av, ar = _pair_abstract(run)
+    full = lambda tree: sum(int(np.prod(a.shape, dtype=np.int64)) * a.dtype.itemsize for a in jax.tree.leaves(tree))
+    dev = (per_device_bytes(av) + per_device_bytes(ar)) / GB
+    return {"step": "export", "lower_s": 0.0, "compile_s": 0.0, "argument_gb": dev, "output_gb": 0.0,
+            "alias_gb": 0.0, "temp_gb": 0.0, "code_gb": 0.0, "total_gb": dev,
+            "parts_gb": {"av": per_device_bytes(av) / GB, "ar": per_device_bytes(ar) / GB},
+            "host_gb": max(full(av), full(ar)) / GB}
+
+
 def compile_step(run: run_lib.Run, name: str) -> dict:
+    if name == "export":
+        return export_row(run)
     t0 = time.perf_counter()
     fn, args, parts = LOWER[name](run)
     with sharding.use_mesh(run.mesh, run.rules):
@@ -261,12 +308,13 @@ def check(cfg) -> None:
     run_lib.check_config(c)
 
 
-def build_run(cfg, bf16_as: str) -> run_lib.Run:
+def build_run(cfg, bf16_as: str, inference: bool = False) -> run_lib.Run:
     """The abstract run: no weights, store or tokenizer; bfloat16 compiled as float16 with
-    --bf16-as f16 (same bytes; see the module docstring)."""
+    --bf16-as f16 (same bytes; see the module docstring). `inference`: parameters held in the
+    compute dtype, as evaluate and explain read a pair (workdir.load_pair(dtype="compute"))."""
     as_compiled = lambda d: jnp.float16 if bf16_as == "f16" and d == jnp.bfloat16 else d
     compute = as_compiled(weights_lib.dtype_of(cfg.model.dtype))
-    weight = as_compiled(weights_lib.dtype_of(weights_lib.weight_dtype_name(cfg.model)))
+    weight = compute if inference else as_compiled(weights_lib.dtype_of(weights_lib.weight_dtype_name(cfg.model)))
     return run_lib.build(cfg, abstract=True, compute_dtype=compute, weight_dtype=weight)
 
 
@@ -287,6 +335,7 @@ def main(argv=None) -> int:
     transformer.CPU_HANDWRITTEN_MATMUL_GRAD = False
     check(cfg)
     run = build_run(cfg, args.bf16_as)
+    runs = {"train": run, "inference": build_run(cfg, args.bf16_as, inference=True) if "explain" in steps_ else None}
     mesh, m = run.mesh, run.model_cfg
     print(f"config {args.config}: {m.name} ({m.family}, {_params(m) / 1e9:.2f}B params, {m.n_layers} blocks, "
           f"d={m.d_model}), block K={cfg.model.layer}, compute {cfg.model.dtype}, weights "
@@ -298,12 +347,13 @@ def main(argv=None) -> int:
     rows = []
     for name in steps_:
         print(f"aot: lowering and compiling {name} ...", file=sys.stderr, flush=True)
-        r = compile_step(run, name)
+        r = compile_step(runs["inference"] if name == "explain" else run, name)
         r["fits"] = r["total_gb"] <= t.budget_gb
         rows.append(r)
         parts = ", ".join(f"{k} {v:.2f}" for k, v in r["parts_gb"].items())
-        print(f"aot: {name} compiled in {r['compile_s']:.1f}s; per-device argument GB: {parts}", file=sys.stderr,
-              flush=True)
+        host = f"; host GB (process 0): {r['host_gb']:.2f}" if "host_gb" in r else ""
+        done = "measured" if name == "export" else f"compiled in {r['compile_s']:.1f}s"
+        print(f"aot: {name} {done}; per-device argument GB: {parts}{host}", file=sys.stderr, flush=True)
     print(table(rows, t))
     note = NOTE
     if cfg.model.dtype == "bfloat16":

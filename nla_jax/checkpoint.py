@@ -192,6 +192,13 @@ def _path_str(path: tuple[str, ...]) -> str:
     return "".join(f"[{p}]" for p in path) or "<root>"
 
 
+def _dtype_ok(saved, wanted, partial: bool) -> bool:
+    saved, wanted = jax.numpy.dtype(saved), jax.numpy.dtype(wanted)
+    if saved == wanted:
+        return True
+    return partial and jax.numpy.issubdtype(saved, jax.numpy.floating) and jax.numpy.issubdtype(wanted, jax.numpy.floating)
+
+
 def read_step_arrays(step_dir: str) -> dict[str, Any]:
     """{path: numpy array} of one saved step's state (`<dir>/<step>`), read with plain orbax onto one
     CPU device, whatever mesh wrote it. For tools and tests comparing runs leaf by leaf; no
@@ -352,7 +359,9 @@ class Checkpointer:
 
     def _check_matches(self, step: int, saved: Any, abstract: Any, partial: bool = False) -> None:
         """UserError (not an orbax traceback) when the requested tree differs from the saved one
-        (`partial`: the request may leave out saved subtrees, e.g. optimizer state)."""
+        (`partial`: the request may leave out saved subtrees, e.g. optimizer state, and may read a
+        floating array in another floating dtype: inference reads float32 masters as bfloat16,
+        cast while restoring; a resumed training state must match exactly)."""
         have, want = _flat_by_path(saved), _flat_by_path(abstract)
         problems = [f"{_path_str(p)} missing from the checkpoint" for p in sorted(set(want) - set(have))]
         if not partial:
@@ -364,7 +373,7 @@ class Checkpointer:
             hs, hd = getattr(h, "shape", None), getattr(h, "dtype", None)
             if hs is None:
                 continue
-            if tuple(hs) != tuple(w.shape) or (hd is not None and jax.numpy.dtype(hd) != jax.numpy.dtype(w.dtype)):
+            if tuple(hs) != tuple(w.shape) or (hd is not None and not _dtype_ok(hd, w.dtype, partial)):
                 problems.append(f"{_path_str(p)} saved {tuple(hs)} {hd}, requested {tuple(w.shape)} {w.dtype}")
         if problems:
             more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""

@@ -88,9 +88,10 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def global_batch(local: np.ndarray, sharding, mesh):
-    """This process's rows -> one global array whose leading axis is all processes' rows."""
-    return jax.make_array_from_process_local_data(sharding, local)
+def global_batch(local: np.ndarray, sharding, rows: int):
+    """This process's rows (those of the batch shards its devices hold, in order) -> one global
+    array of `rows` rows (given, since replicas of a shard on several processes hide it)."""
+    return jax.make_array_from_process_local_data(sharding, local, (rows,) + local.shape[1:])
 
 
 def local_rows(x) -> np.ndarray:

@@ -438,7 +438,7 @@ def main(argv=None) -> int:
         raise UserError(ONE_PROCESS)
     cli.enable_compilation_cache()
     cli.quiet_orbax_readonly()
-    pair = workdir_lib.load_pair_here(args.checkpoint, with_target=False)
+    pair = workdir_lib.load_pair_here(args.checkpoint, with_target=False, dtype="weight")  # the masters as saved
     export_pair(pair, out, args.force)
     sizes = {sub: sum(os.path.getsize(os.path.join(out, sub, f)) for f in os.listdir(os.path.join(out, sub)))
              for sub in ("av", "ar")}

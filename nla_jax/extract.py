@@ -4,9 +4,11 @@
     python -m nla_jax.extract --config configs/smollm2_135m.py --verify   # check the store
     python -m nla_jax.extract --config configs/tiny.py --config.data.store=/tmp/acts
 
-Each process extracts a strided slice of the (sorted) documents into its own store part; data
-is written before the row count (a crash leaves garbage past the ledger, never a corrupt row),
-and a rerun continues from each part's stored cursor. Process 0 joins the parts into
+Global batches of data.batch documents (rounded up to whole batch shards of the mesh) run on all
+processes' devices; each process feeds the batch shards its devices hold and writes those it owns
+(the lowest-numbered holder) into its own store part (nla_jax.data.plan). Data is written before
+the row count (a crash leaves garbage past the ledger, never a corrupt row), and a rerun continues
+from the slowest part's stored batch. Process 0 joins the parts into
 manifest.json when all are done. Several processes: pass --coordinator/--num-processes/
 --process-id (or launch/local_multiprocess.sh), or --distributed-auto under SLURM / on a TPU pod.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import json
+import os
 import sys
 import time
 
@@ -29,6 +32,7 @@ from nla_jax.data import corpus
 from nla_jax.data import plan as plan_lib
 from nla_jax.data import positions
 from nla_jax.data import store as store_lib
+from nla_jax.data.store import ledger as ledger_lib
 from nla_jax.errors import UserError
 from nla_jax.models import transformer as T
 
@@ -97,57 +101,72 @@ def extract(cfg, args) -> int:
     plan = plan_lib.plan_documents(docs, tok, seed=d.seed, k=d.k, min_position=d.min_position,
                                    max_len=d.max_len, splits=[(n, f) for n, f in d.splits], stats=stats)
     pid, nproc = jax.process_index(), jax.process_count()
-    mine = plan_lib.process_slice(plan, pid, nproc)
-    capacity = max(1, sum(len(p.positions) for p in mine))
-    writer = store_lib.PartWriter.create_or_resume(d.store, pid, d=mcfg.d_model, dtype=d.dtype, capacity=capacity,
-                                                   ctx_len=d.max_len, chunk_rows=d.chunk_rows, meta=meta)
-    start = int(writer.cursor.get("next_doc", 0))
-    print(f"[{pid}/{nproc}] corpus: {stats.summary()}; {len(plan)} planned documents, this process "
-          f"{len(mine)} ({capacity} rows), resuming at document {start} ({writer.committed} rows done)",
-          file=sys.stderr)
+    # Global batch `step` = plan documents [step*B, (step+1)*B), split into the mesh's batch shards.
+    # Each process feeds the shards its devices hold (replicas of a shard, e.g. tensor spanning
+    # hosts, feed the same documents) and writes the shards it owns (the lowest-numbered holder)
+    # into its own part; a process that owns none keeps an empty part.
+    layout = sharding.batch_layout(mesh, cfg.rules)
+    B = -(-int(d.batch) // layout.shards) * layout.shards
+    n_total = plan_lib.num_steps(len(plan), B)
+    own = plan_lib.ownership(plan, B, layout.shards, layout.owned)
+    want_layout = {"batch": B, "shards": layout.shards, "owned": list(layout.owned), "processes": nproc}
+    _check_part_layout(d.store, pid, want_layout)
+    writer = store_lib.PartWriter.create_or_resume(d.store, pid, d=mcfg.d_model, dtype=d.dtype,
+                                                   capacity=max(1, own.rows), ctx_len=d.max_len,
+                                                   chunk_rows=d.chunk_rows, meta=meta)
+    mine_next = int(writer.cursor.get("next_step", 0))
+    # every process runs the same steps (SPMD): from the slowest part's cursor on; a part that is
+    # further along skips the writes it has already committed
+    todo = mine_next if mine_next < own.last_step else n_total
+    start = -distributed.max_over_processes(-todo)
+    print(f"[{pid}/{nproc}] corpus: {stats.summary()}; {len(plan)} planned documents in {n_total} batches of {B} "
+          f"({layout.shards} batch shard(s), this process writes shard(s) {list(layout.owned)}: {own.rows} rows), "
+          f"resuming at batch {start} ({writer.committed} rows done)", file=sys.stderr)
 
-    # Global batch = per-process batches side by side along the batch axis; every process runs
-    # the same number of steps (empty rows where its slice ran out), as SPMD requires.
-    B = d.batch_per_process
-    local_batches = -(-(len(mine) - start) // B)
-    n_steps = distributed.max_over_processes(local_batches)
+    n_steps = n_total - start
     if args.max_batches is not None:
         n_steps = min(n_steps, args.max_batches)
     K = cfg.model.layer
     batch_sh = sharding.named_sharding(("batch", "seq"), None, mesh, cfg.rules)
     pos_sh = sharding.named_sharding(("batch", None), None, mesh, cfg.rules)
+    acts_sh = sharding.named_sharding(("batch", None, None), None, mesh, cfg.rules)
 
     def gather_acts(params, tokens, valid, pos):
         with sharding.use_mesh(mesh, cfg.rules):
             h = T.forward(params, tokens, mcfg, valid=valid, capture_layer=K, logits=False)["hidden"]
         return jnp.take_along_axis(h, pos[..., None], axis=1).astype(jnp.float32)  # [b, k, d]
 
-    step = jax.jit(gather_acts)
+    step_fn = jax.jit(gather_acts, out_shardings=acts_sh)
+    per = B // layout.shards
+    owned_at = [layout.held.index(s) for s in layout.owned]   # owned shards among the held ones
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # writes overlap the next forward
     pending = None
     t0, rows_done = time.perf_counter(), 0
     timing = {"batches": 0, "rows": 0, "tokens": 0, "seconds": 0.0}
     t_first = None
     bar = tqdm(total=n_steps, desc=f"extract[{pid}]", unit="batch", disable=pid != 0 and nproc > 1)
-    doc_iter = plan_lib.batches(mine, start, B)
-    for _ in range(n_steps):
+    for step in range(start, start + n_steps):
         faults.point("extract.batch")
-        first, chunk = next(doc_iter, (len(mine), []))
-        toks, valid, pos, pos_valid = plan_lib.pad_batch(chunk, B, d.seq_multiple, d.k)
-        g = [distributed.global_batch(x, sh, mesh) for x, sh in
+        docs = plan_lib.step_docs(plan, step, B)
+        longest = max(len(x.tokens) for x in docs)
+        fed = plan_lib.block_docs(docs, layout.held, B, layout.shards)      # what this process feeds
+        toks, valid, pos, pos_valid = plan_lib.pad_batch(fed, len(layout.held) * per, d.seq_multiple, d.k, longest)
+        g = [distributed.global_batch(x, sh, B) for x, sh in
              ((toks, batch_sh), (valid, batch_sh), (pos, pos_sh))]
-        acts = distributed.local_rows(step(params, *g))  # [B, k, d] this process's rows
+        acts = distributed.local_rows(step_fn(params, *g))  # [held * per, k, d] the held shards' rows
         if pending is not None:
             pending.result()
-        if chunk:
-            rows = _rows(chunk, acts, pos_valid, d.max_len)
-            pending = pool.submit(writer.append, *rows, cursor={"next_doc": first + len(chunk)})
+        written = plan_lib.block_docs(docs, layout.owned, B, layout.shards)
+        if written and step >= mine_next:
+            sel = np.concatenate([np.arange(i * per, (i + 1) * per) for i in owned_at])[:len(written)]
+            rows = _rows(written, acts[sel], pos_valid[sel], d.max_len)
+            pending = pool.submit(writer.append, *rows, cursor=dict(want_layout, next_step=step + 1))
             rows_done += len(rows[1])
         bar.update(1)
         bar.set_postfix(rows_s=f"{rows_done / (time.perf_counter() - t0):.1f}")
         if t_first is None:
             t_first = time.perf_counter()
-        elif chunk:
+        else:
             timing["batches"] += 1
             timing["rows"] += int(pos_valid.sum())
             timing["tokens"] += int(valid.sum())
@@ -160,7 +179,7 @@ def extract(cfg, args) -> int:
             json.dump(timing, f)
     bar.close()
     pool.shutdown()
-    done = writer.cursor.get("next_doc", 0) >= len(mine)
+    done = int(writer.cursor.get("next_step", 0)) >= own.last_step
     writer.close()
     finished = distributed.all_true(done)
     if pid == 0 and finished:
@@ -172,6 +191,23 @@ def extract(cfg, args) -> int:
         print(f"[{pid}] stopped early after {n_steps} batches; rerun to continue", file=sys.stderr)
     distributed.barrier("extract-done")
     return 0
+
+
+def _check_part_layout(root: str, part: int, want: dict) -> None:
+    """A part resumes only under the batch layout it was written with (which documents it holds
+    depends on it): another mesh, process count or data.batch is one line, before anything opens."""
+    part_dir = os.path.join(root, store_lib.part_name(part))
+    if not os.path.exists(ledger_lib.path_in(part_dir)):
+        return
+    cursor = ledger_lib.read(part_dir).get("cursor") or {}
+    if "next_doc" in cursor:
+        raise UserError(f"store part {part_dir} was written by an older extraction (documents split by process); "
+                        f"finish it with that version or extract into a fresh data.store")
+    have = {k: cursor[k] for k in want if k in cursor}
+    if cursor and have != want:
+        raise UserError(f"store part {part_dir} was written with batch layout {have}, this run has {want} "
+                        f"(config keys data.batch, mesh.shape and the process count must stay as they were to "
+                        f"resume; or extract into a fresh data.store)")
 
 
 def _split_rows(manifest: dict) -> dict[str, int]:

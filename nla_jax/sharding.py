@@ -199,6 +199,8 @@ class BatchLayout:
     spanning hosts) feed identical rows, and no process count has to divide the batch."""
     shards: int                       # blocks a global batch splits into
     held: tuple[int, ...]             # the blocks this process's devices hold, ascending
+    owned: tuple[int, ...] = ()       # the held blocks no lower-numbered process holds: where one
+                                      # process must act for all holders (extraction writes them)
 
     def check(self, batch: int, key: str) -> None:
         if batch % self.shards:
@@ -218,5 +220,10 @@ def batch_layout(mesh: Mesh, rules=None, process_index: int | None = None) -> Ba
     spec = P(axes) if axes is not None else P()
     where = NamedSharding(mesh, spec).devices_indices_map((shards,))     # device -> (slice into [shards],)
     me = jax.process_index() if process_index is None else process_index
-    held = sorted({idx[0].start or 0 for dev, idx in where.items() if dev.process_index == me})
-    return BatchLayout(shards, tuple(held))
+    block = lambda idx: idx[0].start or 0            # a [shards] array: one block per slice
+    held = sorted({block(idx) for dev, idx in where.items() if dev.process_index == me})
+    lowest: dict[int, int] = {}
+    for dev, idx in where.items():
+        b = block(idx)
+        lowest[b] = min(lowest.get(b, dev.process_index), dev.process_index)
+    return BatchLayout(shards, tuple(held), tuple(b for b in held if lowest[b] == me))

@@ -89,3 +89,24 @@ def test_real_scale_configs_describe_their_machine():
             n = sum(math.prod(a.shape) for a in __import__("jax").tree.leaves(T.abstract_params(m)))
             assert abs(n / 1e9 - billions) < 0.005, (name, n)
             assert abs(cfg.model.layer / m.n_layers - 2 / 3) < 0.06, (name, cfg.model.layer)
+
+
+def test_inference_rows_hold_the_pair_without_optimizer_state(tmp_path):
+    """explain (evaluate's and explain's per-batch program) holds the pair in the bf16 compute dtype,
+    2 bytes a param (the AV's input projection and the AR head stay float32), no optimizer state;
+    export holds the float32 masters and gathers one model at a time on process 0's host."""
+    out = tmp_path / "aot.json"
+    r = _aot("--config", CONFIG, "--steps", "explain,export", "--json", str(out))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    rep = json.loads(out.read_text())
+    ex, exp = rep["steps"]
+    assert ex["step"] == "explain" and exp["step"] == "export" and ex["fits"] and exp["fits"]
+    params, d, K, n = rep["params"], 896, rep["layer"], 24      # Qwen2.5-0.5B: d=896, 24 blocks
+    # the AV is the whole model; the AR blocks 0..K (+ embeddings) and a d x d float32 head
+    assert abs(ex["parts_gb"]["av"] - 2 * params / 8 / 1e9) < 0.01
+    assert abs(exp["parts_gb"]["av"] - 2 * ex["parts_gb"]["av"]) < 0.01
+    assert ex["parts_gb"]["ar"] < ex["parts_gb"]["av"] and K < n
+    assert abs(ex["argument_gb"] - sum(ex["parts_gb"].values())) < 0.002   # + a [16, 896] batch
+    assert ex["temp_gb"] > 0 and ex["compile_s"] > 0
+    assert exp["compile_s"] == 0 and abs(exp["host_gb"] - 4 * params / 1e9) < 0.01
+    assert d * d * 4 / 8 / 1e9 < ex["parts_gb"]["ar"]

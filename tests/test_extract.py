@@ -34,7 +34,7 @@ def _args(tmp_path, store, *extra):
             f"--config.data.store={store}",
             f"--config.data.sources=[{{'kind':'jsonl','path':'{tmp_path / 'c.jsonl'}','name':'t'}}]",
             "--config.data.max_len=64", "--config.data.min_position=8", "--config.data.k=3",
-            "--config.data.batch_per_process=4", "--config.data.seq_multiple=32", "--config.data.chunk_rows=8",
+            "--config.data.batch=4", "--config.data.seq_multiple=32", "--config.data.chunk_rows=8",
             *extra]
 
 
@@ -176,3 +176,15 @@ def test_two_processes_same_rows_as_one(clean_store):
     # Different batch-mates change padded lengths, hence XLA's blocking: equal up to float error.
     np.testing.assert_allclose(a["acts"][ia], b["acts"][ib], rtol=1e-4, atol=1e-3)
     assert sa.manifest["splits"].keys() == sb.manifest["splits"].keys()
+
+
+def test_other_batch_layout_refused_and_untouched(clean_store):
+    """A part's documents depend on the batch layout (data.batch, mesh, processes): resuming under
+    another one would write the wrong documents, so it is one line and nothing changes."""
+    tmp, store = clean_store
+    before, _ = _all_rows(store)
+    r = _run(_args(tmp, store, "--config.data.batch=8"))
+    assert r.returncode == 2 and "batch layout" in r.stderr and "data.batch" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    after, _ = _all_rows(store)
+    np.testing.assert_array_equal(before["acts"], after["acts"])

@@ -112,3 +112,28 @@ def test_weight_dtype_of_configs_saved_before_the_key(saved):
     from nla_jax import weights
     section = ml_collections.ConfigDict(saved)
     assert weights.weight_dtype_name(section) == saved.get("weight_dtype", saved["dtype"])
+
+
+@pytest.mark.timeout(900)
+def test_inference_reads_the_pair_in_the_compute_dtype(tmp_path_factory):
+    """A bf16-compute pair trained with float32 masters is read for inference (evaluate, explain)
+    as bf16, cast while restoring: half the memory, and the values the trainer's forward passes
+    used (they cast the masters the same way). Export reads the masters as saved. The AV's input
+    projection and the AR's head are float32 in training whatever model.dtype is, and stay so."""
+    from _tiny_run import trained_workdir
+    from nla_jax.errors import UserError
+    from nla_jax.nla import workdir as workdir_lib
+    wd = trained_workdir(tmp_path_factory, "--config.model.dtype=bfloat16", "--config.av.input_proj=True")
+    held = workdir_lib.load_pair_here(wd, with_target=False, dtype="weight")
+    comp = workdir_lib.load_pair_here(wd, with_target=False)           # dtype="compute" by default
+    for part in ("av", "ar"):
+        for (path, w), (_, c) in zip(jax.tree_util.tree_leaves_with_path(getattr(held, part)),
+                                     jax.tree_util.tree_leaves_with_path(getattr(comp, part))):
+            name = part + jax.tree_util.keystr(path)
+            f32_by_design = "'extra'" in name or "'head'" in name
+            assert w.dtype == jnp.float32, name
+            assert c.dtype == (jnp.float32 if f32_by_design else jnp.bfloat16), name
+            np.testing.assert_array_equal(np.asarray(c), np.asarray(w.astype(c.dtype)), err_msg=name)
+    assert any(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(comp.av["model"]))
+    with pytest.raises(UserError, match="dtype 'int7'"):
+        workdir_lib.load_pair_here(wd, with_target=False, dtype="int7")

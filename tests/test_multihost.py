@@ -94,5 +94,47 @@ def test_batch_layout_of_each_process():
     # data spans process pairs, fsdp within... replicas: processes 0 and 1 hold the same shards
     lay = layouts((2, 1, 4))
     assert lay[0].held == lay[1].held == (0,) and lay[2].held == lay[3].held == (1,)
+    # ...and the lowest-numbered holder of a shard owns it (extraction writes it)
+    assert [x.owned for x in lay] == [(0,), (), (1,), ()]
+    assert [x.owned for x in layouts((1, 1, 8))] == [(0,), (), (), ()]
+    assert [x.owned for x in layouts((2, 4, 1))] == [(0, 1), (2, 3), (4, 5), (6, 7)]
     with pytest.raises(Exception, match="multiple of 2"):
         lay[0].check(3, "rl.batch")
+
+
+@pytest.mark.timeout(900)
+def test_extraction_by_data_shard_matches_one_process(tmp_path):
+    """extract on 4 processes x 2 devices with a (2,1,4) mesh: tensor spans process pairs, so
+    processes 0 and 1 hold batch shard 0 and 2 and 3 hold shard 1. Each pair feeds the same
+    documents; the lowest-numbered holder writes (parts 1 and 3 stay empty). The store holds the
+    rows 1 process x 8 devices writes on the same mesh. Before, documents were split by process:
+    replicas fed different documents into one shard."""
+    import subprocess
+    import sys
+
+    from nla_jax.data import store as store_lib
+    from test_train import REPO, TINY, _corpus, _env
+    _corpus(tmp_path / "c.jsonl", n=30)
+    common = ["--config", TINY, "--config.mesh.shape=(2,1,4)", "--config.data.batch=6",
+              f"--config.data.sources=[{{'kind':'jsonl','path':'{tmp_path / 'c.jsonl'}','name':'t'}}]",
+              "--config.data.max_len=96", "--config.data.min_position=16", "--config.data.k=4"]
+    cmd = lambda store: [sys.executable, "-m", "nla_jax.extract", *common, f"--config.data.store={store}"]
+    port = _free_port()
+    procs = [subprocess.Popen(cmd(tmp_path / "four") + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "4",
+                                                        "--process-id", str(i)],
+                              cwd=REPO, env=_env(devices=2), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True) for i in range(4)]
+    outs = _communicate_all(procs, timeout=600)
+    assert all(p.returncode == 0 for p in procs), [o[1][-3000:] for o in outs]
+    r = subprocess.run(cmd(tmp_path / "one"), cwd=REPO, env=_env(devices=8), capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, four = (store_lib.open_store(str(tmp_path / n)) for n in ("one", "four"))
+    assert [p["rows"] for p in four.manifest["parts"]][1::2] == [0, 0]
+    assert four.num_rows == one.num_rows > 0
+    a, b = (s.read(None, np.arange(s.num_rows)) for s in (one, four))
+    ia, ib = (np.lexsort((x["position"], x["doc_id"])) for x in (a, b))
+    for k in ("doc_id", "position", "split", "tokens"):
+        np.testing.assert_array_equal(a[k][ia], b[k][ib], err_msg=k)
+    # the same global batches on the same mesh; tensor-parallel sums cross processes (gloo) here
+    np.testing.assert_allclose(b["acts"][ib], a["acts"][ia], rtol=1e-5, atol=1e-5)

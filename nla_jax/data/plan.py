@@ -1,13 +1,15 @@
-"""From documents to an extraction plan: token ids, positions, split, and per-process batches.
+"""From documents to an extraction plan: token ids, positions, split, and global batches.
 
 Everything here is a pure function of (corpus, tokenizer, seed, data config): each process of a
-multi-process extraction computes the same plan and takes its own slice, and a resumed run
-recomputes the plan and continues at its stored cursor.
+multi-process extraction computes the same plan, global batch `step` is documents
+[step*B, (step+1)*B) of it, and each process feeds the batch shards its devices hold (processes
+holding replicas of a shard feed the same documents) and writes those it owns
+(sharding.BatchLayout.owned). A resumed run recomputes the plan and continues at its stored step.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -44,20 +46,49 @@ def plan_documents(docs: Sequence[Document], tokenizer, *, seed: int, k: int, mi
     return out
 
 
-def process_slice(plan: Sequence[PlannedDoc], process: int, num_processes: int) -> list[PlannedDoc]:
-    """This process's documents: a strided slice of the sorted plan."""
-    return list(plan[process::num_processes])
+def num_steps(n_docs: int, batch: int) -> int:
+    """Global extraction batches of `batch` documents that cover the plan."""
+    return -(-n_docs // batch)
 
 
-def pad_batch(docs: Sequence[PlannedDoc], batch: int, seq_multiple: int, k: int
+def step_docs(plan: Sequence[PlannedDoc], step: int, batch: int) -> list[PlannedDoc]:
+    """The documents of global batch `step` (fewer than `batch` in the last one)."""
+    return list(plan[step * batch:(step + 1) * batch])
+
+
+def block_docs(docs: Sequence[PlannedDoc], blocks: Sequence[int], batch: int, shards: int) -> list[PlannedDoc]:
+    """The documents of a global batch (`docs`, padded to `batch` rows) that fall in batch shards
+    `blocks`: rows [s * batch/shards, (s+1) * batch/shards) of each, in order."""
+    per = batch // shards
+    return [docs[i] for s in blocks for i in range(s * per, (s + 1) * per) if i < len(docs)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Ownership:
+    """What one process of an extraction writes: the documents of its owned batch shards."""
+    rows: int                 # store rows it writes in all (its part's capacity)
+    last_step: int            # 1 + the last global batch in which it writes anything (0: none)
+
+
+def ownership(plan: Sequence[PlannedDoc], batch: int, shards: int, owned: Sequence[int]) -> Ownership:
+    rows, last = 0, 0
+    for step in range(num_steps(len(plan), batch)):
+        n = sum(len(d.positions) for d in block_docs(step_docs(plan, step, batch), owned, batch, shards))
+        rows += n
+        last = step + 1 if n else last
+    return Ownership(rows, last)
+
+
+def pad_batch(docs: Sequence[PlannedDoc], batch: int, seq_multiple: int, k: int, longest: int | None = None
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Right-padded arrays for a batch of documents (padded up to `batch` rows with empty rows).
 
     Returns tokens [B, L] int32, valid [B, L] bool, positions [B, k] int32 (0 where unused),
-    position_valid [B, k] bool. L is the longest document rounded up to `seq_multiple`, so
-    only a few shapes are ever compiled.
+    position_valid [B, k] bool. L is the longest document (or `longest`: of the whole global batch,
+    when `docs` is one process's share) rounded up to `seq_multiple`, so only a few shapes are
+    ever compiled.
     """
-    longest = max((len(d.tokens) for d in docs), default=1)
+    longest = longest or max((len(d.tokens) for d in docs), default=1)
     L = -(-longest // seq_multiple) * seq_multiple
     toks = np.zeros((batch, L), np.int32)
     valid = np.zeros((batch, L), bool)
@@ -72,7 +103,3 @@ def pad_batch(docs: Sequence[PlannedDoc], batch: int, seq_multiple: int, k: int
     return toks, valid, pos, pos_valid
 
 
-def batches(docs: Sequence[PlannedDoc], start: int, batch: int) -> Iterator[tuple[int, list[PlannedDoc]]]:
-    """(index of the first doc, docs) for consecutive batches from `start`."""
-    for i in range(start, len(docs), batch):
-        yield i, list(docs[i:i + batch])

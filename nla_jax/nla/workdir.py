@@ -34,6 +34,7 @@ import ml_collections
 
 from nla_jax import checkpoint as checkpoint_lib
 from nla_jax import distributed, faults, sharding
+from nla_jax import weights as weights_lib
 from nla_jax.errors import UserError
 from nla_jax.nla import run as run_lib
 from nla_jax.nla import state as state_lib
@@ -233,12 +234,19 @@ def _restore_params(directory: str, step: int | None, wanted: dict) -> dict:
 
 
 def load_pair(path: str, mesh_cfg=None, rules=None, label: str | None = None, open_store: bool = False,
-              with_target: bool = True) -> Pair:
+              with_target: bool = True, dtype: str = "compute") -> Pair:
     """Restore the pair `path` names onto `mesh_cfg` (default: the mesh it was trained with).
 
     The run is built from the saved config and statistics; `open_store=True` also opens the
     training store; `with_target=False` leaves the target's weights unread (export needs only the
-    pair's own parameters)."""
+    pair's own parameters).
+
+    `dtype`: what the parameters are held in. "compute" (inference: evaluate, explain): the
+    config's model.dtype, cast while restoring, so a bf16-compute pair trained with float32
+    masters takes half the memory and computes exactly as the trainer's forward passes did (they
+    cast the masters to model.dtype too). "weight": the masters as saved (export, continued
+    training). Or a dtype name. Parts the trainer keeps in float32 whatever model.dtype is (the
+    AV's input projection, the AR head) stay float32."""
     workdir, kind, step = resolve(path)
     first = os.path.join(workdir, "rl" if kind == "rl" else "sft_av")
     step, meta = saved_meta(first, step)
@@ -253,7 +261,7 @@ def load_pair(path: str, mesh_cfg=None, rules=None, label: str | None = None, op
     if open_store and not os.path.isdir(cfg.data.store):
         raise UserError(f"checkpoint {path}: its training store {cfg.data.store} is not there "
                         f"(pass --config.data.store=... pointing at a store of the same target and layer)")
-    run = run_lib.build(cfg, store=open_store, weights=with_target, stats=stats)
+    run = run_lib.build(cfg, store=open_store, weights=with_target, stats=stats, weight_dtype=_held_dtype(cfg, dtype))
     with sharding.use_mesh(run.mesh, run.rules):
         if kind == "rl":
             layout = state_lib.rl(run)
@@ -267,13 +275,20 @@ def load_pair(path: str, mesh_cfg=None, rules=None, label: str | None = None, op
     return Pair(name, path, workdir, kind, step, cfg, run, av, ar, meta)
 
 
+def _held_dtype(cfg, dtype: str):
+    name = {"compute": cfg.model.dtype, "weight": weights_lib.weight_dtype_name(cfg.model)}.get(dtype, dtype)
+    if name not in weights_lib.DTYPES:
+        raise UserError(f"dtype {dtype!r}: expected 'compute', 'weight' or one of {', '.join(weights_lib.DTYPES)}")
+    return weights_lib.dtype_of(name)
+
+
 def mesh_fits(shape: Sequence[int], devices: int) -> bool:
     """Whether a saved mesh shape (one -1 allowed) can be built from this many devices."""
     known = math.prod(s for s in shape if s != -1)
     return devices % known == 0 if -1 in shape else known == devices
 
 
-def load_pair_here(path: str, with_target: bool = True) -> Pair:
+def load_pair_here(path: str, with_target: bool = True, dtype: str = "compute") -> Pair:
     """load_pair on this machine: the mesh the pair was trained with when it fits the local devices,
     else every local device on the data axis (a pair trained on a pod, read on a laptop)."""
     workdir, kind, step = resolve(path)
@@ -285,7 +300,7 @@ def load_pair_here(path: str, with_target: bool = True) -> Pair:
         print(f"note: the pair was trained on a {shape} mesh; using this machine's {n} device(s) as (-1, 1, 1)",
               file=sys.stderr)
         mesh = ml_collections.ConfigDict({"shape": (-1, 1, 1), "axes": sharding.MESH_AXES})
-    return load_pair(path, mesh_cfg=mesh, with_target=with_target)
+    return load_pair(path, mesh_cfg=mesh, with_target=with_target, dtype=dtype)
 
 
 def reference_av(pair: Pair) -> tuple[str, dict]:
