@@ -45,7 +45,7 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -68,8 +68,8 @@ from nla_jax.weights import layout
 FORMAT_AV = "nla_jax.av/1"
 FORMAT_AR = "nla_jax.ar/1"
 HEAD_NORM_EPS = 1e-6        # nla_jax.nla.ar.features: h * rsqrt(mean(h^2) + 1e-6)
-SHARD_BYTES = 4 << 30       # safetensors shard size above which the weights are split (index.json)
-ONE_PROCESS = "export runs in one process (it gathers every parameter onto the host)"
+SHARD_BYTES = hf_weights.SHARD_BYTES   # shard size above which the weights are split (index.json)
+ONE_PROCESS = "export runs in one process (it gathers the parameters onto the host, one shard at a time)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,62 +115,101 @@ def hf_config(mcfg, *, layers: int | None = None, base_model: bool = False, dtyp
     return c
 
 
-def hf_tensors(mcfg, params: dict, layers: int | None = None, final_norm: bool = True,
-               lm_head: bool = True) -> dict[str, np.ndarray]:
-    """nla_jax params -> {transformers name: array} (HF [out, in] layout, the params' dtype, unchanged).
+class Lazy(NamedTuple):
+    """One exported tensor, fetched to host memory only when its safetensors shard is written."""
+    nbytes: int
+    load: Callable[[], np.ndarray]
 
-    Names and layouts come from nla_jax.weights.layout, the table the Hugging Face reader uses,
-    so what is written here is what `weights.load` reads back."""
-    embed = np.asarray(params["embed"])
-    out = {layout.HF_TOP["embed"]: embed}
-    stacked = {leaf: np.asarray(w) for leaf, w in params["layers"].items()}
+
+@jax.jit
+def _layer(w, i):                     # [L, ...] (sharded) -> [...] block i, one compiled program per shape
+    return jax.lax.dynamic_index_in_dim(w, i, 0, keepdims=False)
+
+
+def _nbytes(a) -> int:
+    return int(np.prod(a.shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize
+
+
+def hf_tensor_sources(mcfg, params: dict, layers: int | None = None, final_norm: bool = True,
+                      lm_head: bool = True) -> dict[str, Lazy]:
+    """nla_jax params -> {transformers name: Lazy} (HF [out, in] layout, the params' dtype, unchanged).
+
+    Nothing is gathered here: each block's tensors are sliced out of the stacked (possibly
+    sharded) parameters when written, so exporting a model needs host memory for one safetensors
+    shard (SHARD_BYTES) rather than for the whole model (~280 GB for a 70B verbalizer in float32).
+    Names and layouts come from nla_jax.weights.layout, the table the Hugging Face reader uses, so
+    what is written here is what `weights.load` reads back."""
+    embed = params["embed"]
+    dt = np.dtype(embed.dtype)
+    out = {layout.HF_TOP["embed"]: Lazy(_nbytes(embed), lambda: np.asarray(embed))}
+    stacked = params["layers"]
     n = _layer_count(stacked) if layers is None else layers
     for i in range(n):
         for leaf, w in stacked.items():
-            out[layout.hf_layer_name(i, leaf)] = np.ascontiguousarray(layout.to_hf_layout(mcfg, leaf, w[i]))
+            fetch = lambda w=w, i=i, leaf=leaf: np.ascontiguousarray(
+                layout.to_hf_layout(mcfg, leaf, np.asarray(_layer(w, i) if isinstance(w, jax.Array) else w[i])))
+            out[layout.hf_layer_name(i, leaf)] = Lazy(_nbytes(w) // int(w.shape[0]), fetch)
     if mcfg.family == "qwen2" and not mcfg.qkv_bias:
         # transformers' Qwen2 always has q/k/v biases: write zeros, which change nothing.
         q_size, kv_size = mcfg.n_heads * mcfg.head_dim, mcfg.n_kv_heads * mcfg.head_dim
+        zeros = lambda size: Lazy(size * dt.itemsize, lambda: np.zeros((size,), dt))
         for i in range(n):
-            out[layout.hf_layer_name(i, "bq")] = np.zeros((q_size,), embed.dtype)
+            out[layout.hf_layer_name(i, "bq")] = zeros(q_size)
             for leaf in ("bk", "bv"):
-                out[layout.hf_layer_name(i, leaf)] = np.zeros((kv_size,), embed.dtype)
+                out[layout.hf_layer_name(i, leaf)] = zeros(kv_size)
     if final_norm:
         # a base model without its final norm (the AR) still needs the weight to load cleanly: ones
-        out[layout.HF_TOP["final_norm"]] = np.asarray(params["final_norm"]) if "final_norm" in params else \
-            np.ones((mcfg.d_model,), embed.dtype)
+        norm = params.get("final_norm")
+        out[layout.HF_TOP["final_norm"]] = Lazy(mcfg.d_model * dt.itemsize, (lambda: np.asarray(norm)) if norm is not None
+                                                else (lambda: np.ones((mcfg.d_model,), dt)))
     if lm_head and not mcfg.tie_embeddings:
-        out[layout.HF_TOP["lm_head"]] = np.ascontiguousarray(np.asarray(params["lm_head"]).T)
+        head = params["lm_head"]
+        out[layout.HF_TOP["lm_head"]] = Lazy(_nbytes(head), lambda: np.ascontiguousarray(np.asarray(head).T))
     return out
+
+
+def hf_tensors(mcfg, params: dict, layers: int | None = None, final_norm: bool = True,
+               lm_head: bool = True) -> dict[str, np.ndarray]:
+    """hf_tensor_sources, every tensor fetched (small models, tests)."""
+    return {k: t.load() for k, t in hf_tensor_sources(mcfg, params, layers, final_norm, lm_head).items()}
 
 
 def _layer_count(stacked: dict) -> int:
     return int(next(iter(stacked.values())).shape[0])
 
 
-def write_safetensors(d: str, tensors: dict[str, np.ndarray], shard_bytes: int | None = None) -> None:
-    """model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json."""
+def shard_plan(sizes: dict[str, int], shard_bytes: int | None = None) -> list[list[str]]:
+    """Tensor names grouped into safetensors shards of at most shard_bytes (a larger tensor alone)."""
     shard_bytes = SHARD_BYTES if shard_bytes is None else shard_bytes
-    meta = {"format": "pt"}
-    total = sum(a.nbytes for a in tensors.values())
-    if total <= shard_bytes:
-        save_file(tensors, os.path.join(d, "model.safetensors"), metadata=meta)
-        return
-    shards, cur, size = [], {}, 0
-    for k, a in tensors.items():
-        if cur and size + a.nbytes > shard_bytes:
+    if sum(sizes.values()) <= shard_bytes:
+        return [list(sizes)]
+    shards, cur, size = [], [], 0
+    for k, n in sizes.items():
+        if cur and size + n > shard_bytes:
             shards.append(cur)
-            cur, size = {}, 0
-        cur[k] = a
-        size += a.nbytes
+            cur, size = [], 0
+        cur.append(k)
+        size += n
     shards.append(cur)
+    return shards
+
+
+def write_safetensors(d: str, tensors: dict[str, np.ndarray | Lazy], shard_bytes: int | None = None) -> None:
+    """model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json; Lazy
+    tensors are fetched one shard at a time."""
+    meta = {"format": "pt"}
+    lazy = {k: t if isinstance(t, Lazy) else Lazy(t.nbytes, lambda t=t: t) for k, t in tensors.items()}
+    shards = shard_plan({k: t.nbytes for k, t in lazy.items()}, shard_bytes)
+    if len(shards) == 1:
+        save_file({k: lazy[k].load() for k in shards[0]}, os.path.join(d, "model.safetensors"), metadata=meta)
+        return
     weight_map = {}
-    for i, sh in enumerate(shards, 1):
+    for i, names in enumerate(shards, 1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(sh, os.path.join(d, name), metadata=meta)
-        weight_map.update({k: name for k in sh})
+        save_file({k: lazy[k].load() for k in names}, os.path.join(d, name), metadata=meta)
+        weight_map.update({k: name for k in names})
     _write_json(os.path.join(d, "model.safetensors.index.json"),
-                {"metadata": {"total_size": total}, "weight_map": weight_map})
+                {"metadata": {"total_size": sum(t.nbytes for t in lazy.values())}, "weight_map": weight_map})
 
 
 def write_tokenizer(d: str, tok, mcfg) -> None:
@@ -206,7 +245,7 @@ def write_model_dir(d: str, mcfg, params: dict, tok, *, layers: int | None = Non
     os.makedirs(d, exist_ok=True)
     dtype = _dtype_name(params["embed"])
     _write_json(os.path.join(d, "config.json"), hf_config(mcfg, layers=layers, base_model=base_model, dtype=dtype))
-    write_safetensors(d, hf_tensors(mcfg, params, layers, lm_head=not base_model))
+    write_safetensors(d, hf_tensor_sources(mcfg, params, layers, lm_head=not base_model))
     eos = list(mcfg.eos_ids)
     _write_json(os.path.join(d, "generation_config.json"),
                 {"bos_token_id": mcfg.bos_id, "eos_token_id": eos[0] if len(eos) == 1 else eos,

@@ -315,3 +315,30 @@ def test_transformers_reads_qwen2_dir(tiny_qwen2, tmp_path):
     ours = T.forward(params, jnp.asarray(ids), cfg)["logits"][0]
     _close(ours, got["logits_0"], "Qwen2 logits")
     assert meta["text_ids"] == ids
+
+
+def test_model_dir_fetches_one_shard_at_a_time(tiny_qwen2, tmp_path, monkeypatch):
+    """A 70B verbalizer is ~280 GB in float32: export fetches each block's tensors to host memory
+    only when the shard holding them is written, never the whole model at once."""
+    cfg, params, tok = tiny_qwen2
+    monkeypatch.setattr(export, "SHARD_BYTES", 20_000)
+    events = []
+    sources = export.hf_tensor_sources(cfg, params)
+    logged = {k: export.Lazy(t.nbytes, lambda k=k, t=t: (events.append(("load", k)), t.load())[1])
+              for k, t in sources.items()}
+    real_save = export.save_file
+    monkeypatch.setattr(export, "save_file", lambda tensors, path, metadata=None: (
+        events.append(("save", tuple(tensors))), real_save(tensors, path, metadata=metadata)))
+    d = tmp_path / "m"
+    d.mkdir()
+    export.write_safetensors(str(d), logged)
+    saves = [names for kind, names in events if kind == "save"]
+    assert len(saves) > 2
+    loaded = []
+    for kind, what in events:          # every save is preceded by the loads of exactly its tensors
+        if kind == "load":
+            loaded.append(what)
+        else:
+            assert tuple(loaded) == what, (loaded, what)
+            loaded = []
+    assert {k: t.nbytes for k, t in sources.items()} == {k: v.nbytes for k, v in export.hf_tensors(cfg, params).items()}

@@ -20,6 +20,9 @@ from nla_jax.weights import layout
 # transformers `model_type` -> nla_jax model family (Mistral without sliding windows is a Llama).
 FAMILIES = {"llama": "llama", "qwen2": "qwen2", "mistral": "llama"}
 # nla_jax model family -> transformers architecture classes (causal LM, base model without LM head).
+# safetensors shard size of exported model directories (export writes above it as model-0000i-of-n
+# plus an index, fetching one shard's tensors at a time: this is also its host-memory bound)
+SHARD_BYTES = 4 << 30
 ARCHITECTURES = {"llama": ("LlamaForCausalLM", "LlamaModel"), "qwen2": ("Qwen2ForCausalLM", "Qwen2Model")}
 
 
