@@ -5,9 +5,12 @@
 
 A real-scale config is a configs/*.py whose get_config() has an `aot` section; each one runs with
 its default variant plus every variant that names another machine (another mesh or `aot` section).
-Each run is a fresh process with the config's number of fake CPU devices (see nla_jax/aot.py for
-what is compiled and what the memory numbers mean). Exits non-zero if any step of any config does
-not fit its accelerator. Wall time: a few minutes on 2 cores (the 70B GRPO step compiles in ~30-45 s).
+Each run is a fresh process: GPU targets on the config's number of fake CPU devices (XLA:CPU's
+estimate), TPU variants (aot.topology) with the real TPU compiler in .venv-tpu (`bash launch/setup.sh
+tpu-compile`; skipped and listed when it is absent), timed by its cost model unless --no-time (see
+nla_jax/aot.py for what is compiled and what the numbers mean). Exits non-zero if any step of any
+config does not fit its accelerator. Wall time on 2 cores: a few minutes for the GPU targets; the TPU
+targets' loop-corrected times compile each step 2-4 more times (tens of minutes in all).
 """
 from __future__ import annotations
 
@@ -52,21 +55,41 @@ def targets() -> list[str]:
     return out
 
 
+TPU_PYTHON = os.path.join(REPO, ".venv-tpu", "bin", "python")
+
+
+def is_tpu(spec: str) -> bool:
+    """Whether a config spec targets a TPU slice (aot.topology): those compile with XLA:TPU."""
+    path, _, variant = spec.partition(":")
+    return bool(_module(os.path.join(REPO, path)).get_config(variant or None).aot.get("topology"))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", default="sft_av,sft_ar,rl")
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "aot.json"))
     p.add_argument("--only", default=None, help="comma-separated config specs instead of all")
+    p.add_argument("--no-time", action="store_true", help="TPU targets: memory only (no loop-corrected time, MFU)")
     args = p.parse_args()
     specs = args.only.split(",") if args.only else targets()
     results, failed = [], []
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p))
+    skipped = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, spec in enumerate(specs):
             js = os.path.join(tmp, f"{i}.json")
+            py = sys.executable
+            if is_tpu(spec):        # compiled by XLA:TPU: libtpu lives in .venv-tpu
+                py = TPU_PYTHON if os.path.exists(TPU_PYTHON) else None
+                if py is None:
+                    print(f"[{i + 1}/{len(specs)}] {spec}: skipped (no {TPU_PYTHON}; bash launch/setup.sh tpu-compile)",
+                          file=sys.stderr, flush=True)
+                    skipped.append(spec)
+                    continue
             print(f"[{i + 1}/{len(specs)}] {spec}", file=sys.stderr, flush=True)
-            r = subprocess.run([sys.executable, "-m", "nla_jax.aot", "--config", spec, "--steps", args.steps,
-                                "--json", js], cwd=REPO, env=env, capture_output=True, text=True)
+            r = subprocess.run([py, "-m", "nla_jax.aot", "--config", spec, "--steps", args.steps,
+                                "--json", js, *(["--no-time"] if args.no_time else [])],
+                               cwd=REPO, env=env, capture_output=True, text=True)
             if not os.path.exists(js):
                 print(r.stdout + r.stderr, file=sys.stderr)
                 failed.append(spec)
@@ -78,22 +101,25 @@ def main() -> int:
             if r.returncode:
                 failed.append(spec)
     head = (f"{'config':<30}{'devices':>8}  {'accelerator':<13}{'mesh d,f,t':>11}  {'step':<7}{'compile s':>10}"
-            f"{'args GB':>9}{'temp GB':>9}{'total GB':>10}{'budget GB':>11}  fits")
+            f"{'args GB':>9}{'temp GB':>9}{'total GB':>10}{'budget GB':>11}{'est s':>8}{'est MFU':>9}  fits  compiler")
     print(head)
     print("-" * len(head))
+    fmt = lambda v, f: "-" if v is None else format(v, f)
     for rep in results:
         t, m = rep["target"], rep["mesh"]
         mesh = f"{m['data']},{m['fsdp']},{m['tensor']}"
         for r in rep["steps"]:
             print(f"{rep['config'].removeprefix('configs/'):<30}{t['devices']:>8}  {t['accelerator']:<13}{mesh:>11}  "
                   f"{r['step']:<7}{r['compile_s']:>10.1f}{r['argument_gb']:>9.2f}{r['temp_gb']:>9.2f}"
-                  f"{r['total_gb']:>10.2f}{rep['budget_gb']:>11.2f}  {'yes' if r['fits'] else 'NO'}")
-    if results:
-        print(f"note: {results[0]['note']}")
+                  f"{r['total_gb']:>10.2f}{rep['budget_gb']:>11.2f}{fmt(r.get('est_seconds'), '.3f'):>8}"
+                  f"{fmt(r.get('est_mfu'), '.1%'):>9}  {'yes' if r['fits'] else 'NO ':<4}  "
+                  f"{'XLA:TPU' if t.get('topology') else 'XLA:CPU (estimate)'}")
+    for note in dict.fromkeys(rep["note"] for rep in results):
+        print(f"note: {note}")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                   "configs": results, "failed": failed}, f, indent=1)
+                   "configs": results, "failed": failed, "skipped": skipped}, f, indent=1)
     print(f"wrote {args.out}", file=sys.stderr)
     if failed:
         print(f"error: did not compile or fit: {', '.join(failed)}", file=sys.stderr)

@@ -80,10 +80,7 @@ def get_config(arg=None):
         closer_len=4, ar_prefix_len=4, ar_suffix_len=5,
     ))
     if "v5p64" in variants:
-        cfg.mesh.platform = "tpu"
-        cfg.mesh.shape = (1, 8, 8)
-        cfg.aot.devices = 64
-        cfg.aot.update(accelerator="TPU-v5p-95GB", device_memory_gb=95.0, usable_fraction=0.95)
+        common.tpu(cfg, "v5p:4x4x4", 64, (1, 8, 8), hbm_gb=95.0)
     if "g4" in variants:
         cfg.rl.update(batch=32, group_size=4)
     return cfg

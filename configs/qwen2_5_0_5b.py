@@ -6,9 +6,11 @@ Point model.source at the model's Hugging Face directory and launch as for the 7
     sbatch --nodes=1 launch/slurm_gpu.sbatch configs/qwen2_5_0_5b.py --config.model.source=/data/Qwen2.5-0.5B-Instruct
     # one GPU: sbatch --gpus-per-node=1 launch/slurm_gpu.sbatch ... --config.mesh.shape="(-1,1,1)"
 
-Ahead-of-time check on 8 fake devices (tests/test_aot.py runs it in CI):
+Ahead-of-time check on 8 fake devices (tests/test_aot.py runs it in CI), and with the real TPU
+compiler for the `:v5e8` variant (a v5e-8 slice: 8 chips of 16 GB; `bash launch/setup.sh tpu-compile`):
 
     python -m nla_jax.aot --config configs/qwen2_5_0_5b.py
+    .venv-tpu/bin/python -m nla_jax.aot --config configs/qwen2_5_0_5b.py:v5e8
 
 The architecture is the checkpoint's config.json (24 blocks, d=896, 14 heads, 2 KV heads of 64, MLP
 4864, vocab 151936, tied embeddings, q/k/v biases, RoPE theta 1e6); block 16 is 2/3 of depth. The
@@ -27,9 +29,11 @@ ARCH = dict(
     name="Qwen2.5-0.5B-Instruct")
 
 
+VARIANTS = ("v5e8",)
+
+
 def get_config(arg=None):
-    if arg:
-        raise ValueError(f"unknown variant {arg!r} (this config has none)")
+    variants = common.variants(arg, VARIANTS)
     cfg = ml_collections.ConfigDict()
     cfg.model = ml_collections.ConfigDict(dict(
         source="/path/to/Qwen2.5-0.5B-Instruct",   # set this: a Hugging Face directory
@@ -58,4 +62,6 @@ def get_config(arg=None):
         devices=8, accelerator="H100-80GB", device_memory_gb=80.0, usable_fraction=0.9,
         prompt_len=64, closer_len=4, ar_prefix_len=4, ar_suffix_len=5,
     ))
+    if "v5e8" in variants:
+        common.tpu(cfg, "v5e:2x4", 8, (1, 8, 1), hbm_gb=16.0)
     return cfg

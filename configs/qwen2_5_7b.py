@@ -18,13 +18,14 @@ Facts of the public release used here: layer 20, injected norm 150 ("a round num
 norm"), explanations capped at 150 tokens, group size 8, actor LR in 1e-6..1e-5, AR LR in 1e-5..5e-5.
 `model.arch` repeats the checkpoint's config.json so `nla_jax.aot` needs no weights; when
 model.source is a directory, its config.json is what training uses (aot checks the two agree).
-Variant `:g4` uses groups of 4.
+Variant `:g4` uses groups of 4; `:v5p8` is the same mesh on a v5p-16 slice (8 chips of 95 GB),
+compiled by the real TPU compiler: `.venv-tpu/bin/python -m nla_jax.aot --config configs/qwen2_5_7b.py:v5p8`.
 """
 import ml_collections
 
 from configs import common
 
-VARIANTS = ("g4",)
+VARIANTS = ("g4", "v5p8")
 
 ARCH = dict(
     family="qwen2", n_layers=28, d_model=3584, n_heads=28, n_kv_heads=4, head_dim=128, d_ff=18944,
@@ -69,4 +70,6 @@ def get_config(arg=None):
     ))
     if "g4" in variants:
         cfg.rl.update(batch=32, group_size=4)
+    if "v5p8" in variants:
+        common.tpu(cfg, "v5p:2x2x2", 8, (1, 8, 1), hbm_gb=95.0)
     return cfg

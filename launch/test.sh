@@ -25,5 +25,11 @@ if [[ -z ${NLA_SKIP_PEERS:-} && -z ${NLA_PEERS_PYTHON:-} && -f ../shared/peers/s
     echo "peers set-up failed (see build/peers-setup.log): transformers parity tests will skip" >&2
   fi
 fi
+# The TPU compiler (libtpu) in its own venv, .venv-tpu: tests/test_aot.py compiles for a TPU slice
+# with it (no TPU needed). NLA_SKIP_TPU_COMPILE=1 skips it; without it those tests skip and say why.
+if [[ -z ${NLA_SKIP_TPU_COMPILE:-} ]]; then
+  bash launch/setup.sh tpu-compile >build/tpu-compile-setup.log 2>&1 \
+    || echo "TPU compiler set-up failed (see build/tpu-compile-setup.log): the TPU aot tests will skip" >&2
+fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 exec .venv/bin/python -m pytest -q "$@" tests

@@ -33,6 +33,7 @@ with XLA:CPU's upcasts (an upper bound).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -46,21 +47,26 @@ import jax.numpy as jnp
 import numpy as np
 from jax._src import xla_bridge
 
-from nla_jax import cli, sampling, sharding
+from nla_jax import accelerators, cli, sampling, sharding
 from nla_jax import weights as weights_lib
 from nla_jax.weights import hf as hf_weights
 from nla_jax.cli import cli_main
 from nla_jax.errors import UserError
 from nla_jax.models import transformer
+from nla_jax.nla import flops as flops_lib
 from nla_jax.nla import measure
 from nla_jax.nla import run as run_lib
 from nla_jax.nla import state as state_lib
+from nla_jax.nla import steps
 
 TRAIN_STEPS = ("sft_av", "sft_ar", "rl")
-STEPS = TRAIN_STEPS + ("explain", "export")
+STEPS = TRAIN_STEPS + ("decode", "explain", "export")
 GB = 1e9
 NOTE = ("per-device bytes from XLA:CPU's memory analysis on fake CPU devices: an estimate of what the "
         "GPU/TPU compiler needs, not its exact plan")
+NOTE_TPU = ("per-device bytes from XLA:TPU's memory analysis and seconds from its cost model (compiled for the "
+            "slice libtpu describes, no TPU attached): the TPU compiler's own estimates; est MFU = model FLOPs "
+            "(nla_jax.nla.flops) / (est s x devices x peak bf16 FLOP/s)")
 NOTE_F16 = "bfloat16 compiled as float16 (same size) so that XLA:CPU keeps 16-bit dots as a GPU/TPU does"
 NOTE_BF16 = "bfloat16 compiled as is: XLA:CPU's float32 copies of dot operands inflate the temporaries"
 _REEXEC = "NLA_AOT_CHILD"
@@ -70,10 +76,18 @@ def build_parser():
     p = cli.parser(__doc__)
     p.add_argument("--steps", default=",".join(TRAIN_STEPS),
                    help="comma-separated subset of " + ",".join(STEPS) + " (default: the training steps). "
-                        "explain: evaluate's and explain's per-batch program (sampler + AR read-out, eval.batch "
+                        "decode: the RL step's rollout alone (rl.batch x group); explain: evaluate's and explain's per-batch program (sampler + AR read-out, eval.batch "
                         "rows, the pair in the compute dtype); export: the pair's float32 masters on the "
                         "mesh and the host memory of writing them (nothing compiled)")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the table as JSON here")
+    p.add_argument("--target", default=None, metavar="TOPOLOGY",
+                   help="compile with the real TPU compiler for this TPU slice, as libtpu names it: v5p:2x2x2 "
+                        "(8 chips), v5p:4x4x4 (64), v5e:4x4 (16), v6e:8x8 (64), ... (default: config "
+                        "aot.topology if set, else aot.devices fake CPU devices). Needs libtpu: "
+                        + accelerators.SETUP_HINT)
+    p.add_argument("--no-time", action="store_true",
+                   help="TPU targets: skip the cost model's loop-corrected time (and MFU), which compiles each "
+                        "step again once per distinct layer-scan length (plus twice for the decode loop)")
     p.add_argument("--devices", type=int, default=None, help="fake devices (default: config aot.devices)")
     p.add_argument("--device-memory-gb", type=float, default=None,
                    help="memory of one accelerator in GB (default: config aot.device_memory_gb)")
@@ -94,6 +108,8 @@ class Target:
     closer_len: int
     ar_prefix_len: int
     ar_suffix_len: int
+    topology: str | None = None          # a TPU slice (libtpu's name): compiled by XLA:TPU
+    peak_tflops: float | None = None     # per device, bf16 dense (TPU targets: accelerators.CHIPS)
 
     @property
     def budget_gb(self) -> float:
@@ -101,20 +117,29 @@ class Target:
 
 
 def target_of(cfg, args) -> Target:
+    """The machine to compile for: a TPU slice (--target or config aot.topology: the real TPU
+    compiler, memory and peak from accelerators.CHIPS) or aot.devices fake CPU devices (GPU targets:
+    XLA:CPU's estimate)."""
     a = cfg.get("aot") or {}
+    lengths = (int(a.get("prompt_len", 64)), int(a.get("closer_len", 4)), int(a.get("ar_prefix_len", 4)),
+               int(a.get("ar_suffix_len", 5)))
+    frac = float(a.get("usable_fraction", 0.9))
+    if not 0 < frac <= 1:
+        raise UserError(f"config key aot.usable_fraction={frac}: expected a fraction in (0, 1]")
+    topology = args.target or a.get("topology")
+    if topology:
+        chip, _ = accelerators.parse_topology(topology)
+        mem = args.device_memory_gb if args.device_memory_gb is not None else chip.hbm_gb
+        return Target(accelerators.chips(topology), f"TPU-{chip.name}-{chip.hbm_gb:g}GB", float(mem), frac, *lengths,
+                      topology=topology, peak_tflops=chip.peak_tflops_bf16)
     devices = args.devices or a.get("devices")
     mem = args.device_memory_gb if args.device_memory_gb is not None else a.get("device_memory_gb")
     if not devices or mem is None:
         raise UserError(f"config {args.config!r} has no aot section (aot.devices, aot.device_memory_gb); "
-                        "add one or pass --devices N --device-memory-gb G")
+                        "add one or pass --devices N --device-memory-gb G, or --target TOPOLOGY")
     if devices < 1:
         raise UserError(f"aot.devices={devices}: expected at least 1")
-    frac = float(a.get("usable_fraction", 0.9))
-    if not 0 < frac <= 1:
-        raise UserError(f"config key aot.usable_fraction={frac}: expected a fraction in (0, 1]")
-    return Target(int(devices), str(a.get("accelerator", "accelerator")), float(mem), frac,
-                  int(a.get("prompt_len", 64)), int(a.get("closer_len", 4)), int(a.get("ar_prefix_len", 4)),
-                  int(a.get("ar_suffix_len", 5)))
+    return Target(int(devices), str(a.get("accelerator", "accelerator")), float(mem), frac, *lengths)
 
 
 # ============================================================================= fake devices
@@ -230,7 +255,40 @@ def lower_explain(run: run_lib.Run):
     return fn, args, {"av": av, "ar": ar}
 
 
-LOWER = {"sft_av": lower_sft_av, "sft_ar": lower_sft_ar, "rl": lower_rl, "explain": lower_explain}
+def lower_decode(run: run_lib.Run):
+    """The RL step's rollout alone (prefill + decode of rl.batch x rl.group_size explanations from
+    the AV's masters, cast inside as the step does): how much of the step sampling takes."""
+    av = state_lib.rl(run).params_abstract("av")
+    d, G = run.model_cfg.d_model, int(run.cfg.rl.group_size)
+    batch = _batch(run, {"acts": ((int(run.cfg.rl.batch), d), jnp.dtype(run.cfg.data.dtype))}, "rl.batch")
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    fn = jax.jit(functools.partial(steps.explain, ctx=run.ctx, sc=state_lib.rl_sample_config(run), group=G))
+    args = (av, batch["acts"], _replicated(run, (d,)), _replicated(run, key.shape, key.dtype))
+    return fn, args, {"av": av}
+
+
+LOWER = {"sft_av": lower_sft_av, "sft_ar": lower_sft_ar, "rl": lower_rl, "explain": lower_explain,
+         "decode": lower_decode}
+
+
+def model_flops(run: run_lib.Run, name: str) -> flops_lib.StepFlops | None:
+    """Model FLOPs of one global step (nla_jax.nla.flops); None for export (no program)."""
+    m, c = run.model_cfg, run.cfg
+    P, C, A, K = len(run.ctx.av.prompt), run.ctx.av.max_len, run.ctx.ar.seq_len, int(c.model.layer)
+    B, G = int(c.rl.batch), int(c.rl.group_size)
+    if name == "sft_av":
+        return flops_lib.sft_av(m, int(c.sft_av.batch), P, C)
+    if name == "sft_ar":
+        return flops_lib.sft_ar(m, int(c.sft_ar.batch), A, K)
+    if name == "rl":
+        return flops_lib.rl(m, B, G, P, C, A, K, state_lib.share_prompt(run), float(c.rl.beta) > 0)
+    if name == "decode":
+        return flops_lib.decode(m, B * G, B, P, C)
+    if name == "explain":
+        E = int(c.eval.batch)
+        f = flops_lib.decode(m, E, E, P, C).total + flops_lib.forward(m, E * A, A / 2, layers=K + 1, head_rows=E)
+        return flops_lib.StepFlops(f, {"explain": f})
+    return None
 
 
 def per_device_bytes(tree) -> int:
@@ -260,9 +318,66 @@ def export_row(run: run_lib.Run) -> dict:
             "host_gb": max(host(av), host(ar)) / GB}
 
 
-def compile_step(run: run_lib.Run, name: str) -> dict:
+def _probe_seconds(run: run_lib.Run, name: str, scan_probe: int | None = None, peel: int = 0) -> float:
+    transformer.SCAN_PROBE, sampling.DECODE_PEEL = scan_probe, peel
+    jax.clear_caches()            # the probes change module switches a cached trace would not see
+    try:
+        return _compile(run, name)["est_seconds"]
+    finally:
+        transformer.SCAN_PROBE, sampling.DECODE_PEEL = None, 0
+        jax.clear_caches()
+
+
+_DECODE_STEP: dict[int, float] = {}
+
+
+def loop_corrected_seconds(run: run_lib.Run, name: str, as_compiled: float, trips: list[int]) -> tuple[float, dict]:
+    """The cost model's seconds with every loop counted at its trip count.
+
+    XLA's cost analysis counts a loop body once. Layer scans: compiling again with the scans of trip
+    count n unrolled twice adds 1 + n % 2 bodies (jax runs an odd remainder as its own loop), so one
+    block costs the difference / (1 + n % 2) and the scan n - 1 more of them. Decode: the sampler's
+    while_loop (layers unrolled inside) runs cap - 1 steps; one peeled step's cost is measured on
+    the rollout program (`decode`) and the loop's cap - 2 uncounted steps added."""
+    total, parts = as_compiled, {"as_compiled": as_compiled}
+    for n in trips:
+        if n < 2:
+            continue
+        block = (_probe_seconds(run, name, scan_probe=n) - as_compiled) / (1 + n % 2)
+        parts[f"scan{n}"] = (n - 1) * block
+        total += parts[f"scan{n}"]
+    if name in ("rl", "decode", "explain"):
+        probe = "explain" if name == "explain" else "decode"
+        key = id(run) * 2 + (probe == "explain")
+        if key not in _DECODE_STEP:
+            _DECODE_STEP[key] = _probe_seconds(run, probe, peel=1) - _probe_seconds(run, probe, peel=0)
+        parts["decode_loop"] = (run.ctx.av.max_len - 2) * _DECODE_STEP[key]
+        total += parts["decode_loop"]
+    return total, parts
+
+
+def compile_step(run: run_lib.Run, name: str, t: Target | None = None, time_it: bool = False) -> dict:
+    """Lower and compile step `name`; memory analysis, and where the compiler has a cost model (XLA:TPU)
+    its time estimate (`time_it`: loops counted at their trip counts, see loop_corrected_seconds;
+    several more compiles) and the estimated MFU = model FLOPs / (seconds x devices x peak)."""
     if name == "export":
         return export_row(run)
+    transformer.SCAN_TRIPS.clear()
+    row = _compile(run, name)
+    if time_it and row["est_seconds"]:
+        row["est_seconds_as_compiled"] = row["est_seconds"]
+        row["est_seconds"], row["est_seconds_parts"] = loop_corrected_seconds(run, name, row["est_seconds"],
+                                                                             sorted(transformer.SCAN_TRIPS))
+    mf = model_flops(run, name)
+    row["model_flops"] = mf.total if mf else None
+    row["model_flops_parts"] = mf.parts if mf else None
+    row["est_mfu"] = None
+    if t is not None and t.peak_tflops and row["est_seconds"] and mf:
+        row["est_mfu"] = mf.total / (row["est_seconds"] * t.devices * t.peak_tflops * 1e12)
+    return row
+
+
+def _compile(run: run_lib.Run, name: str) -> dict:
     t0 = time.perf_counter()
     fn, args, parts = LOWER[name](run)
     with sharding.use_mesh(run.mesh, run.rules):
@@ -271,7 +386,11 @@ def compile_step(run: run_lib.Run, name: str) -> dict:
     compiled = lowered.compile()
     t2 = time.perf_counter()
     m = compiled.memory_analysis()
+    cost = compiled.cost_analysis() or {}
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     row = {"step": name, "lower_s": t1 - t0, "compile_s": t2 - t1,
+           "xla_flops_per_device": float(cost.get("flops", 0.0)) or None,
+           "est_seconds": float(cost["optimal_seconds"]) if cost.get("optimal_seconds", 0) > 0 else None,
            "argument_gb": m.argument_size_in_bytes / GB, "output_gb": m.output_size_in_bytes / GB,
            "alias_gb": m.alias_size_in_bytes / GB, "temp_gb": m.temp_size_in_bytes / GB,
            "code_gb": m.generated_code_size_in_bytes / GB}
@@ -290,13 +409,17 @@ def compile_step(run: run_lib.Run, name: str) -> dict:
 # ============================================================================= report
 
 def table(rows: list[dict], t: Target) -> str:
+    cost = t.topology is not None
     head = (f"{'step':<8}{'lower s':>9}{'compile s':>11}{'args GB':>10}{'out GB':>9}{'alias GB':>10}"
-            f"{'temp GB':>10}{'total GB':>10}{'budget GB':>11}  fits")
+            f"{'temp GB':>10}{'total GB':>10}{'budget GB':>11}" + (f"{'est s':>9}{'est MFU':>9}" if cost else "")
+            + "  fits")
     lines = [head, "-" * len(head)]
+    fmt = lambda v, f: "-" if v is None else format(v, f)
     for r in rows:
+        extra = f"{fmt(r.get('est_seconds'), '.3f'):>9}{fmt(r.get('est_mfu'), '.1%'):>9}" if cost else ""
         lines.append(f"{r['step']:<8}{r['lower_s']:>9.1f}{r['compile_s']:>11.1f}{r['argument_gb']:>10.2f}"
                      f"{r['output_gb']:>9.2f}{r['alias_gb']:>10.2f}{r['temp_gb']:>10.2f}{r['total_gb']:>10.2f}"
-                     f"{t.budget_gb:>11.2f}  {'yes' if r['fits'] else 'NO'}")
+                     f"{t.budget_gb:>11.2f}{extra}  {'yes' if r['fits'] else 'NO'}")
     return "\n".join(lines)
 
 
@@ -313,14 +436,14 @@ def check(cfg) -> None:
     run_lib.check_config(c)
 
 
-def build_run(cfg, bf16_as: str, inference: bool = False) -> run_lib.Run:
+def build_run(cfg, bf16_as: str, inference: bool = False, devices=None) -> run_lib.Run:
     """The abstract run: no weights, store or tokenizer; bfloat16 compiled as float16 with
     --bf16-as f16 (same bytes; see the module docstring). `inference`: parameters held in the
     compute dtype, as evaluate and explain read a pair (workdir.load_pair(dtype="compute"))."""
     as_compiled = lambda d: jnp.float16 if bf16_as == "f16" and d == jnp.bfloat16 else d
     compute = as_compiled(weights_lib.dtype_of(cfg.model.dtype))
     weight = compute if inference else as_compiled(weights_lib.dtype_of(weights_lib.weight_dtype_name(cfg.model)))
-    return run_lib.build(cfg, abstract=True, compute_dtype=compute, weight_dtype=weight)
+    return run_lib.build(cfg, abstract=True, compute_dtype=compute, weight_dtype=weight, devices=devices)
 
 
 @cli_main
@@ -332,27 +455,39 @@ def main(argv=None) -> int:
     if bad or not steps_:
         raise UserError(f"--steps: unknown step {bad[0] if bad else ''!r} (expected some of {', '.join(STEPS)})")
     t = target_of(cfg, args)
-    rc = ensure_devices(t.devices, args.bf16_as == "f16", argv)
-    if rc is not None:
-        return rc
+    devices = None
+    if t.topology:
+        if not xla_bridge.backends_are_initialized():     # the host runs on its CPU; libtpu only compiles
+            os.environ["JAX_PLATFORMS"] = "cpu"
+            jax.config.update("jax_platforms", "cpu")
+        devices = accelerators.tpu_devices(t.topology)
+        args.bf16_as = "bf16"                               # XLA:TPU computes bf16 natively: no stand-in
+    else:
+        rc = ensure_devices(t.devices, args.bf16_as == "f16", argv)
+        if rc is not None:
+            return rc
     jax.config.update("jax_enable_compilation_cache", False)  # compile times are part of the report
     # Compile the accelerator's code path: the hand-written matmul gradient is an XLA:CPU speed fix.
     transformer.CPU_HANDWRITTEN_MATMUL_GRAD = False
     check(cfg)
-    run = build_run(cfg, args.bf16_as)
-    runs = {"train": run, "inference": build_run(cfg, args.bf16_as, inference=True) if "explain" in steps_ else None}
+    run = build_run(cfg, args.bf16_as, devices=devices)
+    runs = {"train": run, "inference": build_run(cfg, args.bf16_as, inference=True, devices=devices)
+            if "explain" in steps_ else None}
     mesh, m = run.mesh, run.model_cfg
     print(f"config {args.config}: {m.name} ({m.family}, {_params(m) / 1e9:.2f}B params, {m.n_layers} blocks, "
           f"d={m.d_model}), block K={cfg.model.layer}, compute {cfg.model.dtype}, weights "
           f"{weights_lib.weight_dtype_name(cfg.model)}, remat={bool(cfg.model.remat)}")
+    where = (f"TPU slice {t.topology} as libtpu describes it, compiled by XLA:TPU" if t.topology
+             else f"{t.devices} fake CPU devices")
     print(f"target: {t.devices} x {t.accelerator} ({t.memory_gb:g} GB each, budget {t.usable_fraction:g} x = "
-          f"{t.budget_gb:.2f} GB); mesh {dict(mesh.shape)} on {t.devices} fake CPU devices")
+          f"{t.budget_gb:.2f} GB); mesh {dict(mesh.shape)} on {where}")
     print(f"batches: sft_av {cfg.sft_av.batch}, sft_ar {cfg.sft_ar.batch}, rl {cfg.rl.batch} x group "
           f"{cfg.rl.group_size}; prompt {t.prompt_len} + explanation cap {cfg.av.max_len} tokens", flush=True)
     rows = []
     for name in steps_:
         print(f"aot: lowering and compiling {name} ...", file=sys.stderr, flush=True)
-        r = compile_step(runs["inference"] if name == "explain" else run, name)
+        r = compile_step(runs["inference"] if name == "explain" else run, name, t,
+                         time_it=bool(t.topology) and not args.no_time)
         r["fits"] = r["total_gb"] <= t.budget_gb
         rows.append(r)
         parts = ", ".join(f"{k} {v:.2f}" for k, v in r["parts_gb"].items())
@@ -360,9 +495,12 @@ def main(argv=None) -> int:
         done = "measured" if name == "export" else f"compiled in {r['compile_s']:.1f}s"
         print(f"aot: {name} {done}; per-device argument GB: {parts}{host}", file=sys.stderr, flush=True)
     print(table(rows, t))
-    note = NOTE
-    if cfg.model.dtype == "bfloat16":
-        note += "; " + (NOTE_F16 if args.bf16_as == "f16" else NOTE_BF16)
+    if t.topology:
+        note = NOTE_TPU
+    else:
+        note = NOTE
+        if cfg.model.dtype == "bfloat16":
+            note += "; " + (NOTE_F16 if args.bf16_as == "f16" else NOTE_BF16)
     print(f"note: {note}")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -207,6 +207,12 @@ def _sample_jit(params, prompt, valid, key, *, cfg, sc, override=None, add_after
     return _sample(params, prompt, valid, key, cfg=cfg, sc=sc, override=override, add_after=add_after)
 
 
+# Decode steps run before the while_loop instead of in it (0: none). Only `aot` sets it: XLA's cost
+# analysis counts a loop body once, so compiling with 1 and 0 peeled steps measures one step's cost.
+# A peeled step computes exactly what the loop's first iteration would (rows already done stay pad).
+DECODE_PEEL = 0
+
+
 def _sample(params, prompt: jax.Array, valid: jax.Array, key: jax.Array, *, cfg: ModelConfig,
             sc: SampleConfig, override: transformer.Override | None = None, add_after: int | None = None,
             group: int = 1) -> SampleOutput:
@@ -275,6 +281,8 @@ def _sample(params, prompt: jax.Array, valid: jax.Array, key: jax.Array, *, cfg:
         return i + 1, nxt, cache, out_tok, out_lp, done, key
 
     state = (jnp.int32(0), tok, cache, out_tok, out_lp, done, key)
+    for _ in range(min(DECODE_PEEL, N - 1)):   # aot's cost probe only: the same steps, outside the loop
+        state = step(state)
     _, _, _, out_tok, out_lp, done, _ = jax.lax.while_loop(cond, step, state)
     is_eos = jnp.isin(out_tok, eos)
     first_eos = jnp.where(is_eos.any(1), jnp.argmax(is_eos, axis=1) + 1, N)

@@ -90,14 +90,15 @@ def check_platform(mesh_section, backend: str | None = None) -> None:
                         + "; pass --config.mesh.platform=any to run anyway")
 
 
-def mesh_from_config(mesh_section, check: bool = True) -> Mesh:
+def mesh_from_config(mesh_section, check: bool = True, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """The config's mesh over every device of the run (all processes); a shape that does not fit
     is one line naming the key and the allocation (processes x local devices). `check=False` skips
-    the platform check (aot compiles for the target on fake CPU devices)."""
+    the platform check (aot compiles for the target on fake CPU devices); `devices`: another set
+    than this run's (aot: a TPU topology's devices, described by libtpu)."""
     if check:
         check_platform(mesh_section)
     try:
-        return make_mesh(tuple(mesh_section.shape), tuple(mesh_section.axes))
+        return make_mesh(tuple(mesh_section.shape), tuple(mesh_section.axes), devices)
     except UserError as e:
         n, p = jax.device_count(), jax.process_count()
         raise UserError(f"config key mesh.shape={tuple(mesh_section.shape)}: {e} "

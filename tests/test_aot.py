@@ -1,6 +1,8 @@
 """nla_jax.aot: the steps of a real mid-size architecture (Qwen2.5-0.5B) compile ahead of time for
 8 fake devices from abstract arrays, report per-device memory, and fit an H100; a budget they cannot
-fit exits non-zero with one line.
+fit exits non-zero with one line. With the TPU compiler installed (.venv-tpu, `bash launch/setup.sh
+tpu-compile`; launch/test.sh makes it), the GRPO step compiles with XLA:TPU for a v5e-8 slice and fits,
+and a too-small HBM fails; without it those tests skip and say why.
 """
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "configs/qwen2_5_0_5b.py"
@@ -79,9 +83,13 @@ def test_real_scale_configs_describe_their_machine():
     from nla_jax.models import transformer as T
     expected = {"qwen2_5_0_5b.py": 0.494, "qwen2_5_7b.py": 7.616, "llama3_3_70b.py": 70.554}  # 1e9 params
     for name, billions in expected.items():
-        for variant in ("",) + (":v5p64",) * (name == "llama3_3_70b.py"):
+        tpu = {"llama3_3_70b.py": ":v5p64", "qwen2_5_7b.py": ":v5p8", "qwen2_5_0_5b.py": ":v5e8"}
+        for variant in ("", tpu[name]):
             cfg = configlib.get(os.path.join(REPO, "configs", name) + variant)
             assert math.prod(cfg.mesh.shape) == cfg.aot.devices, (name, variant)
+            if variant:        # every real-scale config has a TPU variant whose slice has its devices
+                from nla_jax import accelerators
+                assert cfg.mesh.platform == "tpu" and accelerators.chips(cfg.aot.topology) == cfg.aot.devices
             assert cfg.model.dtype == "bfloat16" and cfg.model.remat and cfg.av.max_len == 150
             assert 4 <= cfg.rl.group_size <= 8
             aot.check(cfg)
@@ -110,3 +118,52 @@ def test_inference_rows_hold_the_pair_without_optimizer_state(tmp_path):
     assert ex["temp_gb"] > 0 and ex["compile_s"] > 0
     assert exp["compile_s"] == 0 and abs(exp["host_gb"] - 4 * params / 1e9) < 0.01
     assert d * d * 4 / 8 / 1e9 < ex["parts_gb"]["ar"]
+
+
+TPU_PYTHON = os.path.join(REPO, ".venv-tpu", "bin", "python")
+needs_tpu_compiler = pytest.mark.skipif(
+    not os.path.exists(TPU_PYTHON), reason=f"no TPU compiler: {TPU_PYTHON} is missing (bash launch/setup.sh tpu-compile)")
+
+
+def _aot_tpu(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([TPU_PYTHON, "-m", "nla_jax.aot", *args], cwd=REPO, env=_env(), capture_output=True,
+                          text=True, timeout=900)
+
+
+@needs_tpu_compiler
+def test_grpo_step_compiles_with_the_tpu_compiler_for_a_v5e_slice(tmp_path):
+    """XLA:TPU (libtpu, no TPU attached) compiles the 0.5B GRPO step for the 8 chips of a v5e-8 slice
+    on the trainer's shardings, and its memory plan fits a 16 GB chip with the float32 masters."""
+    out = tmp_path / "aot.json"
+    r = _aot_tpu("--config", CONFIG + ":v5e8", "--steps", "rl", "--no-time", "--json", str(out))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert "compiled by XLA:TPU" in r.stdout and "XLA:TPU's memory analysis" in r.stdout
+    rep = json.loads(out.read_text())
+    assert rep["target"]["topology"] == "v5e:2x4" and rep["target"]["devices"] == 8
+    assert rep["bf16_as"] == "bf16"                     # the real dtype: no float16 stand-in on TPU
+    (row,) = rep["steps"]
+    assert row["fits"] and 0 < row["argument_gb"] < row["total_gb"] <= rep["budget_gb"] < 16
+    # arguments are the same sharded state whichever compiler plans it (see the XLA:CPU test above)
+    assert abs(row["parts_gb"]["av"] - 4 * rep["params"] / 8 / 1e9) < 0.01
+    assert row["model_flops"] > 0 and row["est_mfu"] is None       # --no-time: no cost-model time
+
+
+@needs_tpu_compiler
+def test_tpu_step_that_does_not_fit_exits_nonzero_with_one_line():
+    r = _aot_tpu("--config", CONFIG + ":v5e8", "--steps", "sft_ar", "--no-time", "--device-memory-gb", "0.1")
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "does not fit" in errors[0] and "sft_ar needs" in errors[0], r.stderr[-2000:]
+
+
+def test_tpu_target_without_the_compiler_is_one_line():
+    """In the CPU venv (no libtpu), a TPU target says how to get the compiler instead of compiling
+    something else."""
+    from nla_jax import accelerators
+    if accelerators.have_compiler():
+        pytest.skip("libtpu is installed in this venv")
+    r = _aot("--config", CONFIG, "--target", "v5p:2x2x2", "--steps", "sft_ar")
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 2 and len(errors) == 1 and "tpu-compile" in errors[0], r.stderr[-2000:]
+    r = _aot("--config", CONFIG, "--target", "v9x:2x2", "--steps", "sft_ar")
+    assert r.returncode == 2 and "v9x:2x2" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]

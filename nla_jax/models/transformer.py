@@ -150,6 +150,18 @@ _matmul_cpu.defvjp(_matmul_cpu_fwd, _matmul_cpu_bwd)
 
 # Benchmarks flip this to measure the plain-autodiff baseline; nothing else should.
 CPU_HANDWRITTEN_MATMUL_GRAD = True
+# `aot`'s cost probe only (nothing else sets these). XLA's cost analysis counts a loop body once
+# whatever its trip count, so aot compiles a step again with the scans of one trip count unrolled
+# twice (SCAN_PROBE = that count) and reads one block's cost from the difference; SCAN_TRIPS
+# collects the trip counts a traced program's layer scans have.
+SCAN_PROBE: int | None = None
+SCAN_TRIPS: set[int] = set()
+
+
+def _scan_layers(body: Callable, carry, layers):
+    n = jax.tree.leaves(layers)[0].shape[0]
+    SCAN_TRIPS.add(int(n))
+    return jax.lax.scan(body, carry, layers, unroll=2 if n == SCAN_PROBE else 1)
 
 
 def matmul(x: jax.Array, w: jax.Array, *, w_out_first: bool = False, out_dtype=None) -> jax.Array:
@@ -321,7 +333,7 @@ def run_blocks(cfg: ModelConfig, layers: Params, x: jax.Array, positions: jax.Ar
         h, _ = block(cfg, lp, h, cos, sin, mask)
         return h, None
 
-    x, _ = jax.lax.scan(_saving(body, remat), x, layers)
+    x, _ = _scan_layers(_saving(body, remat), x, layers)
     return x
 
 
@@ -438,7 +450,7 @@ def forward_grouped(params: Params, prompt: jax.Array, valid: jax.Array, complet
         if b <= a:
             return carry
         layers = params["layers"] if (a, b) == (0, n) else _slice_layers(params["layers"], a, b)
-        return jax.lax.scan(body, carry, layers)[0]
+        return _scan_layers(body, carry, layers)[0]
 
     n = cfg.n_layers
     xp = embed(params, prompt, None if add_after is not None else override)

@@ -186,14 +186,15 @@ def with_shardings(shapes: Any, shardings: Any) -> Any:
 # ============================================================================= build
 
 def build(cfg, *, store: bool = True, abstract: bool = False, weights: bool = True,
-          stats: stats_lib.ActStats | None = None, compute_dtype=None, weight_dtype=None) -> Run:
+          stats: stats_lib.ActStats | None = None, compute_dtype=None, weight_dtype=None, devices=None) -> Run:
     """The run for `cfg` (see the module docstring). `stats`: the statistics a trained pair was
     saved with (else computed from the store). `compute_dtype` / `weight_dtype` override
-    model.dtype / model.weight_dtype (aot compiles bfloat16 as float16 on CPU).
+    model.dtype / model.weight_dtype (aot compiles bfloat16 as float16 on CPU). `devices`: the
+    mesh's devices when not this process's (aot's TPU topologies; abstract runs only).
 
     Parameters (the target, hence the AV and AR initialised from it, and their optimizer state)
     are held in model.weight_dtype; forward passes compute in model.dtype (steps.for_compute)."""
-    mesh = sharding.mesh_from_config(cfg.mesh, check=not abstract)
+    mesh = sharding.mesh_from_config(cfg.mesh, check=not abstract, devices=devices if abstract else None)
     rules = cfg.rules
     dtype = weight_dtype or weights_lib.dtype_of(weights_lib.weight_dtype_name(cfg.model))
     compute = compute_dtype or weights_lib.dtype_of(cfg.model.dtype)
