@@ -43,6 +43,7 @@ def get_config(arg=None):
         weight_dtype="float32",  # master weights and Adam moments (bf16 updates at LR 1e-6 would round away)
         layer=20,                                # block K: HF hidden_states[21]
         remat=True,
+        decode="auto",          # sampler layers: scan on accelerators (per-layer gathers), unrolled on CPU
         arch=ml_collections.ConfigDict(ARCH),
         seed=0,
     ))

@@ -29,6 +29,7 @@ def get_config(arg=None):
         weight_dtype="float32",  # trained parameters and optimizer state (master weights), whatever the compute dtype
         layer=20,            # block K: the residual stream after block K (HF hidden_states[K + 1])
         remat=False,
+        decode="auto",          # sampler layers: scan on accelerators (per-layer gathers), unrolled on CPU
         arch=ml_collections.ConfigDict(),  # only for source="random"
         seed=0,
     ))

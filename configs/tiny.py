@@ -18,7 +18,7 @@ def get_config(arg=None):
                 vocab_size=512, rope_theta=10000.0, rms_eps=1e-5, tie_embeddings=variant == "llama",
                 qkv_bias=variant == "qwen2", max_seq_len=512, bos_id=1, eos_ids=(2,), pad_id=0,
                 add_bos=True, name=f"tiny-{variant}")
-    cfg.model = ml_collections.ConfigDict(dict(source="random", dtype="float32", weight_dtype="float32", layer=0, remat=False,
+    cfg.model = ml_collections.ConfigDict(dict(source="random", dtype="float32", weight_dtype="float32", layer=0, remat=False, decode="auto",
                                                arch=ml_collections.ConfigDict(arch), seed=0))
     cfg.mesh = common.mesh((-1, 1, 1))
     cfg.rules = common.rules()
