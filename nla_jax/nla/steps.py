@@ -38,7 +38,7 @@ class Ctx:
     av: av_lib.AVSpec
     ar: ar_lib.ARSpec
     center: bool
-    remat: bool
+    remat: str | bool        # remat policy by name (transformer.remat_name)
     var_nrm: float          # Var(v_nrm) of the targets (centred or not): fve's denominator
     compute_dtype: Any = None  # forward passes cast floating parameters to this (None: leave them)
     decode_scan: bool = False  # the sampler scans stacked layers (accelerators) instead of unrolling them
