@@ -54,7 +54,7 @@ def _one_error(r, *needles):
 
 def test_setup_refuses_an_unknown_platform():
     # before anything is installed or the venv touched
-    _one_error(_bash("launch/setup.sh", "rocm"), "platform 'rocm'", "cpu, cuda12 or tpu")
+    _one_error(_bash("launch/setup.sh", "rocm"), "platform 'rocm'", "cpu, cuda12, tpu or tpu-compile")
     _one_error(_bash("launch/setup.sh", env={"PLATFORM": "gpu"}), "platform 'gpu'")
 
 
