@@ -116,7 +116,7 @@ def features(params: dict, cfg: ModelConfig, spec: ARSpec, tokens: jax.Array, va
              read_at: jax.Array, remat: bool = False) -> jax.Array:
     """Block K's output at the read-out token, optionally RMS-normalised: [b, d] float32."""
     positions = transformer.positions_from_mask(valid)
-    x = transformer.embed(params, tokens)
+    x = transformer.embed(params, tokens, cfg=cfg)
     x = transformer.run_blocks(cfg, params["layers"], x, positions, transformer.causal_mask(valid), 0, spec.layer + 1, remat)
     h = jnp.take_along_axis(x, read_at[:, None, None], axis=1)[:, 0].astype(jnp.float32)  # [b, d]
     if spec.head_norm == "rms":

@@ -313,7 +313,7 @@ def _lower_fn(cfg, layer: int, compute_dtype):
         params = steps.cast_floating(params, compute_dtype)   # the target as extraction ran it
         b, s = tokens.shape
         valid = jnp.ones((b, s), bool)
-        x = transformer.embed(params, tokens)
+        x = transformer.embed(params, tokens, cfg=cfg)
         return transformer.run_blocks(cfg, params["layers"], x, transformer.positions_from_mask(valid), transformer.causal_mask(valid), 0, layer + 1)
     return jax.jit(f)
 
