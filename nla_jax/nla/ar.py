@@ -3,7 +3,8 @@
 The AR reads only an explanation inside a fixed wrapper, `prefix + explanation + suffix`, and
 regresses the activation from block K's output at the wrapper's last token. The head is
 Linear(d, d) initialised to the identity (or, with head_init="ridge", to the ridge solution on
-the warm-start data). `head_norm="rms"` scales the head's input to norm sqrt(d) first: raw block
+the warm-start data), with a bias unless `ar.head_bias` is false (the official release's head has
+none: its params are then {"w"} alone). `head_norm="rms"` scales the head's input to norm sqrt(d) first: raw block
 outputs have norms in the hundreds with two huge dimensions, which an identity head trains on
 badly (WORKSPACE.md, "The method in brief").
 
@@ -53,24 +54,28 @@ def build_spec(tok, mcfg: ModelConfig, ar, layer: int, max_len: int) -> ARSpec:
 
 # ----------------------------------------------------------------------------- parameters
 
-def init_params(target: dict, layer: int, d: int) -> dict:
-    """AR params from the target's: embed, blocks 0..K (copied), head = identity."""
-    return {"embed": target["embed"],
-            "layers": jax.tree.map(lambda a: a[:layer + 1], target["layers"]),
-            "head": {"w": jnp.eye(d, dtype=jnp.float32), "b": jnp.zeros((d,), jnp.float32)}}
+def init_params(target: dict, layer: int, d: int, bias: bool = True) -> dict:
+    """AR params from the target's: embed, blocks 0..K (copied), head = identity (+ zero bias)."""
+    head = {"w": jnp.eye(d, dtype=jnp.float32)}
+    if bias:
+        head["b"] = jnp.zeros((d,), jnp.float32)
+    return {"embed": target["embed"], "layers": jax.tree.map(lambda a: a[:layer + 1], target["layers"]), "head": head}
 
 
-def param_axes(cfg: ModelConfig) -> dict:
+def param_axes(cfg: ModelConfig, bias: bool = True) -> dict:
     ax = transformer.param_axes(cfg)
-    return {"embed": ax["embed"], "layers": ax["layers"], "head": {"w": ("embed", None), "b": (None,)}}
+    head = {"w": ("embed", None), "b": (None,)} if bias else {"w": ("embed", None)}
+    return {"embed": ax["embed"], "layers": ax["layers"], "head": head}
 
 
-def abstract_params(cfg: ModelConfig, layer: int, dtype) -> dict:
+def abstract_params(cfg: ModelConfig, layer: int, dtype, bias: bool = True) -> dict:
     a = transformer.abstract_params(cfg, dtype)
     layers = jax.tree.map(lambda s: jax.ShapeDtypeStruct((layer + 1,) + s.shape[1:], s.dtype), a["layers"])
     d = cfg.d_model
-    return {"embed": a["embed"], "layers": layers,
-            "head": {"w": jax.ShapeDtypeStruct((d, d), jnp.float32), "b": jax.ShapeDtypeStruct((d,), jnp.float32)}}
+    head = {"w": jax.ShapeDtypeStruct((d, d), jnp.float32)}
+    if bias:
+        head["b"] = jax.ShapeDtypeStruct((d,), jnp.float32)
+    return {"embed": a["embed"], "layers": layers, "head": head}
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -125,7 +130,8 @@ def features(params: dict, cfg: ModelConfig, spec: ARSpec, tokens: jax.Array, va
 
 
 def head(params: dict, h: jax.Array) -> jax.Array:
-    return h @ params["head"]["w"] + params["head"]["b"]
+    y = h @ params["head"]["w"]
+    return y + params["head"]["b"] if "b" in params["head"] else y
 
 
 def predict(params: dict, cfg: ModelConfig, spec: ARSpec, expl: jax.Array, expl_len: jax.Array,

@@ -1,0 +1,142 @@
+"""The official release's format: import a tiny official pair written here, explain with it, export it
+back (--format official), bitwise; each refusal is one line before any weight is read."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import yaml
+from safetensors.numpy import load_file, save_file
+from tokenizers import AddedToken
+
+from nla_jax import configlib, export, import_official, official
+from nla_jax import weights
+from nla_jax.errors import UserError
+from nla_jax.nla import workdir as workdir_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHAR = "\u320e"   # the release's Qwen marker character
+AV_T = "<concept>{injection_char}</concept> What does this concept mean?"
+AR_T = "Summary of the following text: <text>{explanation}</text> <summary>"
+K = 0
+
+
+def write_official_pair(root, family="qwen3"):
+    """A tiny official-format pair following OFFICIAL_FORMAT.md's reader rules: HF causal LMs, the
+    marker character one added token, sidecars with its id and neighbours, value_head [out, in]."""
+    cfg = configlib.get(os.path.join(REPO, "configs", "tiny.py") + ":" + family)
+    mcfg, params, tok = weights.load_from_config(cfg.model)
+    tok.tok.add_tokens([AddedToken(CHAR, normalized=False, special=False)])
+    mid = tok.encode(CHAR)
+    assert len(mid) == 1
+    ids = tok.encode_chat([{"role": "user", "content": AV_T.format(injection_char=CHAR)}])
+    p = ids.index(mid[0])
+    av_dir, ar_dir = os.path.join(root, "av"), os.path.join(root, "ar")
+    export.write_model_dir(av_dir, mcfg, params, tok)
+    import jax
+    ar_params = {"embed": params["embed"], "layers": jax.tree.map(lambda a: a[:K + 1], params["layers"])}
+    export.write_model_dir(ar_dir, mcfg.replace(tie_embeddings=True), ar_params, tok, layers=K + 1)
+    w = np.random.default_rng(0).standard_normal((mcfg.d_model, mcfg.d_model)).astype(np.float32)
+    save_file({"weight": w}, os.path.join(ar_dir, "value_head.safetensors"))
+    tokens = {"injection_char": CHAR, "injection_token_id": mid[0], "injection_left_neighbor_id": ids[p - 1],
+              "injection_right_neighbor_id": ids[p + 1]}
+    common = {"kind": "nla_model", "schema_version": 2, "stage": "rl", "base_checkpoint": "tiny", "d_model": mcfg.d_model,
+              "tokens": tokens, "prompt_templates": {"actor": AV_T, "critic": AR_T},
+              "critic": {"extraction_layer_index": K}, "trained_on": "test", "parent_checkpoints": [], "training": {"lr": 1}}
+    for d, role, ext in ((av_dir, "av", {"injection_scale": 150.0}), (ar_dir, "ar", {"injection_scale": None})):
+        with open(os.path.join(d, "nla_meta.yaml"), "w") as f:
+            yaml.safe_dump(dict(common, role=role, extraction=ext), f, allow_unicode=True)
+    return av_dir, ar_dir
+
+
+def base_cfg():
+    return configlib.get(os.path.join(REPO, "configs", "official.py"),
+                         ["av.max_len=16", "eval.batch=2"])
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("official")
+    av_dir, ar_dir = write_official_pair(str(root))
+    out = import_official.import_pair(av_dir, ar_dir, str(root / "work"), base_cfg())
+    return av_dir, ar_dir, out
+
+
+def test_import_loads_as_a_pair(imported):
+    av_dir, ar_dir, out = imported
+    pair = workdir_lib.load_pair(out, with_target=False, dtype="weight")
+    assert pair.kind == "rl" and pair.cfg.model.layer == K
+    spec = pair.run.ctx.av
+    assert spec.inject_norm == 150.0 and spec.prompt[spec.marker_pos] == pair.run.tokenizer.encode(CHAR)[0]
+    head = load_file(os.path.join(ar_dir, "value_head.safetensors"))["weight"]
+    np.testing.assert_array_equal(np.asarray(pair.ar["head"]["w"]), head.T)
+    assert set(pair.ar["head"]) == {"w"}
+    ar_spec = pair.run.ctx.ar
+    tok = pair.run.tokenizer
+    assert tok.decode(list(ar_spec.prefix) + list(ar_spec.suffix), skip_special=False).startswith("<s>Summary of")
+
+
+def test_explain_on_imported_pair(imported, tmp_path):
+    from nla_jax import explain
+    _, _, out = imported
+    js = tmp_path / "e.json"
+    assert explain.main(["--checkpoint", out, "--text", "hello there world", "--positions", "3", "--json", str(js)]) == 0
+    res = json.loads(js.read_text())
+    assert res["positions"] if "positions" in res else res
+
+
+def test_export_official_round_trip_is_bitwise(imported, tmp_path):
+    av_dir, ar_dir, out = imported
+    pair = workdir_lib.load_pair(out, with_target=False, dtype="weight")
+    dest = export.export_pair(pair, str(tmp_path / "exp"), fmt="official")
+    for sub, src in (("av", av_dir), ("ar", ar_dir)):
+        a, b = load_file(os.path.join(src, "model.safetensors")), load_file(os.path.join(dest, sub, "model.safetensors"))
+        skip = {"model.norm.weight"} if sub == "ar" else set()   # the AR's final norm is not part of the AR
+        assert set(a) - skip == set(b) - skip
+        for k in set(a) - skip:
+            assert a[k].dtype == b[k].dtype and a[k].tobytes() == b[k].tobytes(), (sub, k)
+        m0 = yaml.safe_load(open(os.path.join(src, "nla_meta.yaml")))
+        m1 = yaml.safe_load(open(os.path.join(dest, sub, "nla_meta.yaml")))
+        for k in m0:
+            if k != "prompt_templates":
+                assert m1[k] == m0[k], (sub, k)
+        assert m1["prompt_templates"]["av"] == m0["prompt_templates"]["actor"]
+        assert m1["prompt_templates"]["ar"] == m0["prompt_templates"]["critic"]
+    h0 = load_file(os.path.join(ar_dir, "value_head.safetensors"))["weight"]
+    h1 = load_file(os.path.join(dest, "ar", "value_head.safetensors"))["weight"]
+    assert h0.tobytes() == h1.tobytes()
+    # and the export imports again (the official reader's rules hold for what we write)
+    official.check_pair(os.path.join(dest, "av"), os.path.join(dest, "ar"))
+
+
+def _refusal(tmp_path, edit, match):
+    av_dir, ar_dir = write_official_pair(str(tmp_path))
+    edit(av_dir, ar_dir)
+    with pytest.raises(UserError, match=match) as e:
+        import_official.import_pair(av_dir, ar_dir, str(tmp_path / "work"), base_cfg())
+    assert "\n" not in str(e.value)
+    assert not os.path.exists(tmp_path / "work")
+
+
+def _meta_edit(which, f):
+    def edit(av_dir, ar_dir):
+        p = os.path.join(av_dir if which == "av" else ar_dir, "nla_meta.yaml")
+        m = yaml.safe_load(open(p))
+        f(m)
+        yaml.safe_dump(m, open(p, "w"), allow_unicode=True)
+    return edit
+
+
+def test_refusals(tmp_path):
+    _refusal(tmp_path / "a", lambda av, ar: os.remove(os.path.join(av, "nla_meta.yaml")), "nla_meta.yaml: missing")
+    _refusal(tmp_path / "b", _meta_edit("av", lambda m: m["tokens"].update(injection_left_neighbor_id=5)),
+             "expected exactly one")
+    _refusal(tmp_path / "c", _meta_edit("av", lambda m: m["tokens"].update(injection_char="\u321c")),
+             "tokenises to")
+    _refusal(tmp_path / "d", _meta_edit("ar", lambda m: m["critic"].update(extraction_layer_index=1)),
+             "needs an AR of 2 blocks")
+    _refusal(tmp_path / "e", _meta_edit("ar", lambda m: m.update(role="av")), "expected 'ar'")
+    _refusal(tmp_path / "f", lambda av, ar: os.remove(os.path.join(ar, "value_head.safetensors")),
+             "value_head.safetensors: missing")
