@@ -8,13 +8,25 @@ injection scale and the head convention (no input norm, no bias) from the pair's
 sidecars; what is set here is everything else (mesh, sampling, evaluation, RL settings if the pair is
 trained further). Real-scale targets: configs/gemma3_12b.py / gemma3_27b.py / qwen2_5_7b.py give
 their meshes; pass one of those with --config instead.
+
+    configs/official.py:WORKDIR   the config an import saved in WORKDIR/import_config.json (continue
+                                  with RL: python -m nla_jax.train --config configs/official.py:WORKDIR ...)
 """
+import json
+import os
+
 import ml_collections
 
 from configs import common
 
 
 def get_config(arg=None):
+    if arg:
+        path = os.path.join(arg, "import_config.json")
+        if not os.path.isfile(path):
+            raise ValueError(f"{path} does not exist (not a work directory written by nla_jax.import_official)")
+        with open(path) as f:
+            return ml_collections.ConfigDict(json.load(f))
     cfg = ml_collections.ConfigDict()
     cfg.model = ml_collections.ConfigDict(dict(source="", dtype="float32", weight_dtype="float32", layer=0,
                                                remat=False, seed=0))

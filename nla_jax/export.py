@@ -123,7 +123,7 @@ def hf_config(mcfg, *, layers: int | None = None, base_model: bool = False, dtyp
         c.update(attention_bias=bool(mcfg.qkv_bias), hidden_activation="gelu_pytorch_tanh",
                  layer_types=["sliding_attention" if k else "full_attention" for k in kinds],
                  sliding_window=mcfg.sliding_window or 4096,
-                 query_pre_attn_scalar=(round(mcfg.attn_scale ** -2, 6) if mcfg.attn_scale else mcfg.head_dim),
+                 query_pre_attn_scalar=_scalar(mcfg),
                  rope_parameters={"full_attention": full, "sliding_attention": {
                      "rope_type": "default", "rope_theta": float(mcfg.rope_local_theta)}},
                  final_logit_softcapping=None, attn_logit_softcapping=None)
@@ -133,6 +133,15 @@ def hf_config(mcfg, *, layers: int | None = None, base_model: bool = False, dtyp
         c.update(attention_bias=bool(mcfg.qkv_bias), use_sliding_window=False, sliding_window=None,
                  max_window_layers=c["num_hidden_layers"])
     return c
+
+
+def _scalar(mcfg) -> int | float:
+    """Gemma's query_pre_attn_scalar from attn_scale = scalar ** -0.5 (an int when it is one: transformers
+    5 refuses a float there)."""
+    if not mcfg.attn_scale:
+        return mcfg.head_dim
+    x = mcfg.attn_scale ** -2
+    return int(round(x)) if abs(x - round(x)) < 1e-6 else float(x)
 
 
 class Lazy(NamedTuple):

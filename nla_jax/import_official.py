@@ -4,9 +4,15 @@
         [--config configs/official.py] [--store STORE] [--injection-scale X] [--config.KEY=VALUE ...]
 
 Reads the two Hugging Face directories and their nla_meta.yaml sidecars (nla_jax/official.py) and
-writes WORKDIR/rl/0 (an orbax checkpoint of the AV and AR parameters, with the config and statistics
-in its meta, as the trainer writes them) so that `explain`, `evaluate` and `export` take WORKDIR like
-any trained pair. The release's conventions become config values: marker character + id + neighbour
+writes them as the work directory's warm-start pair: WORKDIR/sft_av/0 (the AV) and WORKDIR/sft_ar/0
+(the AR), orbax checkpoints with the config and statistics in their meta as the trainer writes them,
+both DONE. So `explain`, `evaluate` and `export` take WORKDIR like any trained pair, and the trainer
+continues with RL from it (the imported AV is then also the KL reference):
+
+    python -m nla_jax.train --config configs/official.py:WORKDIR --config.rl.steps=100 --stages rl,eval
+
+(configs/official.py:WORKDIR is the config the import saved in WORKDIR/import_config.json; RL needs
+the activation store the import was given with --store, whose path is part of that config). The release's conventions become config values: marker character + id + neighbour
 ids, the AV prompt and AR wrapper templates, the injection scale, an AR head without input norm or
 bias. Everything is checked before a weight is read: a missing sidecar, a marker that does not
 tokenise to its one id with the stated neighbours on the AV's own tokenizer, an extraction layer that
@@ -28,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nla_jax import checkpoint as checkpoint_lib
-from nla_jax import cli, configlib, official, sharding
+from nla_jax import cli, configlib, fileio, official, sharding
 from nla_jax.cli import cli_main
 from nla_jax.data import store as store_lib
 from nla_jax.errors import UserError
@@ -37,6 +43,7 @@ from nla_jax.nla import state as state_lib
 from nla_jax.nla import stats as stats_lib
 from nla_jax.nla import workdir as workdir_lib
 
+CONFIG_FILE = "import_config.json"   # the config the pair was imported with (configs/official.py:WORKDIR)
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "official.py")
 
 
@@ -78,25 +85,27 @@ def import_pair(av_dir: str, ar_dir: str, out: str, cfg, store: str = "", inject
     # specs first (the marker and neighbour check on the AV's tokenizer), weights after
     run = run_lib.build(cfg, store=False, weights=False, stats=stats)
     with sharding.use_mesh(run.mesh, run.rules):
-        layout = state_lib.rl(run)
+        layout = state_lib.sft_ar(run)
         target = run_lib.load_target(run)
         av = {"model": target, "extra": {}}
         ar_np = official.read_ar(ar_dir, info["ar_cfg"])
         ar = jax.tree.map(lambda a, s: jax.device_put(jnp.asarray(np.asarray(a), s.dtype), s.sharding),
                           ar_np, layout.params_abstract("ar"))
-    meta = {"stage": "rl", "step": 0, "done": True, "data_step": 0, "config": json.loads(cfg.to_json()),
-            "stats": stats.to_json(), "ref_av": f"target:{cfg.model.source}",
+    meta = {"step": 0, "done": True, "data_step": 0, "config": json.loads(cfg.to_json()), "stats": stats.to_json(),
             "official": {"av_dir": os.path.abspath(av_dir), "ar_dir": os.path.abspath(ar_dir),
                          "av_meta": info["av_meta"], "ar_meta": info["ar_meta"], "stats": "store" if store else "neutral"}}
     os.makedirs(out, exist_ok=True)
-    mgr = checkpoint_lib.Checkpointer(workdir_lib.stage_dir(out, "rl"), keep=None, async_save=False,
-                                      fingerprint=workdir_lib.fingerprint(cfg, "rl"))
-    try:
-        mgr.save(0, {"av": av, "ar": ar}, json.loads(json.dumps(meta, default=str)))
-        mgr.wait()
-    finally:
-        mgr.close()
-    workdir_lib.mark_done(out, "rl", {"imported": True})
+    meta = json.loads(json.dumps(meta, default=str))
+    for stage, key, params in (("sft_av", "av", av), ("sft_ar", "ar", ar)):
+        mgr = checkpoint_lib.Checkpointer(workdir_lib.stage_dir(out, stage), keep=None, async_save=False,
+                                          fingerprint=workdir_lib.fingerprint(cfg, stage))
+        try:
+            mgr.save(0, {key: params}, {**meta, "stage": stage})
+            mgr.wait()
+        finally:
+            mgr.close()
+        workdir_lib.mark_done(out, stage, {"imported": True})
+    fileio.write_atomic(os.path.join(out, CONFIG_FILE), cfg.to_json(indent=1))
     return out
 
 

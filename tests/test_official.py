@@ -67,7 +67,10 @@ def imported(tmp_path_factory):
 def test_import_loads_as_a_pair(imported):
     av_dir, ar_dir, out = imported
     pair = workdir_lib.load_pair(out, with_target=False, dtype="weight")
-    assert pair.kind == "rl" and pair.cfg.model.layer == K
+    assert pair.kind == "sft" and pair.cfg.model.layer == K
+    # the saved config (configs/official.py:WORKDIR, what `train --stages rl` runs with) is the one the
+    # stage checkpoints were fingerprinted under
+    workdir_lib.check_existing(configlib.get(os.path.join(REPO, "configs", "official.py") + ":" + out), ("sft_av", "sft_ar"))
     spec = pair.run.ctx.av
     assert spec.inject_norm == 150.0 and spec.prompt[spec.marker_pos] == pair.run.tokenizer.encode(CHAR)[0]
     head = load_file(os.path.join(ar_dir, "value_head.safetensors"))["weight"]
@@ -84,7 +87,8 @@ def test_explain_on_imported_pair(imported, tmp_path):
     js = tmp_path / "e.json"
     assert explain.main(["--checkpoint", out, "--text", "hello there world", "--positions", "3", "--json", str(js)]) == 0
     res = json.loads(js.read_text())
-    assert res["positions"] if "positions" in res else res
+    (sample,) = res["explained"]["3"]["samples"]      # one greedy explanation of token 3, read back by the AR
+    assert isinstance(sample["text"], str) and -1.0 <= sample["cos"] <= 1.0 and sample["mse_nrm"] >= 0
 
 
 def test_export_official_round_trip_is_bitwise(imported, tmp_path):
