@@ -86,7 +86,7 @@ def test_real_scale_configs_describe_their_machine():
                 "gemma3_12b.py": 11.766, "gemma3_27b.py": 27.009}
     for name, billions in expected.items():
         tpu = {"llama3_3_70b.py": ":v5p64", "qwen2_5_7b.py": ":v5p8", "qwen2_5_0_5b.py": ":v5e8",
-               "gemma3_12b.py": ":v5p8", "gemma3_27b.py": ":v5p16"}
+               "gemma3_12b.py": ":v5p16", "gemma3_27b.py": ":v5p32"}
         for variant in ("", tpu[name]):
             cfg = configlib.get(os.path.join(REPO, "configs", name) + variant)
             assert math.prod(cfg.mesh.shape) == cfg.aot.devices, (name, variant)

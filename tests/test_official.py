@@ -144,3 +144,40 @@ def test_refusals(tmp_path):
     _refusal(tmp_path / "e", _meta_edit("ar", lambda m: m.update(role="av")), "expected 'ar'")
     _refusal(tmp_path / "f", lambda av, ar: os.remove(os.path.join(ar, "value_head.safetensors")),
              "value_head.safetensors: missing")
+
+
+@pytest.mark.slow   # ~1.5-3 min (extract + import + one RL step); the import / explain / export tests above stay in CI
+@pytest.mark.timeout(900)
+def test_rl_continues_from_an_imported_pair(tmp_path):
+    """Extract activations of the released target (the AV directory), import with that store (real
+    statistics), then the trainer's RL stage starts from the imported pair with the saved config."""
+    import subprocess
+    import sys
+
+    from test_train import _corpus, _env
+    av_dir, ar_dir = write_official_pair(str(tmp_path / "rel"))
+    _corpus(tmp_path / "c.jsonl", n=24)
+    store, work = str(tmp_path / "store"), str(tmp_path / "work")
+    off = os.path.join(REPO, "configs", "official.py")
+
+    def run(*cmd):
+        r = subprocess.run([sys.executable, "-m", *cmd], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, (cmd, r.stderr[-3000:])
+        return r
+
+    run("nla_jax.extract", "--config", off, f"--config.model.source={av_dir}", f"--config.data.store={store}",
+        f"--config.data.sources=[{{'kind':'jsonl','path':'{tmp_path / 'c.jsonl'}','name':'t'}}]",
+        "--config.data.max_len=64", "--config.data.min_position=16", "--config.data.k=4")
+    run("nla_jax.import_official", "--av", av_dir, "--ar", ar_dir, "--out", work, "--store", store,
+        "--config.av.max_len=16")
+    run("nla_jax.train", "--config", f"{off}:{work}", "--stages", "rl", "--config.rl.steps=1", "--config.rl.batch=2",
+        "--config.rl.group_size=2", "--config.train.ckpt_every=1")
+    pair = workdir_lib.load_pair(work, with_target=False, dtype="weight")
+    assert pair.kind == "rl" and pair.step == 1 and pair.meta["stats"]["rows"] > 0
+    assert str(pair.meta["ref_av"]).rstrip("/").endswith("sft_av")   # KL to the imported AV
+    ev = str(tmp_path / "ev")
+    run("nla_jax.evaluate", "--config", f"{off}:{work}", "--checkpoint", f"{work}/sft_av", "--checkpoint", f"{work}/rl",
+        "--out", ev, "--config.eval.rows=8", "--config.eval.batch=4", "--config.eval.n_boot=50",
+        "--config.eval.downstream=False", "--config.eval.split=rl")
+    res = json.load(open(os.path.join(ev, "evaluate.json")))
+    assert len(res["checkpoints"]) == 2, list(res)
