@@ -211,3 +211,27 @@ def test_training_gradients_reach_every_family_weight(family, request):
         for leaf in ("q_norm", "k_norm", "post_attn_norm", "post_mlp_norm", "wq", "w_gate"):
             if leaf in g:
                 assert np.isfinite(np.asarray(g[leaf])).all() and np.abs(np.asarray(g[leaf][0])).max() > 0, (loss, leaf)
+
+
+@pytest.mark.parametrize("prefix", ["model.language_model.", "language_model.model."])
+def test_multimodal_gemma3_checkpoint_reads_its_text_model(tmp_path, tiny_gemma3, prefix):
+    """The released Gemma-3 targets are multimodal checkpoints (model_type gemma3, text_config, the
+    decoder under a prefix; vision tensors beside it): nla_jax reads the text model, the same params."""
+    from safetensors.numpy import load_file, save_file
+
+    from nla_jax import export
+    cfg, params, tok = tiny_gemma3
+    d = str(tmp_path / "mm")
+    export.write_model_dir(d, cfg, params, tok)
+    with open(os.path.join(d, "config.json")) as f:
+        text = json.load(f)
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump({"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"], "text_config": text,
+                   "vision_config": {"hidden_size": 8}, "eos_token_id": [2]}, f)
+    t = load_file(os.path.join(d, "model.safetensors"))
+    t = {(prefix + k[len("model."):] if k.startswith("model.") else k): v for k, v in t.items()}
+    t["vision_tower.vision_model.post_layernorm.weight"] = np.ones(8, np.float32)
+    save_file(t, os.path.join(d, "model.safetensors"))
+    cfg2, params2, _ = weights.load(d)
+    assert cfg2.family == "gemma3" and cfg2.layer_types == cfg.layer_types and cfg2.embed_scale
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, params2)

@@ -181,3 +181,20 @@ def test_rl_continues_from_an_imported_pair(tmp_path):
         "--config.eval.downstream=False", "--config.eval.split=rl")
     res = json.load(open(os.path.join(ev, "evaluate.json")))
     assert len(res["checkpoints"]) == 2, list(res)
+
+
+def test_cli_help_and_one_line_errors(tmp_path):
+    import subprocess
+    import sys
+
+    from test_train import _env
+    r = subprocess.run([sys.executable, "-m", "nla_jax.import_official", "--help"], cwd=REPO, env=_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "--av" in r.stdout and "nla_meta.yaml" in r.stdout
+    (tmp_path / "av").mkdir()
+    r = subprocess.run([sys.executable, "-m", "nla_jax.import_official", "--av", str(tmp_path / "av"), "--ar",
+                        str(tmp_path / "ar"), "--out", str(tmp_path / "w")], cwd=REPO, env=_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert r.stderr.startswith("error: ") and "nla_meta.yaml: missing" in r.stderr
+    assert not (tmp_path / "w").exists()
