@@ -458,6 +458,10 @@ def _write_official(pair, d: str) -> None:
         raise UserError(f"checkpoint {pair.path}: the official format injects by replacement without centring or an "
                         f"input projection (this pair: inject={ctx.av.mode}, center={ctx.center}, "
                         f"input_proj={'proj' in av['extra']})")
+    if cfg.av.closer != official.CLOSER or not cfg.av.answer_prefix.startswith(official.OPENER):
+        raise UserError(f"checkpoint {pair.path}: the official reader extracts the explanation between "
+                        f"{official.OPENER} and {official.CLOSER}; this pair uses av.answer_prefix="
+                        f"{cfg.av.answer_prefix!r}, av.closer={cfg.av.closer!r}")
     if ctx.ar.head_norm != "none":
         raise UserError(f"checkpoint {pair.path}: ar.head_norm={ctx.ar.head_norm!r}; the official AR head reads the raw "
                         f"block output (train with --config.ar.head_norm=none)")

@@ -38,6 +38,7 @@ SCHEMA_VERSION = 2
 AV_TEMPLATE_KEYS = ("av", "actor")      # the reader accepts either name
 AR_TEMPLATE_KEYS = ("ar", "critic")
 ROLES = {"av": ("av", "actor"), "ar": ("ar", "critic")}
+OPENER, CLOSER = "<explanation>", "</explanation>"   # the release's answer tags (its reader's regex)
 
 
 def read_sidecar(d: str, role: str) -> dict[str, Any]:

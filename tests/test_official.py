@@ -198,3 +198,43 @@ def test_cli_help_and_one_line_errors(tmp_path):
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
     assert r.stderr.startswith("error: ") and "nla_meta.yaml: missing" in r.stderr
     assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.slow   # trains a tiny Gemma-3 pair (~2 min); the official round trip above stays in CI
+@pytest.mark.timeout(900)
+def test_pair_trained_here_exports_official_and_imports_back(tmp_path_factory, tmp_path):
+    """A Gemma-3 pair trained by nla_jax (SFT + one RL step, the release's tags and head convention)
+    exports in the official format and imports back to the same parameters and the same AV prompt and
+    AR wrapper ids; a pair with nla_jax's default head (rms norm) is refused in one line."""
+    import jax
+
+    from _tiny_run import trained_workdir
+    flags = ("--config.ar.head_norm=none", "--config.ar.head_bias=False", "--config.ar.head_init=identity",
+             "--config.av.answer_prefix=<explanation>", "--config.av.closer=</explanation>",
+             "--config.av.marker=<|reserved_3|>")
+    wd = trained_workdir(tmp_path_factory, *flags, config=os.path.join(REPO, "configs", "tiny.py") + ":gemma3",
+                         stages="sft_av,sft_ar,rl")
+    pair = workdir_lib.load_pair(wd, with_target=False, dtype="weight")
+    assert pair.kind == "rl" and pair.run.model_cfg.family == "gemma3"
+    out = export.export_pair(pair, str(tmp_path / "off"), fmt="official")
+    cfg = configlib.get(os.path.join(REPO, "configs", "official.py"), ["av.max_len=24", "av.answer_prefix=<explanation>"])
+    back = import_official.import_pair(os.path.join(out, "av"), os.path.join(out, "ar"), str(tmp_path / "w"), cfg)
+    again = workdir_lib.load_pair(back, with_target=False, dtype="weight")
+    assert again.run.ctx.av.prompt == pair.run.ctx.av.prompt and again.run.ctx.av.marker_pos == pair.run.ctx.av.marker_pos
+    assert again.run.ctx.ar.prefix == pair.run.ctx.ar.prefix and again.run.ctx.ar.suffix == pair.run.ctx.ar.suffix
+    same = lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    jax.tree.map(same, pair.av["model"], again.av["model"])
+    jax.tree.map(same, {k: pair.ar[k] for k in ("embed", "layers")}, {k: again.ar[k] for k in ("embed", "layers")})
+    same(pair.ar["head"]["w"], again.ar["head"]["w"])
+    # nla_jax's default AR head (rms-normalised input) and tags have no official equivalent: one line each
+    import dataclasses
+    ctx = pair.run.ctx
+    pair.run.ctx = dataclasses.replace(ctx, ar=dataclasses.replace(ctx.ar, head_norm="rms"))
+    with pytest.raises(UserError, match="ar.head_norm='rms'"):
+        export.export_pair(pair, str(tmp_path / "x"), fmt="official")
+    pair.run.ctx = ctx
+    with pair.cfg.unlocked():
+        pair.cfg.av.closer = "</e>"
+    with pytest.raises(UserError, match="between <explanation> and </explanation>"):
+        export.export_pair(pair, str(tmp_path / "x"), fmt="official")
+    assert not os.path.exists(tmp_path / "x")
