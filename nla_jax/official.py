@@ -140,6 +140,9 @@ def check_pair(av_dir: str, ar_dir: str, injection_scale_override: float | None 
         if getattr(av_cfg, f) != getattr(ar_cfg, f):
             raise UserError(f"{os.path.join(ar_dir, 'config.json')}: {f}={getattr(ar_cfg, f)!r} differs from the AV's "
                             f"{getattr(av_cfg, f)!r}")
+    if ar_cfg.sliding_layers != av_cfg.sliding_layers[:K + 1]:
+        raise UserError(f"{os.path.join(ar_dir, 'config.json')}: layer_types {list(ar_cfg.layer_types)} are not the "
+                        f"AV's first {K + 1} ({list(av_cfg.layer_types[:K + 1])})")
     ms = mse_scale(ar_meta, d)
     if abs(ms - math.sqrt(d)) > 1e-6 * math.sqrt(d):
         raise UserError(f"{ar_path}: key extraction.mse_scale={ms} is not sqrt(d_model)={math.sqrt(d):.6g} "

@@ -38,6 +38,12 @@ def write_official_pair(root, family="qwen3"):
     import jax
     ar_params = {"embed": params["embed"], "layers": jax.tree.map(lambda a: a[:K + 1], params["layers"])}
     export.write_model_dir(ar_dir, mcfg.replace(tie_embeddings=True), ar_params, tok, layers=K + 1)
+    if mcfg.layer_types:  # a truncated config that kept the full model's layer list (read: its first K+1)
+        with open(os.path.join(ar_dir, "config.json")) as f:
+            c = json.load(f)
+        c["layer_types"] = ["sliding_attention" if t == "sliding" else "full_attention" for t in mcfg.layer_types]
+        with open(os.path.join(ar_dir, "config.json"), "w") as f:
+            json.dump(c, f)
     w = np.random.default_rng(0).standard_normal((mcfg.d_model, mcfg.d_model)).astype(np.float32)
     save_file({"weight": w}, os.path.join(ar_dir, "value_head.safetensors"))
     tokens = {"injection_char": CHAR, "injection_token_id": mid[0], "injection_left_neighbor_id": ids[p - 1],
@@ -56,10 +62,10 @@ def base_cfg():
                          ["av.max_len=16", "eval.batch=2"])
 
 
-@pytest.fixture(scope="module")
-def imported(tmp_path_factory):
+@pytest.fixture(scope="module", params=["qwen3", "gemma3"])
+def imported(tmp_path_factory, request):
     root = tmp_path_factory.mktemp("official")
-    av_dir, ar_dir = write_official_pair(str(root))
+    av_dir, ar_dir = write_official_pair(str(root), request.param)
     out = import_official.import_pair(av_dir, ar_dir, str(root / "work"), base_cfg())
     return av_dir, ar_dir, out
 

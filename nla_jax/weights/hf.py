@@ -83,7 +83,8 @@ def model_config(path: str) -> tuple[ModelConfig, dict[str, Any]]:
             if c.get(k) is not None:
                 raise UserError(f"{cp!r}: {k}={c[k]} is not supported (Gemma-3 has none)")
         n = c["num_hidden_layers"]
-        types = c.get("layer_types") or [
+        # a truncated model (the official AR: K+1 blocks) may keep the full model's list: its first n
+        types = (c.get("layer_types") or [])[:n] or [
             "sliding_attention" if (i + 1) % int(c.get("sliding_window_pattern", 6)) else "full_attention"
             for i in range(n)]
         local_theta, _ = _rope(c, cp, "sliding_attention")
