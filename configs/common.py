@@ -129,6 +129,7 @@ def nla(cfg: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDi
         suffix="\nThe concept:",
         head_norm="rms",            # lever: rms-normalise the head input | none
         head_bias=True,             # the head's bias (the official release's head has none)
+        tokenize="pieces",          # explain/evaluate: "joint" tokenises prefix + text + suffix as one string
         head_init="identity",       # lever: identity | ridge (ridge from ~500 rows overfit: benchmarks/levers.py)
     ))
     cfg.sft_av = ml_collections.ConfigDict(dict(

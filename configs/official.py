@@ -43,4 +43,4 @@ def get_config(arg=None):
 def official(cfg) -> None:
     """The release's conventions (the importer overwrites the values its sidecars state)."""
     cfg.av.update(answer_prefix="<explanation>\n", closer="</explanation>", max_len=150)
-    cfg.ar.update(head_norm="none", head_bias=False, head_init="identity")
+    cfg.ar.update(head_norm="none", head_bias=False, head_init="identity", tokenize="joint")

@@ -244,3 +244,50 @@ def test_pair_trained_here_exports_official_and_imports_back(tmp_path_factory, t
     with pytest.raises(UserError, match="between <explanation> and </explanation>"):
         export.export_pair(pair, str(tmp_path / "x"), fmt="official")
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_joint_wrapper_tokenisation():
+    """ar.tokenize="joint" tokenises prefix + text + suffix as one string (a merge across a boundary
+    survives, as the release tokenises its AR prompt); "pieces" joins the three id lists."""
+    from nla_jax.nla import ar as ar_lib
+
+    class Tok:  # characters, with ">T" merged into one id (as Qwen's BPE does with ">The")
+        def encode(self, s):
+            out, i = [], 0
+            while i < len(s):
+                if s[i:i + 2] == ">T":
+                    out.append(999)
+                    i += 2
+                else:
+                    out.append(ord(s[i]))
+                    i += 1
+            return out
+
+        def bos(self, ids):
+            return [1] + ids
+
+    tok = Tok()
+    spec = ar_lib.ARSpec(prefix=tuple(tok.bos(tok.encode("<t>"))), suffix=tuple(tok.encode("</t>")), max_len=8,
+                         pad_id=0, layer=0, head_norm="none", joint=True, prefix_text="<t>", suffix_text="</t>")
+    toks, valid, read_at = ar_lib.host_wrapped(tok, ["  The cat "], spec)
+    want = [1] + tok.encode("<t") + [999] + tok.encode("he cat</t>")
+    assert toks[0, :len(want)].tolist() == want and valid[0].sum() == len(want) and read_at[0] == len(want) - 1
+    pieces, _ = ar_lib.host_explanations(tok, ["The cat"], spec)
+    assert 999 not in list(spec.prefix) + pieces[0].tolist() + list(spec.suffix)
+
+
+def test_joint_and_pieces_agree_without_merges(imported):
+    """On the byte tokenizer (no merges) the joint path computes exactly what the pieces path does."""
+    import dataclasses
+
+    from nla_jax.nla import measure
+    _, _, out = imported
+    pair = workdir_lib.load_pair(out, with_target=False)
+    run = pair.run
+    assert run.ctx.ar.joint
+    tok = run.tokenizer
+    ids, lens = measure.texts_to_expl(tok, ["hello there", "a b c"], run.ctx.ar)
+    joint = measure.reconstruct(run, pair.ar, ids, lens, 2)
+    run.ctx = dataclasses.replace(run.ctx, ar=dataclasses.replace(run.ctx.ar, joint=False))
+    pieces = measure.reconstruct(run, pair.ar, ids, lens, 2)
+    np.testing.assert_allclose(joint, pieces, rtol=1e-5, atol=1e-5)

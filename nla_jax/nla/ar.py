@@ -10,6 +10,12 @@ badly (WORKSPACE.md, "The method in brief").
 
 Inputs are right-padded (positions count from each row's first token), so the read-out index is
 prefix + explanation length + suffix - 1, computed inside the compiled step.
+
+Tokenisation of the wrapper (`ar.tokenize`): "pieces" (default) joins the ids of prefix, explanation
+and suffix, which is what the compiled SFT and RL steps can do with sampled ids; "joint" tokenises
+`prefix + text + suffix` as one string on the host (`host_wrapped`), as the official release does, so
+a BPE merge across a boundary (Qwen: ">The", ".</") comes out as it was trained. explain and evaluate
+honour it (`measure.reconstruct`); the compiled training steps always use pieces.
 """
 from __future__ import annotations
 
@@ -33,6 +39,9 @@ class ARSpec:
     pad_id: int
     layer: int              # K: the AR runs blocks 0..K
     head_norm: str          # none | rms
+    joint: bool = False     # host paths: tokenise prefix + text + suffix as one string
+    prefix_text: str = ""
+    suffix_text: str = ""
 
     @property
     def seq_len(self) -> int:
@@ -46,7 +55,11 @@ def build_spec(tok, mcfg: ModelConfig, ar, layer: int, max_len: int) -> ARSpec:
     suffix = tuple(tok.encode(ar.suffix))
     if not suffix:
         raise UserError("config key ar.suffix must be non-empty (the AR reads at its last token)")
-    spec = ARSpec(prefix, suffix, int(max_len), tok.pad_id, int(layer), ar.head_norm)
+    mode = ar.get("tokenize", "pieces")
+    if mode not in ("pieces", "joint"):
+        raise UserError(f"config key ar.tokenize={mode!r}: expected 'pieces' or 'joint'")
+    spec = ARSpec(prefix, suffix, int(max_len), tok.pad_id, int(layer), ar.head_norm, mode == "joint",
+                  ar.prefix, ar.suffix)
     if spec.seq_len > mcfg.max_seq_len:
         raise UserError(f"AR wrapper of {spec.seq_len} tokens exceeds the model's context ({mcfg.max_seq_len})")
     return spec
@@ -113,6 +126,24 @@ def host_explanations(tok, texts: Sequence[str], spec: ARSpec) -> tuple[np.ndarr
         ids[i, :len(row)] = row
         lens[i] = len(row)
     return ids, lens
+
+
+def host_wrapped(tok, texts: Sequence[str], spec: ARSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ar.tokenize="joint": each text (stripped) inside the wrapper tokenised as one string, BOS by the
+    tokenizer's policy. Returns (tokens [b, S], valid [b, S], read_at [b]) right-padded, S = spec.seq_len.
+    A row longer than S (an explanation past the cap) falls back to the pieces, its text cut to max_len."""
+    S = spec.seq_len
+    toks = np.full((len(texts), S), spec.pad_id, np.int32)
+    valid = np.zeros((len(texts), S), bool)
+    read_at = np.zeros(len(texts), np.int32)
+    for i, t in enumerate(texts):
+        row = tok.bos(tok.encode(spec.prefix_text + t.strip() + spec.suffix_text))
+        if len(row) > S:
+            row = list(spec.prefix) + tok.encode(t.strip())[:spec.max_len] + list(spec.suffix)
+        toks[i, :len(row)] = row
+        valid[i, :len(row)] = True
+        read_at[i] = len(row) - 1
+    return toks, valid, read_at
 
 
 # ----------------------------------------------------------------------------- forward
