@@ -31,6 +31,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from nla_jax import checkpoint as checkpoint_lib
@@ -73,6 +74,8 @@ def import_pair(av_dir: str, ar_dir: str, out: str, cfg, store: str = "", inject
         raise UserError(f"--out {out}: exists and is not an empty directory")
     info = official.check_pair(av_dir, ar_dir, injection_scale)
     official.apply_to_config(cfg, info, av_dir)
+    if cfg.model.get("arch"):  # a target config (configs/gemma3_12b.py:imported) must describe this AV
+        run_lib.model_config_from_arch(cfg)
     with cfg.unlocked():
         cfg.train.workdir = out
         cfg.data.store = os.path.abspath(store) if store else ""
@@ -82,8 +85,11 @@ def import_pair(av_dir: str, ar_dir: str, out: str, cfg, store: str = "", inject
         stats = stats_lib.from_store(opened, cfg.nla.stats_splits, cfg.nla.stats_rows, cfg.nla.seed)
     else:
         stats = neutral_stats(info["d"], info["injection_scale"])
-    # specs first (the marker and neighbour check on the AV's tokenizer), weights after
-    run = run_lib.build(cfg, store=False, weights=False, stats=stats)
+    # specs first (the marker and neighbour check on the AV's tokenizer), weights after. The conversion
+    # runs on this machine's devices; the saved config keeps the config's own mesh (for the pod).
+    here = ml_collections.ConfigDict(json.loads(cfg.to_json()))
+    here.mesh = ml_collections.ConfigDict({"shape": (-1, 1, 1), "axes": sharding.MESH_AXES, "platform": "any"})
+    run = run_lib.build(here, store=False, weights=False, stats=stats)
     with sharding.use_mesh(run.mesh, run.rules):
         layout = state_lib.sft_ar(run)
         target = run_lib.load_target(run)

@@ -291,3 +291,11 @@ def test_joint_and_pieces_agree_without_merges(imported):
     run.ctx = dataclasses.replace(run.ctx, ar=dataclasses.replace(run.ctx.ar, joint=False))
     pieces = measure.reconstruct(run, pair.ar, ids, lens, 2)
     np.testing.assert_allclose(joint, pieces, rtol=1e-5, atol=1e-5)
+
+
+def test_target_config_must_describe_the_released_model(tmp_path):
+    av_dir, ar_dir = write_official_pair(str(tmp_path))
+    cfg = configlib.get(os.path.join(REPO, "configs", "gemma3_12b.py") + ":imported")
+    with pytest.raises(UserError, match="model.arch.family='gemma3' disagrees"):
+        import_official.import_pair(av_dir, ar_dir, str(tmp_path / "work"), cfg)
+    assert not os.path.exists(tmp_path / "work")
