@@ -55,7 +55,8 @@ def get_config(arg=None):
         dtype="bfloat16",        # compute dtype; log-probs and losses stay float32
         weight_dtype="float32",  # master weights and Adam moments (bf16 updates at LR 1e-6 would round away)
         layer=53,                                   # block K: HF hidden_states[54]
-        remat=True,
+        remat="full",            # none | minimal | full (what a block keeps for its backward)
+        decode="auto",          # sampler layers: scan on accelerators (per-layer gathers), unrolled on CPU
         arch=ml_collections.ConfigDict(ARCH),
         seed=0,
     ))

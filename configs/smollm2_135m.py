@@ -28,7 +28,8 @@ def get_config(arg=None):
         dtype="float32",     # compute: float32 on CPU (bf16 training is slow on XLA:CPU: WORKSPACE); bfloat16 on accelerators
         weight_dtype="float32",  # trained parameters and optimizer state (master weights), whatever the compute dtype
         layer=20,            # block K: the residual stream after block K (HF hidden_states[K + 1])
-        remat=False,
+        remat="minimal",         # none | minimal | full: minimal is fastest on the 2-core CPU
+        decode="auto",          # sampler layers: scan on accelerators (per-layer gathers), unrolled on CPU
         arch=ml_collections.ConfigDict(),  # only for source="random"
         seed=0,
     ))

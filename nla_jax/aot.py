@@ -476,7 +476,7 @@ def main(argv=None) -> int:
     mesh, m = run.mesh, run.model_cfg
     print(f"config {args.config}: {m.name} ({m.family}, {_params(m) / 1e9:.2f}B params, {m.n_layers} blocks, "
           f"d={m.d_model}), block K={cfg.model.layer}, compute {cfg.model.dtype}, weights "
-          f"{weights_lib.weight_dtype_name(cfg.model)}, remat={bool(cfg.model.remat)}")
+          f"{weights_lib.weight_dtype_name(cfg.model)}, remat={run.ctx.remat}")
     where = (f"TPU slice {t.topology} as libtpu describes it, compiled by XLA:TPU" if t.topology
              else f"{t.devices} fake CPU devices")
     print(f"target: {t.devices} x {t.accelerator} ({t.memory_gb:g} GB each, budget {t.usable_fraction:g} x = "

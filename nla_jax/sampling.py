@@ -144,6 +144,34 @@ def _layers_with_cache(cfg: ModelConfig, layers: Sequence[dict], x, tables, cach
     return x, tuple(new_cache)
 
 
+def _layers_with_cache_scanned(cfg: ModelConfig, layers: dict, x, tables, cache, slot, hook=None):
+    """`_layers_with_cache` as a scan over the stacked layers, `cache` a stacked (k, v) pair
+    [L, b, KV, T, hd]. On sharded meshes this keeps the decode loop's weight all-gathers inside
+    the loop, one layer at a time: with separate per-layer arrays every gather is loop-invariant
+    and XLA hoists all of them out of the decode while_loop, holding the whole gathered model at
+    once (1/tensor of it per device). Accelerators decode this way; XLA:CPU keeps the unrolled form.
+    Sliding-window blocks (Gemma-3) pick their tables by a per-block flag scanned with the weights."""
+    n = jax.tree.leaves(layers)[0].shape[0]
+    kinds = jnp.asarray(cfg.sliding_layers)                     # [L] bool
+
+    def body(x, xs):
+        lp, ck, cv, li, sliding = xs
+        t = transformer.pick(tables, sliding)
+
+        def write(k, v):
+            ck2 = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, slot, 0))
+            cv2 = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, slot, 0))
+            return ck2, cv2, (ck2, cv2)
+
+        x, kv = transformer.block(cfg, lp, x, t.cos, t.sin, t.mask, cache_write=write)
+        if hook is not None:
+            x = jnp.where(li == hook[0], hook[1](x), x)
+        return x, kv
+
+    x, (ks, vs) = jax.lax.scan(body, x, (layers, cache[0], cache[1], jnp.arange(n), kinds))
+    return x, (ks, vs)
+
+
 @jax.jit
 def split_layers(params):
     """Stacked params -> the same dict with "layers" as a tuple of per-layer dicts (one copy)."""
@@ -220,7 +248,8 @@ def _sample(params, prompt: jax.Array, valid: jax.Array, key: jax.Array, *, cfg:
             group: int = 1) -> SampleOutput:
     """Generate up to sc.max_new_tokens for a left-padded batch.
 
-    params: with "layers" split per layer; prompt, valid: [b, P] (int tokens, bool
+    params: with "layers" split per layer (`split_layers`: unrolled decode, XLA:CPU's fastest) or
+    stacked (a scan over layers: accelerators; see _layers_with_cache_scanned); prompt, valid: [b, P] (int tokens, bool
     not-padding); override: vectors written in place of prompt embeddings (the verbalizer's
     injection); with add_after=j they are added, norm-matched, after block j instead.
     group=G: G samples per prompt, rows b*G..b*G+G-1 of the output continuing prompt b; the
@@ -231,8 +260,13 @@ def _sample(params, prompt: jax.Array, valid: jax.Array, key: jax.Array, *, cfg:
     Tn = P + N
     dtype = params["embed"].dtype
     layers = params["layers"]
-    cache = tuple((jnp.zeros((b, cfg.n_kv_heads, Tn, cfg.head_dim), dtype),
-                   jnp.zeros((b, cfg.n_kv_heads, Tn, cfg.head_dim), dtype)) for _ in layers)
+    scanned = isinstance(layers, dict)          # stacked layers: decode scans them (see above)
+    run_layers = _layers_with_cache_scanned if scanned else _layers_with_cache
+    shape = (b, cfg.n_kv_heads, Tn, cfg.head_dim)
+    if scanned:
+        cache = (jnp.zeros((cfg.n_layers,) + shape, dtype), jnp.zeros((cfg.n_layers,) + shape, dtype))
+    else:
+        cache = tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in layers)
     kv_valid = jnp.concatenate([valid, jnp.ones((b, N), bool)], axis=1)  # [b, T]
     slots = jnp.arange(Tn)
     eos = jnp.asarray(cfg.eos_ids if cfg.eos_ids else (-1,), jnp.int32)
@@ -246,11 +280,12 @@ def _sample(params, prompt: jax.Array, valid: jax.Array, key: jax.Array, *, cfg:
         x = transformer.embed(params, prompt, override, cfg)
     mask = (slots[None, None, :] <= jnp.arange(P)[None, :, None]) & kv_valid[:, None, :]  # [b, P, T]
     tables = transformer.attn_tables(cfg, transformer.positions_from_mask(valid), mask, jnp.arange(P), slots)
-    x, cache = _layers_with_cache(cfg, layers, x, tables, cache, 0, hook)
+    x, cache = run_layers(cfg, layers, x, tables, cache, 0, hook)
     logits = transformer.unembed(cfg, params, x[:, -1:])[:, 0]  # [b, V]
     if group > 1:  # from here on every row is one sample: [b * G, ...]
-        rep = lambda a: jnp.repeat(a, group, axis=0)
-        cache, logits, kv_valid, valid = jax.tree.map(rep, cache), rep(logits), rep(kv_valid), rep(valid)
+        rep = lambda a, axis=0: jnp.repeat(a, group, axis=axis)
+        cache = jax.tree.map(lambda a: rep(a, 1 if scanned else 0), cache)     # the batch axis
+        logits, kv_valid, valid = rep(logits), rep(kv_valid), rep(valid)
         b = b * group
     prompt_len = valid.sum(axis=1).astype(jnp.int32)  # [b]
     key, sub = jax.random.split(key)
@@ -271,7 +306,7 @@ def _sample(params, prompt: jax.Array, valid: jax.Array, key: jax.Array, *, cfg:
         pos = (prompt_len + i)[:, None]
         mask = (slots[None, None, :] <= slot) & kv_valid[:, None, :]  # [b, 1, T]
         tables = transformer.attn_tables(cfg, pos, mask, slot[None], slots)
-        x, cache = _layers_with_cache(cfg, layers, x, tables, cache, slot)
+        x, cache = run_layers(cfg, layers, x, tables, cache, slot)
         logits = transformer.unembed(cfg, params, x)[:, 0]
         key, sub = jax.random.split(key)
         nxt, lp = _choose(logits, sub, sc)

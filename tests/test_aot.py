@@ -93,7 +93,7 @@ def test_real_scale_configs_describe_their_machine():
             if variant:        # every real-scale config has a TPU variant whose slice has its devices
                 from nla_jax import accelerators
                 assert cfg.mesh.platform == "tpu" and accelerators.chips(cfg.aot.topology) == cfg.aot.devices
-            assert cfg.model.dtype == "bfloat16" and cfg.model.remat and cfg.av.max_len == 150
+            assert cfg.model.dtype == "bfloat16" and cfg.model.remat == "full" and cfg.av.max_len == 150
             assert 4 <= cfg.rl.group_size <= 8
             aot.check(cfg)
             m = run_lib.model_config_from_arch(cfg)

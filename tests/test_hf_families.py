@@ -73,6 +73,20 @@ def test_sampler_matches_forward_with_padding_and_window(fam):
         assert np.abs(np.asarray(a - b))[0, 5:].max() > 1e-3
 
 
+def test_scanned_decode_equals_unrolled(fam):
+    """Accelerators decode with a scan over stacked layers (the sliding flag scanned with them); it
+    samples what the unrolled CPU decode does, with padding, groups and an injection."""
+    cfg, params, _ = fam
+    toks, valid = sampling.pad_prompts([_ids(cfg, 5, 1), _ids(cfg, 12, 2)], cfg.pad_id)
+    ov = T.Override(jnp.asarray([[4], [6]], jnp.int32), jnp.ones((2, 1, cfg.d_model)) * 3.0)
+    sc = sampling.SampleConfig(max_new_tokens=8, temperature=1.0, stop_at_eos=False)
+    args = (jnp.asarray(toks), jnp.asarray(valid), jax.random.key(3))
+    got = jax.device_get(sampling._sample(params, *args, cfg=cfg, sc=sc, override=ov, group=2))
+    want = jax.device_get(sampling._sample(sampling.split_layers(params), *args, cfg=cfg, sc=sc, override=ov, group=2))
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
+
+
 def test_grouped_forward_equals_plain(fam):
     cfg, params, _ = fam
     G, P, C = 2, 9, 6

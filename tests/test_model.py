@@ -300,6 +300,13 @@ def test_backward_keeps_matmul_outputs_not_elementwise_intermediates(tiny_llama)
     assert F not in (cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim)
     assert ff(_scan_residuals(cfg, params, toks, remat=False)) == 2
     assert ff(_scan_residuals(cfg, params, toks, remat=True)) == 0
+    # by name (MaxText's vocabulary): minimal = False, full = True, none keeps every intermediate
+    assert ff(_scan_residuals(cfg, params, toks, remat="minimal")) == 2
+    assert ff(_scan_residuals(cfg, params, toks, remat="full")) == 0
+    assert ff(_scan_residuals(cfg, params, toks, remat="none")) > 2
     g = lambda remat: jax.grad(lambda p: fwd(p, toks, cfg=cfg, remat=remat)["logits"].sum())(params)
-    for a, b in zip(jax.tree.leaves(g(False)), jax.tree.leaves(g(True))):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    for other in (True, "none"):
+        for a, b in zip(jax.tree.leaves(g(False)), jax.tree.leaves(g(other))):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="remat policy 'some'"):
+        T.remat_name("some")

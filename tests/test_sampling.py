@@ -278,3 +278,26 @@ def test_group_prefill_equals_repeated_prompts(tiny_llama):
         np.testing.assert_array_equal(got.tokens, want.tokens)
         np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)  # float32 rounding of batch-B vs B*G prefill
         assert len({tuple(r) for r in got.tokens}) > 2  # the G samples of a prompt differ
+
+
+def test_scanned_decode_equals_unrolled(tiny_llama):
+    """The accelerators' decode (a scan over the stacked layers, sampling._layers_with_cache_scanned)
+    samples what the unrolled decode does: same tokens and log-probs, with groups, padding, an
+    injection replacing an embedding and one added after block 0 (the hook inside the scan)."""
+    cfg, params, _ = tiny_llama
+    G = 2
+    rows = [list(_tokens(cfg, n, seed=30 + n)) for n in (7, 4)]
+    toks, valid = sampling.pad_prompts(rows, cfg.pad_id)
+    toks, valid = jnp.asarray(toks), jnp.asarray(valid)
+    ov = T.Override(jnp.asarray([[4], [5]], jnp.int32), jax.random.normal(jax.random.key(6), (2, 1, cfg.d_model)))
+    sc = sampling.SampleConfig(max_new_tokens=9, temperature=1.0, stop_at_eos=False)
+    split = sampling.split_layers(params)
+    run = jax.jit(sampling._sample, static_argnames=("cfg", "sc", "add_after", "group"))
+    for add_after in (None, 0):
+        a = jax.device_get(run(split, toks, valid, jax.random.key(3), cfg=cfg, sc=sc, override=ov,
+                               add_after=add_after, group=G))
+        b = jax.device_get(run(params, toks, valid, jax.random.key(3), cfg=cfg, sc=sc, override=ov,
+                               add_after=add_after, group=G))
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+        np.testing.assert_array_equal(a.lengths, b.lengths)
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)   # float32 rounding of scan vs unrolled

@@ -423,16 +423,32 @@ def run_blocks(cfg: ModelConfig, layers: Params, x: jax.Array, positions: jax.Ar
     return x
 
 
-def _saving(body: Callable, remat: bool) -> Callable:
-    """What a scanned block keeps for its backward pass.
+REMAT_POLICIES = ("none", "minimal", "full")
 
-    remat=True: only the block's input; everything else is recomputed (least memory).
-    remat=False: the outputs of the weight matmuls; the elementwise work (norms, RoPE, attention
-    softmax, SiLU) is recomputed in the backward (MaxText's "minimal" policy). Keeping every
-    intermediate instead stacks ~2.1 GB of residuals per SmolLM2-135M 8x128 step against ~0.64 GB,
-    and on the 2-core CPU writing and re-reading them cost more than the recompute.
+
+def remat_name(remat: str | bool) -> str:
+    """A remat policy by name (MaxText's vocabulary); the older booleans: True = full, False = minimal."""
+    if isinstance(remat, bool):
+        return "full" if remat else "minimal"
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat policy {remat!r}: expected one of {', '.join(REMAT_POLICIES)}")
+    return remat
+
+
+def _saving(body: Callable, remat: str | bool) -> Callable:
+    """What a scanned block keeps for its backward pass (`remat_name`).
+
+    full: only the block's input; everything else is recomputed (least memory).
+    minimal: the outputs of the weight matmuls; the elementwise work (norms, RoPE, attention
+    softmax, SiLU) is recomputed in the backward (MaxText's "minimal" policy).
+    none: every intermediate (most memory). On SmolLM2-135M at 8x128 that stacks ~2.1 GB of
+    residuals a step against minimal's ~0.64 GB, and on the 2-core CPU writing and re-reading them
+    cost more than the recompute.
     """
-    policy = None if remat else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    name = remat_name(remat)
+    if name == "none":
+        return body
+    policy = None if name == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
     return jax.checkpoint(body, prevent_cse=False, policy=policy)
 
 

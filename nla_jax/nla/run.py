@@ -204,7 +204,8 @@ def build(cfg, *, store: bool = True, abstract: bool = False, weights: bool = Tr
         target = abstract_target(model_cfg, dtype, mesh, rules)
         av_spec, ar_spec = synthetic_specs(cfg, model_cfg)
         ctx = steps.Ctx(cfg=model_cfg, av=av_spec, ar=ar_spec, center=bool(cfg.nla.center),
-                        remat=bool(cfg.model.remat), var_nrm=1.0, compute_dtype=compute)
+                        remat=remat_policy(cfg), var_nrm=1.0, compute_dtype=compute,
+                        decode_scan=decode_scan(cfg, mesh, abstract=True))
         mean = jax.ShapeDtypeStruct((model_cfg.d_model,), jnp.float32,
                                     sharding=sharding.named_sharding((), None, mesh, rules))
         return Run(cfg, mesh, rules, model_cfg, target, None, None, stats, mean, ctx, {})
@@ -225,11 +226,34 @@ def build(cfg, *, store: bool = True, abstract: bool = False, weights: bool = Tr
         stats = stats_lib.from_store(opened, cfg.nla.stats_splits, cfg.nla.stats_rows, cfg.nla.seed)
     av_spec = av_lib.build_spec(tokenizer, model_cfg, cfg.av, stats.mean_norm)
     ar_spec = ar_lib.build_spec(tokenizer, model_cfg, cfg.ar, cfg.model.layer, max_len=cfg.av.max_len)
-    ctx = steps.Ctx(cfg=model_cfg, av=av_spec, ar=ar_spec, center=bool(cfg.nla.center), remat=bool(cfg.model.remat),
-                    var_nrm=stats.var(bool(cfg.nla.center)), compute_dtype=compute)
+    ctx = steps.Ctx(cfg=model_cfg, av=av_spec, ar=ar_spec, center=bool(cfg.nla.center), remat=remat_policy(cfg),
+                    var_nrm=stats.var(bool(cfg.nla.center)), compute_dtype=compute,
+                    decode_scan=decode_scan(cfg, mesh, abstract=False))
     summaries = summaries_lib.read_texts(summaries_lib.path_in(cfg.data.store)) if opened is not None else {}
     mean = jax.device_put(jnp.asarray(stats.mean_array()), sharding.named_sharding((), None, mesh, rules))
     return Run(cfg, mesh, rules, model_cfg, target, tokenizer, opened, stats, mean, ctx, summaries)
+
+
+def remat_policy(cfg) -> str:
+    """model.remat by name: none | minimal | full (True / False mean full / minimal)."""
+    try:
+        return transformer.remat_name(cfg.model.remat)
+    except ValueError:
+        raise UserError(f"config key model.remat={cfg.model.remat!r}: expected one of "
+                        f"{', '.join(transformer.REMAT_POLICIES)}") from None
+
+
+def decode_scan(cfg, mesh, abstract: bool) -> bool:
+    """Whether the sampler scans its layers (config key model.decode: "auto", "scan", "unrolled").
+    auto: scan on accelerators, where it keeps the decode loop's fsdp gathers one layer at a time
+    (sampling._layers_with_cache_scanned); unrolled on XLA:CPU, where it is faster; scan in `aot`
+    (abstract runs compile the accelerator's program)."""
+    mode = cfg.model.get("decode", "auto")
+    if mode not in ("auto", "scan", "unrolled"):
+        raise UserError(f"config key model.decode={mode!r}: expected auto, scan or unrolled")
+    if mode != "auto":
+        return mode == "scan"
+    return abstract or mesh.devices.flat[0].platform != "cpu"
 
 
 def load_target(run: Run) -> dict:

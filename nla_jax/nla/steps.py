@@ -38,9 +38,10 @@ class Ctx:
     av: av_lib.AVSpec
     ar: ar_lib.ARSpec
     center: bool
-    remat: bool
+    remat: str | bool        # remat policy by name (transformer.remat_name)
     var_nrm: float          # Var(v_nrm) of the targets (centred or not): fve's denominator
     compute_dtype: Any = None  # forward passes cast floating parameters to this (None: leave them)
+    decode_scan: bool = False  # the sampler scans stacked layers (accelerators) instead of unrolling them
 
 
 def for_compute(params: Any, ctx: Ctx) -> Any:
@@ -142,7 +143,8 @@ def explain(av: dict, acts, mean, key, *, ctx: Ctx, sc: sampling.SampleConfig, g
     P = len(ctx.av.prompt)
     prompt = jnp.broadcast_to(jnp.asarray(ctx.av.prompt, jnp.int32), (b, P))
     ov = av_lib.override(ctx.av, acts, av["extra"], mean)
-    params = sampling.split_layers(jax.lax.stop_gradient(av["model"]))
+    params = jax.lax.stop_gradient(av["model"])
+    params = params if ctx.decode_scan else sampling.split_layers(params)
     out = sampling._sample(params, prompt, jnp.ones((b, P), bool), key, cfg=ctx.cfg, sc=sc, override=ov,
                            add_after=av_lib.add_after(ctx.av), group=group)
     expl_len, ok = av_lib.explanation_span(out.tokens, out.lengths, ctx.av)
