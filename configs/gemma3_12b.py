@@ -22,9 +22,9 @@ global (RoPE 1e6, linear x8) and the others sliding (window 1024, RoPE 1e4), que
 The release's injection scale for this target is 80 000 (the injected vector replaces the sqrt(d)-scaled
 embedding row: residual-stream units). Variant `:imported` takes the release's AV/AR conventions
 (configs/official.py) for an imported pair; `:v5p16` the same mesh on a v5p-32 slice (16 chips).
-Memory (`aot`, float32 masters, bf16 compute): the GRPO step needs 57.3 GB/device on 16 H100s; on 8
-(fsdp 8) it needed 114 GB: the sampler holds 1/tensor of the gathered verbalizer and the 262k-vocabulary
-logits, so the tensor axis is what makes it fit.
+Memory (`aot`, float32 masters, bf16 compute, scanned decode): the GRPO step needs 37.4 GB/device on 16
+H100s (fsdp 8 x tensor 2); on 8 (fsdp 8) it needs 72.8 GB, just over the 72 GB budget (the 262k-vocabulary
+logits of 16 x 8 rollouts dominate the temporaries): `--config.rl.batch=8` is the way to one node.
 """
 import ml_collections
 

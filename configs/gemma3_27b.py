@@ -10,7 +10,7 @@ Architecture (config.json's text_config): 62 blocks, d 5376, 32 query / 16 KV he
 vocabulary 262 208, query_pre_attn_scalar 168 (= d / heads), otherwise as configs/gemma3_12b.py. The
 release's documents give no injection scale for this target here: inject_norm 0 = 1.1 x the store's mean
 norm when training; an imported pair brings its own from its sidecar. `:v5p32`: the mesh on a v5p-64 slice
-(32 chips), `:imported` the release's AV/AR conventions. Memory (`aot`): the GRPO step needs 62.3 GB/device
+(32 chips), `:imported` the release's AV/AR conventions. Memory (`aot`): the GRPO step needs 37.6 GB/device
 on 32 H100s with fsdp 8 x tensor 4.
 """
 from configs import gemma3_12b
