@@ -23,8 +23,8 @@ The release's injection scale for this target is 80 000 (the injected vector rep
 embedding row: residual-stream units). Variant `:imported` takes the release's AV/AR conventions
 (configs/official.py) for an imported pair; `:v5p16` the same mesh on a v5p-32 slice (16 chips).
 Memory (`aot`, float32 masters, bf16 compute, scanned decode): the GRPO step needs 37.4 GB/device on 16
-H100s (fsdp 8 x tensor 2); on 8 (fsdp 8) it needs 72.8 GB, just over the 72 GB budget (the 262k-vocabulary
-logits of 16 x 8 rollouts dominate the temporaries): `--config.rl.batch=8` is the way to one node.
+H100s (fsdp 8 x tensor 2); on 8 (fsdp 8) it needs 72.8 GB, just over the 72 GB budget (a smaller rl.batch may bring
+it to one node; not measured).
 """
 import ml_collections
 
