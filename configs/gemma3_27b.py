@@ -11,7 +11,7 @@ vocabulary 262 208, query_pre_attn_scalar 168 (= d / heads), otherwise as config
 release's documents give no injection scale for this target here: inject_norm 0 = 1.1 x the store's mean
 norm when training; an imported pair brings its own from its sidecar. `:v5p32`: the mesh on a v5p-64 slice
 (32 chips), `:imported` the release's AV/AR conventions. Memory (`aot`): the GRPO step needs 37.6 GB/device
-on 32 H100s with fsdp 8 x tensor 4.
+on 32 H100s with fsdp 8 x tensor 4 (72.04 on 16 with fsdp 8 x tensor 2: just over the 72 GB budget).
 """
 from configs import gemma3_12b
 
