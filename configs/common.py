@@ -115,6 +115,8 @@ def nla(cfg: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDi
         answer_prefix="<explanation>",
         closer="</explanation>",
         marker="auto",              # "auto": an unused special token; or a token string / id
+        marker_text="",             # the official release's rule: this character written as text (one token,
+        marker_neighbors=(),        #   id av.marker), found once with these (left, right) neighbour ids
         inject="replace",           # replace | add (added norm-matched after block add_after)
         add_after=1,
         inject_norm=0.0,            # replace mode: L2 norm of the injected vector; 0 = ~1.1 x mean norm
@@ -126,6 +128,8 @@ def nla(cfg: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDi
         prefix="Explanation: ",
         suffix="\nThe concept:",
         head_norm="rms",            # lever: rms-normalise the head input | none
+        head_bias=True,             # the head's bias (the official release's head has none)
+        tokenize="pieces",          # explain/evaluate: "joint" tokenises prefix + text + suffix as one string
         head_init="identity",       # lever: identity | ridge (ridge from ~500 rows overfit: benchmarks/levers.py)
     ))
     cfg.sft_av = ml_collections.ConfigDict(dict(

@@ -54,7 +54,7 @@ from safetensors.numpy import load_file, save_file
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import processors
 
-from nla_jax import cli, fileio, weights
+from nla_jax import cli, fileio, official, weights
 from nla_jax.cli import cli_main
 from nla_jax.errors import UserError
 from nla_jax.models import transformer
@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a trained pair: WORKDIR (final), WORKDIR/rl, WORKDIR/rl@STEP or WORKDIR/sft_av")
     p.add_argument("--out", required=True, metavar="OUTDIR", help="the export directory (created)")
     p.add_argument("--force", action="store_true", help="replace a non-empty OUTDIR")
+    p.add_argument("--format", choices=("nla_jax", "official"), default="nla_jax",
+                   help="nla_jax: the layout above; official: the public release's (OUTDIR/av, OUTDIR/ar with "
+                        "nla_meta.yaml sidecars and value_head.safetensors), what its inference code reads")
     return cli.add_distributed_flags(p)  # shared with the other programs; export itself refuses several
 
 
@@ -93,7 +96,7 @@ def hf_config(mcfg, *, layers: int | None = None, base_model: bool = False, dtyp
     causal, base = hf_weights.ARCHITECTURES[mcfg.family]
     eos = list(mcfg.eos_ids)
     c: dict[str, Any] = {
-        "architectures": [base if base_model else causal], "model_type": mcfg.family,
+        "architectures": [base if base_model else causal], "model_type": hf_weights.MODEL_TYPES[mcfg.family],
         "hidden_size": mcfg.d_model, "intermediate_size": mcfg.d_ff,
         "num_hidden_layers": mcfg.n_layers if layers is None else layers,
         "num_attention_heads": mcfg.n_heads, "num_key_value_heads": mcfg.n_kv_heads, "head_dim": mcfg.head_dim,
@@ -107,12 +110,38 @@ def hf_config(mcfg, *, layers: int | None = None, base_model: bool = False, dtyp
     }
     if mcfg.family == "llama":
         c["attention_bias"] = False
+    elif mcfg.family == "qwen3":
+        c.update(attention_bias=bool(mcfg.qkv_bias), use_sliding_window=False, sliding_window=None,
+                 max_window_layers=c["num_hidden_layers"])
+    elif mcfg.family == "gemma3":
+        n = c["num_hidden_layers"]
+        kinds = mcfg.sliding_layers[:n]
+        full = {"rope_type": "default", "rope_theta": float(mcfg.rope_theta)}
+        if mcfg.rope_scaling:
+            full.update(dict(mcfg.rope_scaling))
+        del c["rope_theta"], c["rope_scaling"], c["hidden_act"]
+        c.update(attention_bias=bool(mcfg.qkv_bias), hidden_activation="gelu_pytorch_tanh",
+                 layer_types=["sliding_attention" if k else "full_attention" for k in kinds],
+                 sliding_window=mcfg.sliding_window or 4096,
+                 query_pre_attn_scalar=_scalar(mcfg),
+                 rope_parameters={"full_attention": full, "sliding_attention": {
+                     "rope_type": "default", "rope_theta": float(mcfg.rope_local_theta)}},
+                 final_logit_softcapping=None, attn_logit_softcapping=None)
     else:
         # transformers' Qwen2 always has q/k/v biases (zeros are written when ours has none);
         # nla_jax's loader reads `attention_bias` to know whether they are part of the model.
         c.update(attention_bias=bool(mcfg.qkv_bias), use_sliding_window=False, sliding_window=None,
                  max_window_layers=c["num_hidden_layers"])
     return c
+
+
+def _scalar(mcfg) -> int | float:
+    """Gemma's query_pre_attn_scalar from attn_scale = scalar ** -0.5 (an int when it is one: transformers
+    5 refuses a float there)."""
+    if not mcfg.attn_scale:
+        return mcfg.head_dim
+    x = mcfg.attn_scale ** -2
+    return int(round(x)) if abs(x - round(x)) < 1e-6 else float(x)
 
 
 class Lazy(NamedTuple):
@@ -148,7 +177,7 @@ def hf_tensor_sources(mcfg, params: dict, layers: int | None = None, final_norm:
         for leaf, w in stacked.items():
             fetch = lambda w=w, i=i, leaf=leaf: np.ascontiguousarray(
                 layout.to_hf_layout(mcfg, leaf, np.asarray(_layer(w, i) if isinstance(w, jax.Array) else w[i])))
-            out[layout.hf_layer_name(i, leaf)] = Lazy(_nbytes(w) // int(w.shape[0]), fetch)
+            out[layout.hf_layer_name(i, leaf, mcfg)] = Lazy(_nbytes(w) // int(w.shape[0]), fetch)
     if mcfg.family == "qwen2" and not mcfg.qkv_bias:
         # transformers' Qwen2 always has q/k/v biases: write zeros, which change nothing.
         q_size, kv_size = mcfg.n_heads * mcfg.head_dim, mcfg.n_kv_heads * mcfg.head_dim
@@ -160,8 +189,9 @@ def hf_tensor_sources(mcfg, params: dict, layers: int | None = None, final_norm:
     if final_norm:
         # a base model without its final norm (the AR) still needs the weight to load cleanly: ones
         norm = params.get("final_norm")
+        # (Gemma's norms scale by 1 + w: its identity is zeros)
         out[layout.HF_TOP["final_norm"]] = Lazy(mcfg.d_model * dt.itemsize, (lambda: np.asarray(norm)) if norm is not None
-                                                else (lambda: np.ones((mcfg.d_model,), dt)))
+                                                else (lambda: (np.zeros if mcfg.norm_plus_one else np.ones)((mcfg.d_model,), dt)))
     if lm_head and not mcfg.tie_embeddings:
         head = params["lm_head"]
         out[layout.HF_TOP["lm_head"]] = Lazy(_nbytes(head), lambda: np.ascontiguousarray(np.asarray(head).T))
@@ -340,7 +370,7 @@ pred = h @ head["w"] + head["b"]
 
 # ----------------------------------------------------------------------------- export / load
 
-def export_pair(pair, out: str, force: bool = False) -> str:
+def export_pair(pair, out: str, force: bool = False, fmt: str = "nla_jax") -> str:
     """Write the export of a loaded pair (nla_jax.nla.workdir.load_pair) to `out`, atomically."""
     if jax.process_count() > 1:
         raise UserError(ONE_PROCESS)
@@ -350,7 +380,7 @@ def export_pair(pair, out: str, force: bool = False) -> str:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
     try:
-        _write_export(pair, tmp)
+        (_write_official if fmt == "official" else _write_export)(pair, tmp)
         _publish_modes(tmp)
         _check_out(out, force)  # again: another process may have written it meanwhile
         if os.path.lexists(out):
@@ -416,6 +446,53 @@ def _write_export(pair, d: str) -> None:
                                        model=cfg.model.source, layer=K))
 
 
+def _write_official(pair, d: str) -> None:
+    """The public release's layout: av/ (causal LM + nla_meta.yaml), ar/ (K+1 blocks as a causal LM with
+    a tied head, final norm at identity, neither used; value_head.safetensors `weight` [out, in]; sidecar).
+    An imported pair's original sidecar fields are carried over; the computed ones (tokens, templates,
+    scales, layer) come from the pair's own config and equal them."""
+    run, cfg = pair.run, pair.cfg
+    K, mcfg, tok, ctx = int(cfg.model.layer), run.model_cfg, run.tokenizer, run.ctx
+    av, ar = pair.av, pair.ar
+    if ctx.av.mode != "replace" or "proj" in av["extra"] or ctx.center:
+        raise UserError(f"checkpoint {pair.path}: the official format injects by replacement without centring or an "
+                        f"input projection (this pair: inject={ctx.av.mode}, center={ctx.center}, "
+                        f"input_proj={'proj' in av['extra']})")
+    if cfg.av.closer != official.CLOSER or not cfg.av.answer_prefix.startswith(official.OPENER):
+        raise UserError(f"checkpoint {pair.path}: the official reader extracts the explanation between "
+                        f"{official.OPENER} and {official.CLOSER}; this pair uses av.answer_prefix="
+                        f"{cfg.av.answer_prefix!r}, av.closer={cfg.av.closer!r}")
+    if ctx.ar.head_norm != "none":
+        raise UserError(f"checkpoint {pair.path}: ar.head_norm={ctx.ar.head_norm!r}; the official AR head reads the raw "
+                        f"block output (train with --config.ar.head_norm=none)")
+    if "b" in ar["head"] and np.any(np.asarray(ar["head"]["b"]) != 0):
+        raise UserError(f"checkpoint {pair.path}: the AR head has a non-zero bias; the official head has none "
+                        f"(train with --config.ar.head_bias=false)")
+    char = cfg.av.get("marker_text") or tok.decode([ctx.av.marker_id], skip_special=False)
+    av_meta, ar_meta = official.sidecars(d=mcfg.d_model, layer=K, tok=tok, av_spec=ctx.av, ar_spec=ctx.ar, cfg=cfg,
+                                         base=str(cfg.model.source), injection_char=char)
+    orig = pair.meta.get("official") or {}
+    av_meta = {**(orig.get("av_meta") or {}), **av_meta} if orig else av_meta
+    ar_meta = {**(orig.get("ar_meta") or {}), **ar_meta} if orig else ar_meta
+    if orig:  # fields nla_jax does not compute stay as the release wrote them
+        for m, o in ((av_meta, orig.get("av_meta") or {}), (ar_meta, orig.get("ar_meta") or {})):
+            for k in ("stage", "base_checkpoint", "trained_on", "parent_checkpoints", "training", "schema_version"):
+                if k in o:
+                    m[k] = o[k]
+            if "critic_suffix_ids" not in (o.get("tokens") or {}):
+                m["tokens"].pop("critic_suffix_ids", None)
+            for k in ("extraction", "critic"):
+                if isinstance(o.get(k), dict):
+                    m[k] = {**o[k], **{kk: v for kk, v in m[k].items() if kk in o[k]}}
+    write_model_dir(os.path.join(d, "av"), mcfg, av["model"], tok)
+    official.write_sidecar(os.path.join(d, "av"), av_meta)
+    ar_cfg = mcfg.replace(tie_embeddings=True)   # no LM head to write: the official reader drops it
+    write_model_dir(os.path.join(d, "ar"), ar_cfg, {"embed": ar["embed"], "layers": ar["layers"]}, tok, layers=K + 1)
+    save_file({"weight": np.ascontiguousarray(np.asarray(ar["head"]["w"]).T)},
+              os.path.join(d, "ar", official.VALUE_HEAD), metadata={"format": "pt"})
+    official.write_sidecar(os.path.join(d, "ar"), ar_meta)
+
+
 def _read_json(path: str) -> dict:
     if not os.path.isfile(path):
         raise UserError(f"{path}: missing (not an nla_jax export?)")
@@ -478,7 +555,7 @@ def main(argv=None) -> int:
     cli.enable_compilation_cache()
     cli.quiet_orbax_readonly()
     pair = workdir_lib.load_pair_here(args.checkpoint, with_target=False, dtype="weight")  # the masters as saved
-    export_pair(pair, out, args.force)
+    export_pair(pair, out, args.force, args.format)
     sizes = {sub: sum(os.path.getsize(os.path.join(out, sub, f)) for f in os.listdir(os.path.join(out, sub)))
              for sub in ("av", "ar")}
     print(f"exported {pair.label} to {out}: av/ ({sizes['av'] / 1e6:.1f} MB, {pair.run.model_cfg.n_layers} blocks), "

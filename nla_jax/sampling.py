@@ -119,7 +119,7 @@ def _top_p_mask(sorted_vals: jax.Array, p: float) -> jax.Array:
     return jnp.where(before < p, sorted_vals, -jnp.inf)
 
 
-def _layers_with_cache(cfg: ModelConfig, layers: Sequence[dict], x, cos, sin, mask, cache, slot, hook=None):
+def _layers_with_cache(cfg: ModelConfig, layers: Sequence[dict], x, tables, cache, slot, hook=None):
     """All blocks on x [b, s, d], writing this call's k/v into the cache at `slot`.
 
     `layers` is a sequence of per-layer parameter dicts and `cache` a tuple of per-layer
@@ -127,6 +127,7 @@ def _layers_with_cache(cfg: ModelConfig, layers: Sequence[dict], x, cos, sin, ma
     XLA:CPU copy every layer's weights out of the stack at every decode step (measured 1.3-1.9x
     slower at batch 8-32); with separate arrays each step reads the weights once and the cache
     update is an in-place write of one slot. `hook=(j, f)` applies x = f(x) after block j.
+    `tables`: `transformer.attn_tables` (full and sliding-window blocks), picked per block.
     """
     new_cache = []
     for li, (lp, (ck, cv)) in enumerate(zip(layers, cache)):
@@ -135,35 +136,39 @@ def _layers_with_cache(cfg: ModelConfig, layers: Sequence[dict], x, cos, sin, ma
             cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, slot, 0))
             return ck, cv, (ck, cv)
 
-        x, kv = transformer.block(cfg, lp, x, cos, sin, mask, cache_write=write)
+        t = transformer.pick(tables, cfg.sliding_layers[li])
+        x, kv = transformer.block(cfg, lp, x, t.cos, t.sin, t.mask, cache_write=write)
         if hook is not None and hook[0] == li:
             x = hook[1](x)
         new_cache.append(kv)
     return x, tuple(new_cache)
 
 
-def _layers_with_cache_scanned(cfg: ModelConfig, layers: dict, x, cos, sin, mask, cache, slot, hook=None):
+def _layers_with_cache_scanned(cfg: ModelConfig, layers: dict, x, tables, cache, slot, hook=None):
     """`_layers_with_cache` as a scan over the stacked layers, `cache` a stacked (k, v) pair
     [L, b, KV, T, hd]. On sharded meshes this keeps the decode loop's weight all-gathers inside
     the loop, one layer at a time: with separate per-layer arrays every gather is loop-invariant
     and XLA hoists all of them out of the decode while_loop, holding the whole gathered model at
-    once (1/tensor of it per device). Accelerators decode this way; XLA:CPU keeps the unrolled form."""
+    once (1/tensor of it per device). Accelerators decode this way; XLA:CPU keeps the unrolled form.
+    Sliding-window blocks (Gemma-3) pick their tables by a per-block flag scanned with the weights."""
     n = jax.tree.leaves(layers)[0].shape[0]
+    kinds = jnp.asarray(cfg.sliding_layers)                     # [L] bool
 
     def body(x, xs):
-        lp, ck, cv, li = xs
+        lp, ck, cv, li, sliding = xs
+        t = transformer.pick(tables, sliding)
 
         def write(k, v):
             ck2 = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, slot, 0))
             cv2 = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, slot, 0))
             return ck2, cv2, (ck2, cv2)
 
-        x, kv = transformer.block(cfg, lp, x, cos, sin, mask, cache_write=write)
+        x, kv = transformer.block(cfg, lp, x, t.cos, t.sin, t.mask, cache_write=write)
         if hook is not None:
             x = jnp.where(li == hook[0], hook[1](x), x)
         return x, kv
 
-    x, (ks, vs) = jax.lax.scan(body, x, (layers, cache[0], cache[1], jnp.arange(n)))
+    x, (ks, vs) = jax.lax.scan(body, x, (layers, cache[0], cache[1], jnp.arange(n), kinds))
     return x, (ks, vs)
 
 
@@ -270,12 +275,12 @@ def _sample(params, prompt: jax.Array, valid: jax.Array, key: jax.Array, *, cfg:
     hook = None
     if add_after is not None:
         hook = (add_after, lambda h: transformer.add_at(h, override))
-        x = transformer.embed(params, prompt)
+        x = transformer.embed(params, prompt, cfg=cfg)
     else:
-        x = transformer.embed(params, prompt, override)
-    cos, sin = transformer.rope_tables(transformer.positions_from_mask(valid), cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        x = transformer.embed(params, prompt, override, cfg)
     mask = (slots[None, None, :] <= jnp.arange(P)[None, :, None]) & kv_valid[:, None, :]  # [b, P, T]
-    x, cache = run_layers(cfg, layers, x, cos, sin, mask, cache, 0, hook)
+    tables = transformer.attn_tables(cfg, transformer.positions_from_mask(valid), mask, jnp.arange(P), slots)
+    x, cache = run_layers(cfg, layers, x, tables, cache, 0, hook)
     logits = transformer.unembed(cfg, params, x[:, -1:])[:, 0]  # [b, V]
     if group > 1:  # from here on every row is one sample: [b * G, ...]
         rep = lambda a, axis=0: jnp.repeat(a, group, axis=axis)
@@ -297,11 +302,11 @@ def _sample(params, prompt: jax.Array, valid: jax.Array, key: jax.Array, *, cfg:
     def step(state):
         i, tok, cache, out_tok, out_lp, done, key = state
         slot = P + i
-        x = transformer.embed(params, tok[:, None])
+        x = transformer.embed(params, tok[:, None], cfg=cfg)
         pos = (prompt_len + i)[:, None]
-        cos, sin = transformer.rope_tables(pos, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         mask = (slots[None, None, :] <= slot) & kv_valid[:, None, :]  # [b, 1, T]
-        x, cache = run_layers(cfg, layers, x, cos, sin, mask, cache, slot)
+        tables = transformer.attn_tables(cfg, pos, mask, slot[None], slots)
+        x, cache = run_layers(cfg, layers, x, tables, cache, slot)
         logits = transformer.unembed(cfg, params, x)[:, 0]
         key, sub = jax.random.split(key)
         nxt, lp = _choose(logits, sub, sc)

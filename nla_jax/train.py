@@ -209,7 +209,10 @@ def ridge_head(run, layout: state_lib.StageState, state: dict) -> dict:
                                          run.stats.mean_array() if run.ctx.center else None)
     w, b = ar_lib.ridge(np.concatenate(feats), targets_nrm, sec.ridge_lambda)
     head_sh = layout.shardings["ar"]["head"]
-    ar = {**state["ar"], "head": {"w": jax.device_put(w, head_sh["w"]), "b": jax.device_put(b, head_sh["b"])}}
+    head = {"w": jax.device_put(w, head_sh["w"])}
+    if "b" in head_sh:  # ar.head_bias=false: the ridge fit's intercept is dropped
+        head["b"] = jax.device_put(b, head_sh["b"])
+    ar = {**state["ar"], "head": head}
     return {**state, "ar": ar}
 
 

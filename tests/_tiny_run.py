@@ -42,14 +42,15 @@ def tiny_store(tmp_path_factory) -> str:
     return root
 
 
-def trained_workdir(tmp_path_factory, *flags: str, stages: str = "sft_av,sft_ar") -> str:
-    """A tiny work directory trained with `flags` (extra --config.* overrides) through `stages`."""
-    key = (stages, *flags)
+def trained_workdir(tmp_path_factory, *flags: str, stages: str = "sft_av,sft_ar", config: str = TINY) -> str:
+    """A tiny work directory trained with `flags` (extra --config.* overrides) through `stages`
+    (`config`: another tiny family, e.g. configs/tiny.py:gemma3, on the same store: d and layer agree)."""
+    key = (stages, config, *flags)
     if key in _cache:
         return _cache[key]
     store = tiny_store(tmp_path_factory)
     wd = str(tmp_path_factory.mktemp("tiny_run") / "w")
-    _run([sys.executable, "-m", "nla_jax.train", "--config", TINY, f"--config.data.store={store}",
+    _run([sys.executable, "-m", "nla_jax.train", "--config", config, f"--config.data.store={store}",
           f"--config.train.workdir={wd}", "--stages", stages, "--config.sft_av.steps=2", "--config.sft_ar.steps=2",
           "--config.rl.steps=1", *flags], timeout=600)
     assert os.path.isdir(os.path.join(wd, "sft_av")), wd

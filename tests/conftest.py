@@ -44,6 +44,16 @@ def tiny_qwen2() -> Model:
     return _tiny("qwen2")
 
 
+@pytest.fixture(scope="session")
+def tiny_qwen3() -> Model:
+    return _tiny("qwen3")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3() -> Model:
+    return _tiny("gemma3")
+
+
 @pytest.fixture(scope="session", params=["llama", "qwen2"])
 def tiny(request) -> Model:
     """Both tiny families: llama (tied head, no biases) and qwen2 (q/k/v biases, untied head)."""

@@ -81,9 +81,12 @@ def test_real_scale_configs_describe_their_machine():
     from nla_jax import aot, configlib
     from nla_jax.nla import run as run_lib
     from nla_jax.models import transformer as T
-    expected = {"qwen2_5_0_5b.py": 0.494, "qwen2_5_7b.py": 7.616, "llama3_3_70b.py": 70.554}  # 1e9 params
+    # 1e9 params (Gemma-3: the text model; the released 12.2B / 27.4B include the ~0.4B vision tower)
+    expected = {"qwen2_5_0_5b.py": 0.494, "qwen2_5_7b.py": 7.616, "llama3_3_70b.py": 70.554,
+                "gemma3_12b.py": 11.766, "gemma3_27b.py": 27.009}
     for name, billions in expected.items():
-        tpu = {"llama3_3_70b.py": ":v5p64", "qwen2_5_7b.py": ":v5p8", "qwen2_5_0_5b.py": ":v5e8"}
+        tpu = {"llama3_3_70b.py": ":v5p64", "qwen2_5_7b.py": ":v5p8", "qwen2_5_0_5b.py": ":v5e8",
+               "gemma3_12b.py": ":v5p16", "gemma3_27b.py": ":v5p32"}
         for variant in ("", tpu[name]):
             cfg = configlib.get(os.path.join(REPO, "configs", name) + variant)
             assert math.prod(cfg.mesh.shape) == cfg.aot.devices, (name, variant)

@@ -45,6 +45,12 @@ def param_shapes(cfg: ModelConfig) -> dict[str, Any]:
         "w_up": ((L, D, F), ("layers", "embed", "mlp")),
         "w_down": ((L, F, D), ("layers", "mlp", "embed")),
     }
+    if cfg.qk_norm:
+        layers["q_norm"] = ((L, hd), ("layers", "norm"))
+        layers["k_norm"] = ((L, hd), ("layers", "norm"))
+    if cfg.sandwich_norms:  # Gemma: the sub-layer outputs are normalised before the residual add
+        layers["post_attn_norm"] = ((L, D), ("layers", "norm"))
+        layers["post_mlp_norm"] = ((L, D), ("layers", "norm"))
     if cfg.qkv_bias:
         layers["bq"] = ((L, H, hd), ("layers", "heads", "head_dim"))
         layers["bk"] = ((L, KV, hd), ("layers", "kv_heads", "head_dim"))
@@ -73,7 +79,8 @@ def abstract_params(cfg: ModelConfig, dtype=jnp.float32) -> dict[str, Any]:
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:
-    """Random init (tests and tiny configs): normal(0, 1/sqrt(fan_in)), norms at 1."""
+    """Random init (tests and tiny configs): normal(0, 1/sqrt(fan_in)), norms at 1 (stored as 0
+    when the family's norms scale by 1 + w)."""
     shapes = param_shapes(cfg)
     flat, treedef = jax.tree.flatten(shapes, is_leaf=_is_spec)
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(shapes, is_leaf=_is_spec)[0]]
@@ -81,7 +88,7 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:
     leaves = []
     for k, (shape, axes), path in zip(keys, flat, paths):
         if "norm" in path:
-            leaves.append(jnp.ones(shape, dtype))
+            leaves.append((jnp.zeros if cfg.norm_plus_one else jnp.ones)(shape, dtype))
         elif path.endswith("['bq']") or path.endswith("['bk']") or path.endswith("['bv']"):
             leaves.append((0.1 * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
         else:
@@ -176,15 +183,25 @@ def matmul(x: jax.Array, w: jax.Array, *, w_out_first: bool = False, out_dtype=N
     return _dot_last(x, w, w_out_first, out)
 
 
-def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+def rms_norm(x: jax.Array, w: jax.Array, eps: float, plus_one: bool = False) -> jax.Array:
+    """RMSNorm over the last axis in float32; the scale is w, or 1 + w (Gemma stores offsets)."""
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return (y * w.astype(jnp.float32)).astype(x.dtype)
+    w32 = w.astype(jnp.float32)
+    return (y * (1.0 + w32 if plus_one else w32)).astype(x.dtype)
+
+
+def norm(cfg: ModelConfig, x: jax.Array, w: jax.Array) -> jax.Array:
+    """The family's RMSNorm (its eps, w or 1 + w)."""
+    return rms_norm(x, w, cfg.rms_eps, cfg.norm_plus_one)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: tuple | None = None) -> np.ndarray:
-    """Inverse frequencies [head_dim // 2]; `scaling` applies Llama-3's long-context rule."""
+    """Inverse frequencies [head_dim // 2]; `scaling` applies Llama-3's long-context rule, or the
+    linear rule (positions divided by `factor`: Gemma-3's global layers)."""
     inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    if scaling and dict(scaling).get("rope_type", "llama3" if "low_freq_factor" in dict(scaling) else "linear") == "linear":
+        return inv_freq / float(dict(scaling)["factor"])
     if scaling:
         s = dict(scaling)
         factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
@@ -224,9 +241,17 @@ class Override(NamedTuple):
     vectors: jax.Array
 
 
-def embed(params: Params, tokens: jax.Array, override: Override | None = None) -> jax.Array:
-    """Token embeddings [b, s, d]; rows named by `override` are replaced by its vectors."""
+def embed(params: Params, tokens: jax.Array, override: Override | None = None,
+          cfg: ModelConfig | None = None) -> jax.Array:
+    """Token embeddings [b, s, d]; rows named by `override` are replaced by its vectors.
+
+    With a `cfg` whose family scales embeddings (Gemma: sqrt(d)), looked-up rows are scaled and the
+    override's vectors are not: an injected activation is already in residual-stream units (the
+    official release's convention; its injection scale, 80 000 for Gemma-3-12B, is such a norm).
+    """
     x = jnp.take(params["embed"], tokens, axis=0)  # [b, s, d]
+    if cfg is not None and cfg.embed_scale:
+        x = x * jnp.asarray(cfg.embed_multiplier, x.dtype)
     if override is not None:
         s = tokens.shape[1]
         hit = (jnp.arange(s)[None, :, None] == override.positions[:, None, :])  # [b, s, n]
@@ -256,18 +281,68 @@ def positions_from_mask(valid: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
 
 
+class Tables(NamedTuple):
+    """What a block's attention needs besides its weights: RoPE cos, sin [b, s, hd/2], mask [b, s, t]."""
+    cos: jax.Array
+    sin: jax.Array
+    mask: jax.Array
+
+
+def attn_tables(cfg: ModelConfig, positions: jax.Array, mask: jax.Array, q_index: jax.Array,
+                k_index: jax.Array) -> tuple[Tables, Tables | None]:
+    """(tables of the full-attention blocks, tables of the sliding-window blocks or None).
+
+    positions: [b, s] RoPE positions of the queries; mask: [b, s, t]; q_index [s] / k_index [t]: the
+    queries' and keys' slots in the sequence (or KV cache). A sliding block sees keys with
+    q - k < sliding_window and uses its own RoPE base without scaling (Gemma-3). Slot distances equal
+    position distances for the real tokens of a left-padded row, so the window is right with padding.
+    """
+    cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    full = Tables(cos, sin, mask)
+    if not cfg.has_sliding:
+        return full, None
+    cos_l, sin_l = rope_tables(positions, cfg.head_dim, cfg.rope_local_theta)
+    near = (q_index[:, None] - k_index[None, :]) < cfg.sliding_window   # [s, t]
+    return full, Tables(cos_l, sin_l, mask & near[None])
+
+
+def pick(tables: tuple[Tables, Tables | None], sliding) -> Tables:
+    """The tables of one block: `sliding` a Python bool (unrolled layers) or a traced one (scan)."""
+    full, local = tables
+    if local is None or sliding is False:
+        return full
+    if sliding is True:
+        return local
+    return Tables(*(jnp.where(sliding, b, a) for a, b in zip(full, local)))
+
+
+def _with_kinds(cfg: ModelConfig, layers: Params, start: int, stop: int, tables) -> Any:
+    """Scan input: the layers, plus each block's sliding flag when the tables differ by block."""
+    if tables[1] is None:
+        return layers
+    return layers, jnp.asarray(cfg.sliding_layers[start:stop])
+
+
+def _unpack(xs, tables) -> tuple[Params, Tables]:
+    if tables[1] is None:
+        return xs, tables[0]
+    lp, sliding = xs
+    return lp, pick(tables, sliding)
+
+
 # ----------------------------------------------------------------------------- one block
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float | None = None) -> jax.Array:
     """Grouped-query attention in head-major layout (no transposes of the KV cache).
 
     q: [b, H, s, hd]   k, v: [b, KV, t, hd]   mask: [b, s, t] bool   ->   [b, H, s, hd]
-    Query head i reads KV head i // (H // KV), as in Hugging Face.
+    Query head i reads KV head i // (H // KV), as in Hugging Face. `scale` defaults to hd ** -0.5.
     """
     b, H, s, hd = q.shape
     KV = k.shape[1]
     qg = q.reshape(b, KV, H // KV, s, hd)
-    scores = jnp.einsum("bkgsh,bkth->bkgst", qg, k, preferred_element_type=jnp.float32) * (hd ** -0.5)
+    scores = jnp.einsum("bkgsh,bkth->bkgst", qg, k, preferred_element_type=jnp.float32) * (
+        hd ** -0.5 if scale is None else scale)
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgst,bkth->bkgsh", probs, v, preferred_element_type=_acc(probs, v)).astype(v.dtype)
@@ -284,7 +359,7 @@ def block(cfg: ModelConfig, lp: Params, x: jax.Array, cos: jax.Array, sin: jax.A
     """
     b, s_len, D = x.shape
     H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    h = rms_norm(x, lp["attn_norm"], cfg.rms_eps)
+    h = norm(cfg, x, lp["attn_norm"])
 
     def heads(w, bias, n):  # [b, s, D] -> [b, n, s, hd]
         y = matmul(h, w.reshape(D, n * hd)).reshape(b, s_len, n, hd)
@@ -295,20 +370,29 @@ def block(cfg: ModelConfig, lp: Params, x: jax.Array, cos: jax.Array, sin: jax.A
     q = heads(lp["wq"], lp.get("bq") if cfg.qkv_bias else None, H)   # [b, H, s, hd]
     k = heads(lp["wk"], lp.get("bk") if cfg.qkv_bias else None, KV)  # [b, KV, s, hd]
     v = heads(lp["wv"], lp.get("bv") if cfg.qkv_bias else None, KV)
+    if cfg.qk_norm:  # over head_dim, before RoPE (Qwen3, Gemma-3)
+        q = norm(cfg, q, lp["q_norm"])
+        k = norm(cfg, k, lp["k_norm"])
     q = apply_rope(q, cos, sin)
     k = apply_rope(k, cos, sin)
     if cache_write is None:
         keys, values, aux = k, v, (k, v)
     else:
         keys, values, aux = cache_write(k, v)
-    a = attention(q, keys, values, mask).transpose(0, 2, 1, 3).reshape(b, s_len, H * hd)
-    x = x + matmul(a, lp["wo"].reshape(H * hd, D))
-    x = sharding.constrain(x, ("batch", "seq", "act_embed"))
-    h = rms_norm(x, lp["mlp_norm"], cfg.rms_eps)
+    a = attention(q, keys, values, mask, cfg.attn_scale).transpose(0, 2, 1, 3).reshape(b, s_len, H * hd)
+    a = matmul(a, lp["wo"].reshape(H * hd, D))
+    if cfg.sandwich_norms:
+        a = norm(cfg, a, lp["post_attn_norm"])
+    x = sharding.constrain(x + a, ("batch", "seq", "act_embed"))
+    h = norm(cfg, x, lp["mlp_norm"])
     g = matmul(h, lp["w_gate"])  # [b, s, F]
     u = matmul(h, lp["w_up"])
-    f = sharding.constrain(jax.nn.silu(g) * u, ("batch", "seq", "act_mlp"))
-    x = x + matmul(f, lp["w_down"])
+    act = jax.nn.silu(g) if cfg.activation == "silu" else jax.nn.gelu(g, approximate=True)
+    f = sharding.constrain(act * u, ("batch", "seq", "act_mlp"))
+    y = matmul(f, lp["w_down"])
+    if cfg.sandwich_norms:
+        y = norm(cfg, y, lp["post_mlp_norm"])
+    x = x + y
     return sharding.constrain(x, ("batch", "seq", "act_embed")), aux
 
 
@@ -327,13 +411,15 @@ def run_blocks(cfg: ModelConfig, layers: Params, x: jax.Array, positions: jax.Ar
         return x
     if (start, stop) != (0, n):
         layers = _slice_layers(layers, start, stop)
-    cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    s = x.shape[1]
+    tables = attn_tables(cfg, positions, mask, jnp.arange(s), jnp.arange(s))
 
-    def body(h, lp):
-        h, _ = block(cfg, lp, h, cos, sin, mask)
+    def body(h, xs):
+        lp, t = _unpack(xs, tables)
+        h, _ = block(cfg, lp, h, t.cos, t.sin, t.mask)
         return h, None
 
-    x, _ = _scan_layers(_saving(body, remat), x, layers)
+    x, _ = _scan_layers(_saving(body, remat), x, _with_kinds(cfg, layers, start, stop, tables))
     return x
 
 
@@ -375,7 +461,7 @@ def causal_mask(valid: jax.Array) -> jax.Array:
 
 def unembed(cfg: ModelConfig, params: Params, h: jax.Array) -> jax.Array:
     """Final norm then logits in float32. h: [b, s, d] -> [b, s, V]."""
-    h = rms_norm(h, params["final_norm"], cfg.rms_eps)
+    h = norm(cfg, h, params["final_norm"])
     if cfg.tie_embeddings:  # embed: [V, d]
         logits = matmul(h, params["embed"], w_out_first=True, out_dtype=jnp.float32)
     else:  # lm_head: [d, V]
@@ -406,11 +492,11 @@ def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, *, valid: jax.A
     if add_after is not None:
         if capture_layer is not None or override is None:
             raise ValueError("add_after needs an override and no capture_layer")
-        x = embed(params, tokens)
+        x = embed(params, tokens, cfg=cfg)
         x = run_blocks(cfg, params["layers"], x, positions, mask, 0, add_after + 1, remat)
         x = run_blocks(cfg, params["layers"], add_at(x, override), positions, mask, add_after + 1, n, remat)
         return {"logits": unembed(cfg, params, x[:, logits_from:])} if logits else {"last": x}
-    x = embed(params, tokens, override)
+    x = embed(params, tokens, override, cfg)
     if capture_layer is not None:
         if not 0 <= capture_layer < n:
             raise ValueError(f"capture_layer={capture_layer} out of range [0, {n})")
@@ -441,22 +527,24 @@ def forward_grouped(params: Params, prompt: jax.Array, valid: jax.Array, complet
     B, P = prompt.shape
     N, C = completion.shape
     positions_p = positions_from_mask(valid)                          # [B, P]
-    cos_p, sin_p = rope_tables(positions_p, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     start = jnp.repeat(positions_p[:, -1] + 1, group, axis=0)         # [N]
-    cos_c, sin_c = rope_tables(start[:, None] + jnp.arange(C)[None], cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     mask_p = causal_mask(valid)                                       # [B, P, P]
     mask_c = jnp.concatenate([jnp.broadcast_to(jnp.repeat(valid, group, axis=0)[:, None, :], (N, C, P)),
                               jnp.broadcast_to(jnp.tril(jnp.ones((C, C), bool))[None], (N, C, C))], axis=2)
+    tab_p = attn_tables(cfg, positions_p, mask_p, jnp.arange(P), jnp.arange(P))
+    tab_c = attn_tables(cfg, start[:, None] + jnp.arange(C)[None], mask_c, P + jnp.arange(C), jnp.arange(P + C))
 
-    def body(carry, lp):
+    def body(carry, xs):
         xp, xc = carry
-        xp, (kp, vp) = block(cfg, lp, xp, cos_p, sin_p, mask_p)
+        lp, tp = _unpack(xs, tab_p)
+        _, tc = _unpack(xs, tab_c)
+        xp, (kp, vp) = block(cfg, lp, xp, tp.cos, tp.sin, tp.mask)
 
         def with_prompt(k, v):  # [N, KV, C, hd] -> keys over prompt + completion [N, KV, P + C, hd]
             return (jnp.concatenate([jnp.repeat(kp, group, axis=0), k], axis=2),
                     jnp.concatenate([jnp.repeat(vp, group, axis=0), v], axis=2), None)
 
-        xc, _ = block(cfg, lp, xc, cos_c, sin_c, mask_c, cache_write=with_prompt)
+        xc, _ = block(cfg, lp, xc, tc.cos, tc.sin, tc.mask, cache_write=with_prompt)
         return (xp, xc), None
 
     body = _saving(body, remat)
@@ -466,11 +554,11 @@ def forward_grouped(params: Params, prompt: jax.Array, valid: jax.Array, complet
         if b <= a:
             return carry
         layers = params["layers"] if (a, b) == (0, n) else _slice_layers(params["layers"], a, b)
-        return _scan_layers(body, carry, layers)[0]
+        return _scan_layers(body, carry, _with_kinds(cfg, layers, a, b, tab_p))[0]
 
     n = cfg.n_layers
-    xp = embed(params, prompt, None if add_after is not None else override)
-    carry = (xp, embed(params, completion))
+    xp = embed(params, prompt, None if add_after is not None else override, cfg)
+    carry = (xp, embed(params, completion, cfg=cfg))
     if add_after is not None:
         if override is None:
             raise ValueError("add_after needs an override")

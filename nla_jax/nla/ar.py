@@ -3,12 +3,19 @@
 The AR reads only an explanation inside a fixed wrapper, `prefix + explanation + suffix`, and
 regresses the activation from block K's output at the wrapper's last token. The head is
 Linear(d, d) initialised to the identity (or, with head_init="ridge", to the ridge solution on
-the warm-start data). `head_norm="rms"` scales the head's input to norm sqrt(d) first: raw block
+the warm-start data), with a bias unless `ar.head_bias` is false (the official release's head has
+none: its params are then {"w"} alone). `head_norm="rms"` scales the head's input to norm sqrt(d) first: raw block
 outputs have norms in the hundreds with two huge dimensions, which an identity head trains on
 badly (WORKSPACE.md, "The method in brief").
 
 Inputs are right-padded (positions count from each row's first token), so the read-out index is
 prefix + explanation length + suffix - 1, computed inside the compiled step.
+
+Tokenisation of the wrapper (`ar.tokenize`): "pieces" (default) joins the ids of prefix, explanation
+and suffix, which is what the compiled SFT and RL steps can do with sampled ids; "joint" tokenises
+`prefix + text + suffix` as one string on the host (`host_wrapped`), as the official release does, so
+a BPE merge across a boundary (Qwen: ">The", ".</") comes out as it was trained. explain and evaluate
+honour it (`measure.reconstruct`); the compiled training steps always use pieces.
 """
 from __future__ import annotations
 
@@ -32,6 +39,9 @@ class ARSpec:
     pad_id: int
     layer: int              # K: the AR runs blocks 0..K
     head_norm: str          # none | rms
+    joint: bool = False     # host paths: tokenise prefix + text + suffix as one string
+    prefix_text: str = ""
+    suffix_text: str = ""
 
     @property
     def seq_len(self) -> int:
@@ -45,7 +55,11 @@ def build_spec(tok, mcfg: ModelConfig, ar, layer: int, max_len: int) -> ARSpec:
     suffix = tuple(tok.encode(ar.suffix))
     if not suffix:
         raise UserError("config key ar.suffix must be non-empty (the AR reads at its last token)")
-    spec = ARSpec(prefix, suffix, int(max_len), tok.pad_id, int(layer), ar.head_norm)
+    mode = ar.get("tokenize", "pieces")
+    if mode not in ("pieces", "joint"):
+        raise UserError(f"config key ar.tokenize={mode!r}: expected 'pieces' or 'joint'")
+    spec = ARSpec(prefix, suffix, int(max_len), tok.pad_id, int(layer), ar.head_norm, mode == "joint",
+                  ar.prefix, ar.suffix)
     if spec.seq_len > mcfg.max_seq_len:
         raise UserError(f"AR wrapper of {spec.seq_len} tokens exceeds the model's context ({mcfg.max_seq_len})")
     return spec
@@ -53,24 +67,28 @@ def build_spec(tok, mcfg: ModelConfig, ar, layer: int, max_len: int) -> ARSpec:
 
 # ----------------------------------------------------------------------------- parameters
 
-def init_params(target: dict, layer: int, d: int) -> dict:
-    """AR params from the target's: embed, blocks 0..K (copied), head = identity."""
-    return {"embed": target["embed"],
-            "layers": jax.tree.map(lambda a: a[:layer + 1], target["layers"]),
-            "head": {"w": jnp.eye(d, dtype=jnp.float32), "b": jnp.zeros((d,), jnp.float32)}}
+def init_params(target: dict, layer: int, d: int, bias: bool = True) -> dict:
+    """AR params from the target's: embed, blocks 0..K (copied), head = identity (+ zero bias)."""
+    head = {"w": jnp.eye(d, dtype=jnp.float32)}
+    if bias:
+        head["b"] = jnp.zeros((d,), jnp.float32)
+    return {"embed": target["embed"], "layers": jax.tree.map(lambda a: a[:layer + 1], target["layers"]), "head": head}
 
 
-def param_axes(cfg: ModelConfig) -> dict:
+def param_axes(cfg: ModelConfig, bias: bool = True) -> dict:
     ax = transformer.param_axes(cfg)
-    return {"embed": ax["embed"], "layers": ax["layers"], "head": {"w": ("embed", None), "b": (None,)}}
+    head = {"w": ("embed", None), "b": (None,)} if bias else {"w": ("embed", None)}
+    return {"embed": ax["embed"], "layers": ax["layers"], "head": head}
 
 
-def abstract_params(cfg: ModelConfig, layer: int, dtype) -> dict:
+def abstract_params(cfg: ModelConfig, layer: int, dtype, bias: bool = True) -> dict:
     a = transformer.abstract_params(cfg, dtype)
     layers = jax.tree.map(lambda s: jax.ShapeDtypeStruct((layer + 1,) + s.shape[1:], s.dtype), a["layers"])
     d = cfg.d_model
-    return {"embed": a["embed"], "layers": layers,
-            "head": {"w": jax.ShapeDtypeStruct((d, d), jnp.float32), "b": jax.ShapeDtypeStruct((d,), jnp.float32)}}
+    head = {"w": jax.ShapeDtypeStruct((d, d), jnp.float32)}
+    if bias:
+        head["b"] = jax.ShapeDtypeStruct((d,), jnp.float32)
+    return {"embed": a["embed"], "layers": layers, "head": head}
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -110,13 +128,31 @@ def host_explanations(tok, texts: Sequence[str], spec: ARSpec) -> tuple[np.ndarr
     return ids, lens
 
 
+def host_wrapped(tok, texts: Sequence[str], spec: ARSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ar.tokenize="joint": each text (stripped) inside the wrapper tokenised as one string, BOS by the
+    tokenizer's policy. Returns (tokens [b, S], valid [b, S], read_at [b]) right-padded, S = spec.seq_len.
+    A row longer than S (an explanation past the cap) falls back to the pieces, its text cut to max_len."""
+    S = spec.seq_len
+    toks = np.full((len(texts), S), spec.pad_id, np.int32)
+    valid = np.zeros((len(texts), S), bool)
+    read_at = np.zeros(len(texts), np.int32)
+    for i, t in enumerate(texts):
+        row = tok.bos(tok.encode(spec.prefix_text + t.strip() + spec.suffix_text))
+        if len(row) > S:
+            row = list(spec.prefix) + tok.encode(t.strip())[:spec.max_len] + list(spec.suffix)
+        toks[i, :len(row)] = row
+        valid[i, :len(row)] = True
+        read_at[i] = len(row) - 1
+    return toks, valid, read_at
+
+
 # ----------------------------------------------------------------------------- forward
 
 def features(params: dict, cfg: ModelConfig, spec: ARSpec, tokens: jax.Array, valid: jax.Array,
              read_at: jax.Array, remat: bool = False) -> jax.Array:
     """Block K's output at the read-out token, optionally RMS-normalised: [b, d] float32."""
     positions = transformer.positions_from_mask(valid)
-    x = transformer.embed(params, tokens)
+    x = transformer.embed(params, tokens, cfg=cfg)
     x = transformer.run_blocks(cfg, params["layers"], x, positions, transformer.causal_mask(valid), 0, spec.layer + 1, remat)
     h = jnp.take_along_axis(x, read_at[:, None, None], axis=1)[:, 0].astype(jnp.float32)  # [b, d]
     if spec.head_norm == "rms":
@@ -125,7 +161,8 @@ def features(params: dict, cfg: ModelConfig, spec: ARSpec, tokens: jax.Array, va
 
 
 def head(params: dict, h: jax.Array) -> jax.Array:
-    return h @ params["head"]["w"] + params["head"]["b"]
+    y = h @ params["head"]["w"]
+    return y + params["head"]["b"] if "b" in params["head"] else y
 
 
 def predict(params: dict, cfg: ModelConfig, spec: ARSpec, expl: jax.Array, expl_len: jax.Array,

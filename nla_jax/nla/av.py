@@ -2,8 +2,17 @@
 
 The prompt is fixed and identical for every row (so batches need no padding): a chat turn
 holding a marker token inside <concept>...</concept>, then the assistant's answer prefix
-"<explanation>". The marker is a special token the tokenizer never produces from ordinary text;
-it is inserted by id and the prompt is checked to hold it exactly once. Injection modes:
+"<explanation>". Two marker conventions (config section `av`):
+
+  marker="auto" / a token / an id, marker_text=""   (the default for training from scratch) a special
+           token the tokenizer never produces from ordinary text, inserted by id; the prompt is
+           checked to hold it exactly once;
+  marker_text="㈎" (+ marker = its id, marker_neighbors = (left id, right id))   the official
+           release's rule: the character is written into the prompt as text, must tokenise to one
+           id, and the rendered prompt must hold exactly one position with that id whose neighbours
+           are the stated ids (the `>` and `</` of <concept>…</concept>).
+
+Injection modes:
 
   replace  the marker's embedding row is replaced by the activation rescaled to `inject_norm`
            (a round number a bit above the dataset's mean norm unless set);
@@ -72,15 +81,48 @@ def auto_norm(mean_norm: float) -> float:
     return float(math.ceil(x / step) * step)
 
 
+def text_marker_prompt(tok, av) -> tuple[list[int], int, int]:
+    """The official release's marker rule: (prompt ids of the rendered chat turn, marker position,
+    marker id), refusing a character that is not one token or a prompt where it is not found exactly
+    once with the stated neighbours (tokenizer or template drift: the AV would read the character's
+    own embedding instead of the activation)."""
+    char = av.marker_text
+    if av.user.count("{marker}") != 1:
+        raise UserError(f"config key av.user must contain '{{marker}}' exactly once, got {av.user!r}")
+    ids = tok.encode(char)
+    want = av.marker
+    if want != "auto" and (isinstance(want, int) or str(want).isdigit()) and ids != [int(want)]:
+        raise UserError(f"config key av.marker_text={char!r} tokenises to {ids}, expected the single id [{int(want)}] "
+                        f"(av.marker): wrong tokenizer or vocabulary changed")
+    if len(ids) != 1:
+        raise UserError(f"config key av.marker_text={char!r} tokenises to {len(ids)} ids {ids}, expected one")
+    mid = ids[0]
+    prompt = tok.encode_chat([{"role": "user", "content": av.user.replace("{marker}", char)}])
+    where = [i for i, t in enumerate(prompt) if t == mid]
+    nb = tuple(int(x) for x in (av.get("marker_neighbors") or ()))
+    if nb:
+        where = [i for i in where if 0 < i < len(prompt) - 1 and (prompt[i - 1], prompt[i + 1]) == nb]
+    if len(where) != 1:
+        got = [(prompt[i - 1] if i else None, prompt[i + 1] if i + 1 < len(prompt) else None)
+               for i, t in enumerate(prompt) if t == mid]
+        raise UserError(f"config key av.marker_text={char!r} (id {mid}): the AV prompt holds {len(where)} position(s) "
+                        f"with neighbours {nb or 'any'}, expected exactly one (neighbours found: {got})")
+    return prompt, where[0], mid
+
+
 def build_spec(tok, mcfg: ModelConfig, av, mean_norm: float) -> AVSpec:
     """The AV prompt and injection settings from config section `av`."""
-    rendered = tok.render_chat([{"role": "user", "content": av.user.replace("{marker}", _PLACEHOLDER)}])
-    if rendered.count(_PLACEHOLDER) != 1:
-        raise UserError(f"config key av.user must contain '{{marker}}' exactly once, got {av.user!r}")
-    before, after = rendered.split(_PLACEHOLDER)
-    ids_before = tok.bos(tok.encode(before))
-    ids_after = tok.encode(after + av.answer_prefix)
-    mid = choose_marker(tok, ids_before + ids_after, av.marker)
+    if av.get("marker_text"):
+        ids, pos, mid = text_marker_prompt(tok, av)
+        ids_before, ids_after = ids[:pos], ids[pos + 1:] + tok.encode(av.answer_prefix)
+    else:
+        rendered = tok.render_chat([{"role": "user", "content": av.user.replace("{marker}", _PLACEHOLDER)}])
+        if rendered.count(_PLACEHOLDER) != 1:
+            raise UserError(f"config key av.user must contain '{{marker}}' exactly once, got {av.user!r}")
+        before, after = rendered.split(_PLACEHOLDER)
+        ids_before = tok.bos(tok.encode(before))
+        ids_after = tok.encode(after + av.answer_prefix)
+        mid = choose_marker(tok, ids_before + ids_after, av.marker)
     prompt = tuple(ids_before + [mid] + ids_after)
     if prompt.count(mid) != 1:
         raise UserError(f"marker token {mid} occurs {prompt.count(mid)} times in the AV prompt; choose another av.marker")

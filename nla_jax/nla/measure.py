@@ -120,8 +120,24 @@ def explain_rows(run: Run, av: dict, acts: np.ndarray, batch: int, sc: sampling.
                    progress, with_offset=True)
 
 
+@functools.lru_cache(maxsize=16)
+def _predict_wrapped_fn(ctx: steps.Ctx):
+    def f(ar, tokens, valid, read_at):
+        ar = steps.for_compute(ar, ctx)
+        return ar_lib.head(ar, ar_lib.features(ar, ctx.cfg, ctx.ar, tokens, valid, read_at))
+    return jax.jit(f)
+
+
 def reconstruct(run: Run, ar: dict, expl: np.ndarray, expl_len: np.ndarray, batch: int, progress: Progress = None) -> np.ndarray:
-    """The AR's predictions [n, d] (raw head outputs; compare after normalising) from explanation ids."""
+    """The AR's predictions [n, d] (raw head outputs; compare after normalising) from explanation ids.
+    With ar.tokenize="joint" the ids are decoded and the wrapper is tokenised as one string."""
+    if run.ctx.ar.joint:
+        texts = [run.tokenizer.decode(np.asarray(r[:n]).tolist()) for r, n in zip(expl, expl_len)]
+        toks, valid, read_at = ar_lib.host_wrapped(run.tokenizer, texts, run.ctx.ar)
+        fn = _predict_wrapped_fn(run.ctx)
+        out = batched(run, lambda g: {"pred": fn(ar, g["tokens"], g["valid"], g["read_at"])},
+                      {"tokens": toks, "valid": valid, "read_at": read_at}, batch, progress)
+        return out["pred"]
     fn = _predict_fn(run.ctx)
     out = batched(run, lambda g: {"pred": fn(ar, g["expl"], g["expl_len"])},
                   {"expl": np.asarray(expl, np.int32), "expl_len": np.asarray(expl_len, np.int32)}, batch, progress)
@@ -313,7 +329,7 @@ def _lower_fn(cfg, layer: int, compute_dtype):
         params = steps.cast_floating(params, compute_dtype)   # the target as extraction ran it
         b, s = tokens.shape
         valid = jnp.ones((b, s), bool)
-        x = transformer.embed(params, tokens)
+        x = transformer.embed(params, tokens, cfg=cfg)
         return transformer.run_blocks(cfg, params["layers"], x, transformer.positions_from_mask(valid), transformer.causal_mask(valid), 0, layer + 1)
     return jax.jit(f)
 

@@ -138,7 +138,7 @@ def model_config_from_arch(cfg) -> ModelConfig:
     if src != "random" and os.path.isdir(src):
         real = weights_lib.peek_config(cfg.model)
         for f in ("family", "n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff", "vocab_size",
-                  "tie_embeddings", "qkv_bias"):
+                  "tie_embeddings", "qkv_bias", "layer_types", "sliding_window", "rope_local_theta"):
             if getattr(real, f) != getattr(model_cfg, f):
                 raise UserError(f"config key model.arch.{f}={getattr(model_cfg, f)!r} disagrees with "
                                 f"{src}/config.json ({getattr(real, f)!r}); fix the config's arch")

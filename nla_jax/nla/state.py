@@ -60,7 +60,7 @@ def av_axes(run: Run) -> dict:
 
 
 def ar_axes(run: Run) -> dict:
-    return ar_lib.param_axes(run.model_cfg)
+    return ar_lib.param_axes(run.model_cfg, bool(run.cfg.ar.get("head_bias", True)))
 
 
 def init_av(run: Run, target: dict) -> dict:
@@ -70,7 +70,7 @@ def init_av(run: Run, target: dict) -> dict:
 
 def init_ar(run: Run, target: dict) -> dict:
     """The reconstructor starts as the target's blocks 0..K with an identity head."""
-    return ar_lib.init_params(target, run.cfg.model.layer, run.model_cfg.d_model)
+    return ar_lib.init_params(target, run.cfg.model.layer, run.model_cfg.d_model, bool(run.cfg.ar.get("head_bias", True)))
 
 
 def frozen_reference(run: Run, av: dict) -> dict:

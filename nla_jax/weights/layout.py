@@ -31,21 +31,33 @@ HF_LAYER = {
     "wq": "self_attn.q_proj.weight", "wk": "self_attn.k_proj.weight", "wv": "self_attn.v_proj.weight",
     "wo": "self_attn.o_proj.weight", "w_gate": "mlp.gate_proj.weight", "w_up": "mlp.up_proj.weight",
     "w_down": "mlp.down_proj.weight", "bq": "self_attn.q_proj.bias", "bk": "self_attn.k_proj.bias",
-    "bv": "self_attn.v_proj.bias",
+    "bv": "self_attn.v_proj.bias", "q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm.weight",
 }
+# Gemma's four norms per block: what Llama calls the post-attention norm is Gemma's pre-MLP norm.
+HF_LAYER_SANDWICH = dict(HF_LAYER, mlp_norm="pre_feedforward_layernorm.weight",
+                         post_attn_norm="post_attention_layernorm.weight",
+                         post_mlp_norm="post_feedforward_layernorm.weight")
 # nla_jax top-level leaf -> transformers tensor name.
 HF_TOP = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "lm_head": "lm_head.weight"}
 
 
-def hf_layer_name(layer: int, leaf: str) -> str:
-    """The transformers name of layer `layer`'s tensor for the nla_jax leaf `leaf`."""
-    return f"model.layers.{layer}.{HF_LAYER[leaf]}"
+def hf_layer_name(layer: int, leaf: str, cfg: ModelConfig | None = None, prefix: str = "model.") -> str:
+    """The transformers name of layer `layer`'s tensor for the nla_jax leaf `leaf` (the family's
+    norm names with `cfg`; `prefix` is where the decoder sits, e.g. "model.language_model." in a
+    Gemma-3 multimodal checkpoint)."""
+    table = HF_LAYER_SANDWICH if cfg is not None and cfg.sandwich_norms else HF_LAYER
+    return f"{prefix}layers.{layer}.{table[leaf]}"
+
+
+def hf_top_name(leaf: str, prefix: str = "model.") -> str:
+    """The transformers name of a top-level leaf under the decoder prefix (lm_head sits outside it)."""
+    return HF_TOP[leaf] if leaf == "lm_head" else prefix + HF_TOP[leaf][len("model."):]
 
 
 def to_nla_layout(cfg: ModelConfig, leaf: str, w: np.ndarray) -> np.ndarray:
     """One layer's tensor: Hugging Face layout ([out, in], heads flattened) -> nla_jax's (input-major, heads split)."""
     D, H, KV, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    if leaf in ("attn_norm", "mlp_norm"):
+    if leaf.endswith("norm"):
         return w
     if leaf == "wq":
         return w.T.reshape(D, H, hd)
@@ -65,7 +77,7 @@ def to_nla_layout(cfg: ModelConfig, leaf: str, w: np.ndarray) -> np.ndarray:
 def to_hf_layout(cfg: ModelConfig, leaf: str, w: np.ndarray) -> np.ndarray:
     """One layer's tensor: nla_jax layout -> Hugging Face's (the inverse of `to_nla_layout`)."""
     D, H, KV, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    if leaf in ("attn_norm", "mlp_norm"):
+    if leaf.endswith("norm"):
         return w
     if leaf == "wq":
         return w.reshape(D, H * hd).T
