@@ -19,6 +19,7 @@ OUTDIR/
     model.safetensors, tokenizer files
     ar_head.safetensors  "w" [d, d] (input-major: prediction = features @ w + b), "b" [d]
     nla_ar.json          layer, wrapper prefix/suffix (ids and text; the prefix carries the BOS), the
+                         config's wrapper strings and how they are tokenised (ar.tokenize), the
                          explanation cap, head normalisation (rms, eps 1e-6) and the dataset statistics
                          (mean, Var(v_nrm), floor) with the centring switch
 
@@ -314,10 +315,16 @@ def ar_json(spec, tok, stats, center: bool) -> dict:
         "format": FORMAT_AR, "layer": spec.layer, "blocks": spec.layer + 1,
         "prefix_ids": list(spec.prefix), "prefix_text": dec(spec.prefix),
         "suffix_ids": list(spec.suffix), "suffix_text": dec(spec.suffix), "max_len": spec.max_len,
+        # the config's wrapper strings and how host paths tokenise them (ar.tokenize), so that an imported
+        # pair reads explanations exactly as the trained one did
+        "tokenize": "joint" if spec.joint else "pieces", "prefix_string": spec.prefix_text,
+        "suffix_string": spec.suffix_text,
         "pad_id": spec.pad_id, "head_norm": spec.head_norm, "head_norm_eps": HEAD_NORM_EPS, "center": bool(center),
         "var_nrm": stats.var(center), "floor_fve": stats.floor(center), "stats": stats.to_json(),
         "recipe": [
             "ids = prefix_ids + (explanation ids, at most max_len) + suffix_ids   (the prefix carries the BOS)",
+            "if tokenize == 'joint': ids = BOS + tokens of (prefix_string + explanation.strip() + suffix_string) "
+            "as one string, when that fits in len(prefix_ids) + max_len + len(suffix_ids) tokens",
             "h = the residual stream after block `layer` (the last of the `blocks` blocks, BEFORE model.norm) at "
             "the last token",
             "if head_norm == 'rms': h = h / sqrt(mean(h**2) + head_norm_eps)",
@@ -536,7 +543,9 @@ def load(outdir: str, dtype=None) -> tuple[dict, dict, dict]:
     head = load_file(os.path.join(ar_dir, "ar_head.safetensors"))
     ar_params["head"] = {"w": jnp.asarray(head["w"]), "b": jnp.asarray(head["b"])}
     ar_spec = ar_lib.ARSpec(prefix=tuple(r["prefix_ids"]), suffix=tuple(r["suffix_ids"]), max_len=r["max_len"],
-                            pad_id=r["pad_id"], layer=K, head_norm=r["head_norm"])
+                            pad_id=r["pad_id"], layer=K, head_norm=r["head_norm"],
+                            joint=r.get("tokenize", "pieces") == "joint",  # older exports: pieces
+                            prefix_text=r.get("prefix_string", ""), suffix_text=r.get("suffix_string", ""))
     specs = {"mcfg": mcfg, "av": av_spec, "ar": ar_spec, "stats": stats_lib.ActStats.from_json(r["stats"]),
              "center": bool(r["center"]), "tok": tok, "mean": extra_f["mean"]}
     return {"model": model, "extra": extra}, ar_params, specs
