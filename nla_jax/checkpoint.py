@@ -14,12 +14,9 @@ shared writes, and the fallback decision is agreed across processes.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
-import os
-import socket
 import sys
 import time
 from typing import Any, Callable
@@ -28,7 +25,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from nla_jax import distributed
+from nla_jax import distributed, locks, paths
 from nla_jax.errors import UserError, disk_full, disk_full_error
 
 log = logging.getLogger(__name__)
@@ -107,64 +104,40 @@ def _process_index() -> int:
 
 
 class WorkdirLock:
-    """Exclusive flock on WORKDIR/.lock so two trainers never write one work directory.
+    """Exclusive lock on WORKDIR/.lock so two trainers never write one work directory.
 
     Each process of a multi-process run locks its own file (`.lock` for process 0,
     `.lock.<i>` otherwise), so all processes of one run can take it while a second run is
-    refused. Take it after `jax.distributed.initialize` (or pass `process_index`). The lock
-    dies with the process (kill -9 included); the file is left in place on purpose, since
-    deleting a lock file races with the next holder.
+    refused. Take it after `jax.distributed.initialize` (or pass `process_index`). On a local disk
+    it is a flock that dies with the process (kill -9 included; the file is left in place on
+    purpose, since deleting a lock file races with the next holder); on gs:// a lease that a
+    crashed holder's successor takes over within one lease (`nla_jax.locks`).
     """
 
     def __init__(self, workdir: str, process_index: int | None = None) -> None:
-        self.workdir = os.path.abspath(workdir)
+        self.workdir = paths.absolute(workdir)
         idx = _process_index() if process_index is None else int(process_index)
-        self.path = os.path.join(self.workdir, ".lock" if idx == 0 else f".lock.{idx}")
-        self._fd: int | None = None
+        self.path = paths.join(self.workdir, ".lock" if idx == 0 else f".lock.{idx}")
+        self._lock = locks.Lock(self.path)
 
     @property
     def held(self) -> bool:
-        return self._fd is not None
+        return self._lock.held
 
     def acquire(self) -> "WorkdirLock":
-        if self._fd is not None:
+        if self._lock.held:
             return self
         try:
-            os.makedirs(self.workdir, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            paths.makedirs(self.workdir)
+            self._lock.acquire()
+        except locks.Busy as e:
+            raise UserError(f"work directory {self.workdir} is in use by another trainer ({e})") from None
         except OSError as e:
-            raise UserError(f"cannot create lock file {self.path}: {e.strerror}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = self._holder(fd)
-            os.close(fd)
-            raise UserError(f"work directory {self.workdir} is in use by another trainer ({holder})") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
-        self._fd = fd
+            raise UserError(f"cannot create lock file {self.path}: {e.strerror or e}") from None
         return self
 
-    @staticmethod
-    def _holder(fd: int) -> str:
-        try:
-            parts = os.pread(fd, 256, 0).decode(errors="replace").split()
-        except OSError:
-            parts = []
-        if not parts:
-            return "pid unknown"
-        pid = parts[0]
-        host = parts[1] if len(parts) > 1 else None
-        return f"pid {pid}" if host in (None, socket.gethostname()) else f"pid {pid} on {host}"
-
     def release(self) -> None:
-        if self._fd is None:
-            return
-        fd, self._fd = self._fd, None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
+        self._lock.release()
 
     def __enter__(self) -> "WorkdirLock":
         return self.acquire()
@@ -203,7 +176,7 @@ def read_step_arrays(step_dir: str) -> dict[str, Any]:
     """{path: numpy array} of one saved step's state (`<dir>/<step>`), read with plain orbax onto one
     CPU device, whatever mesh wrote it. For tools and tests comparing runs leaf by leaf; no
     fingerprint or shape checks (use Checkpointer.restore to resume)."""
-    d = os.path.join(step_dir, _STATE)
+    d = paths.join(step_dir, _STATE)
     dev = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     with ocp.StandardCheckpointer() as c:
         meta = c.metadata(d)
@@ -228,7 +201,7 @@ class Checkpointer:
                  describe: Callable[[dict], str | None] | None = None) -> None:
         if keep is not None and keep < 1:
             raise UserError(f"checkpoint keep must be >= 1 (or None for all), got {keep}")
-        self.directory = os.path.abspath(directory)
+        self.directory = paths.absolute(directory)
         self.fingerprint = fingerprint
         # describe(meta of a step written under another fingerprint) -> None if its saved config
         # agrees after all (e.g. fingerprinted by an older version), else what differs (the message)
@@ -261,6 +234,11 @@ class Checkpointer:
             raise UserError(f"cannot use checkpoint directory {self.directory}: {_one_line(e)}") from None
         finally:
             absl_log.setLevel(level)
+        if paths.is_url(self.directory) and not read_only:
+            # an object store has no empty directories: when orbax's clean-up removed the only
+            # (unfinished) step a kill -9 left, the directory would vanish and orbax's own listing
+            # of it fail; an object of ours keeps it (orbax ignores names that are not steps)
+            paths.write_bytes(paths.join(self.directory, ".nla_checkpoints"), b"orbax steps of nla_jax\n")
         self._options = options
         self._partial_mgr: ocp.CheckpointManager | None = None
 
@@ -501,10 +479,10 @@ class Checkpointer:
         stamp = time.strftime("%Y%m%dT%H%M%S")
         if jax.process_index() == 0:
             for s in steps:
-                src = os.path.join(self.directory, str(s))
+                src = paths.join(self.directory, str(s))
                 dst = f"{src}.unreadable-{stamp}"
                 try:
-                    os.rename(src, dst)
+                    paths.rename(src, dst)
                     log.warning("moved unreadable checkpoint step %d aside to %s", s, dst)
                 except OSError as e:
                     log.warning("could not move unreadable checkpoint step %d aside: %s", s, _one_line(e))

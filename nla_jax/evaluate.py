@@ -38,7 +38,6 @@ prints the side-by-side table. OUTDIR defaults to FIRST_CHECKPOINT_WORKDIR/evalu
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 import time
 
@@ -46,7 +45,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from nla_jax import cli, fileio, metrics, report, sampling, sharding, weights
+from nla_jax import cli, fileio, metrics, paths, report, sampling, sharding, weights
 from nla_jax.cli import cli_main
 from nla_jax.data import store as store_lib
 from nla_jax.data import summaries as summaries_lib
@@ -89,7 +88,7 @@ def check_settings(E) -> None:
 def plan(path: str) -> Plan:
     """Resolve a checkpoint path and read its saved config (metadata only)."""
     workdir, kind, step = workdir_lib.resolve(path)
-    first = os.path.join(workdir, "rl" if kind == "rl" else "sft_av")
+    first = paths.join(workdir, "rl" if kind == "rl" else "sft_av")
     step, meta = workdir_lib.saved_meta(first, step)
     return Plan(path, workdir, kind, step, workdir_lib.config_from_meta(meta, first))
 
@@ -115,10 +114,10 @@ def check_target(p: Plan, store) -> None:
 
 
 def unique_labels(plans: list[Plan]) -> list[str]:
-    labels = [f"{os.path.basename(p.workdir)}/{p.kind}@{p.step}" for p in plans]
+    labels = [f"{paths.basename(p.workdir)}/{p.kind}@{p.step}" for p in plans]
     for i, lab in enumerate(labels):
         if labels.count(lab) > 1:
-            labels[i] = f"{os.path.basename(os.path.dirname(plans[i].workdir))}/{lab}"
+            labels[i] = f"{paths.basename(paths.dirname(plans[i].workdir))}/{lab}"
     for i, lab in enumerate(labels):
         if labels.count(lab) > 1:
             labels[i] = f"{lab}#{i + 1}"
@@ -268,7 +267,7 @@ def total_batches(n: int, n_teacher: int, E) -> int:
 
 def training_curves(workdir: str) -> dict:
     """fve and reward against step from a run's metrics.jsonl (RL rollouts; SFT-AR validation)."""
-    recs = metrics.read(os.path.join(workdir, "metrics.jsonl"))
+    recs = metrics.read(paths.join(workdir, "metrics.jsonl"))
     rl = sorted((r for r in recs if r.get("stage") == "rl" and r.get("kind") is None and "fve_nrm" in r),
                 key=lambda r: r["step"])
     ar = sorted((r for r in recs if r.get("stage") == "sft_ar" and r.get("kind") == "eval" and "fve_nrm" in r),
@@ -347,7 +346,7 @@ def table(doc: dict) -> str:
         lines.append(lab.ljust(w0) + "".join(fmt(lookup(c, key)).rjust(w) for c in cks))
     extra = [("Var(v_nrm) train / eval rows", lambda c: f"{c['var_nrm']:.3f} / {c['var_nrm_eval']:.3f}"),
              ("teacher rows", lambda c: str(c["fve"]["teacher"]["n"])),
-             ("reference AV", lambda c: os.path.basename(str(c["kl_ref"]["ref"])) if c["kl_ref"]["ref"] else "n/a")]
+             ("reference AV", lambda c: paths.basename(str(c["kl_ref"]["ref"])) if c["kl_ref"]["ref"] else "n/a")]
     for lab, get in extra:
         lines.append(lab.ljust(w0) + "".join(get(c).rjust(w) for c in cks))
     return "\n".join(lines)
@@ -365,9 +364,9 @@ def _plain(o):
 
 def write_outputs(out: str, doc: dict, html: str) -> None:
     """evaluate.json and report.html, both renamed into place only after both are written."""
-    os.makedirs(out, exist_ok=True)
-    fileio.replace_together({os.path.join(out, "evaluate.json"): fileio.json_text(doc, default=_plain, allow_nan=True),
-                             os.path.join(out, "report.html"): html})
+    paths.makedirs(out)
+    fileio.replace_together({paths.join(out, "evaluate.json"): fileio.json_text(doc, default=_plain, allow_nan=True),
+                             paths.join(out, "report.html"): html})
 
 
 # ============================================================================= main
@@ -384,8 +383,8 @@ def main(argv=None) -> int:
     store = store_lib.open_store(cfg.data.store)
     for p in plans:
         check_target(p, store)
-    out = os.path.abspath(args.out or os.path.join(plans[0].workdir, "evaluate"))
-    if os.path.exists(out) and not os.path.isdir(out):
+    out = paths.absolute(args.out or paths.join(plans[0].workdir, "evaluate"))
+    if paths.exists(out) and not paths.isdir(out):
         raise UserError(f"--out {out}: exists and is not a directory")
     rows = np.sort(store.rows_of_split(E.split))
     if len(rows) == 0:
@@ -410,7 +409,7 @@ def main(argv=None) -> int:
 
     docs = D["doc_id"]
     doc = {"format": FORMAT, "command": ["python", "-m", "nla_jax.evaluate", *argv],
-           "config": args.config, "store": os.path.abspath(cfg.data.store), "split": E.split,
+           "config": args.config, "store": paths.absolute(cfg.data.store), "split": E.split,
            "rows": int(len(rows)), "documents": int(len(np.unique(docs))), "row_ids": D["rows"],
            "teacher_summaries": summ_path, "teacher_rows": len(D["summaries"]),
            "settings": E.to_dict(), "devices": jax.device_count(), "elapsed_s": None,
@@ -422,7 +421,7 @@ def main(argv=None) -> int:
     html = report.render(doc, ROWS, fmt, lookup)
     write_outputs(out, doc, html)
     print(table(doc), flush=True)
-    print(f"\nwrote {os.path.join(out, 'evaluate.json')} and report.html in {doc['elapsed_s']:.0f}s", file=sys.stderr)
+    print(f"\nwrote {paths.join(out, 'evaluate.json')} and report.html in {doc['elapsed_s']:.0f}s", file=sys.stderr)
     return 0
 
 

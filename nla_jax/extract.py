@@ -17,7 +17,6 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import json
-import os
 import sys
 import time
 
@@ -26,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from nla_jax import cli, distributed, faults, sharding, weights
+from nla_jax import cli, distributed, faults, paths, sharding, weights
 from nla_jax.cli import cli_main
 from nla_jax.data import corpus
 from nla_jax.data import plan as plan_lib
@@ -196,8 +195,8 @@ def extract(cfg, args) -> int:
 def _check_part_layout(root: str, part: int, want: dict) -> None:
     """A part resumes only under the batch layout it was written with (which documents it holds
     depends on it): another mesh, process count or data.batch is one line, before anything opens."""
-    part_dir = os.path.join(root, store_lib.part_name(part))
-    if not os.path.exists(ledger_lib.path_in(part_dir)):
+    part_dir = paths.join(root, store_lib.part_name(part))
+    if not paths.exists(ledger_lib.path_in(part_dir)):
         return
     cursor = ledger_lib.read(part_dir).get("cursor") or {}
     if "next_doc" in cursor:

@@ -9,13 +9,20 @@ teacher summaries and the CLIs' outputs:
 - **Torn tail**: append-only JSONL files are written a whole line at a time and fsynced; a kill
   in the middle of a write can leave a last line without its newline. Readers ignore that
   fragment (`read_jsonl`); writers that will append again cut it off first (`drop_torn_tail`).
+
+On an object store (a `gs://` or `s3://` path, see `nla_jax.paths`) one object is replaced whole by
+one put, which is already atomic; there is nothing to fsync or rename, `replace_together` writes its
+objects one after the other (the last one named is the commit point), and an append rewrites the
+object (an object is never torn, so there is no tail to drop).
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 from typing import Any, Callable, Iterable
 
+from nla_jax import paths
 from nla_jax.errors import UserError
 
 
@@ -49,6 +56,9 @@ def write_temp(path: str, data: bytes | str) -> str:
 
 def write_atomic(path: str, data: bytes | str) -> None:
     """Replace `path` with `data` atomically (temporary file, fsync, rename, directory fsync)."""
+    if paths.is_url(path):
+        paths.write_bytes(path, _encode(data))
+        return
     tmp = write_temp(path, data)
     try:
         os.replace(tmp, path)
@@ -61,6 +71,10 @@ def write_atomic(path: str, data: bytes | str) -> None:
 def replace_together(files: dict[str, bytes | str]) -> None:
     """Write every file of `files` ({path: data}) to a temporary name first and rename them into
     place only once all are written: a failure part-way leaves every old file as it was."""
+    if any(paths.is_url(p) for p in files):
+        for path, data in files.items():
+            paths.write_bytes(path, _encode(data))
+        return
     tmps: list[tuple[str, str]] = []
     try:
         for path, data in files.items():
@@ -83,8 +97,7 @@ def json_text(obj: Any, **kw) -> str:
 def read_json(path: str) -> dict:
     """A JSON object from `path`; a missing, unparsable or non-object file is a one-line UserError."""
     try:
-        with open(path, "rb") as f:
-            out = json.loads(f.read())
+        out = json.loads(paths.read_bytes(path))
     except FileNotFoundError:
         raise UserError(f"{path}: missing") from None
     except (OSError, ValueError) as e:
@@ -101,6 +114,10 @@ def append_jsonl(path: str, records: Iterable[dict]) -> None:
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     if not text:
         return
+    if paths.is_url(path):
+        old = paths.read_text(path) if paths.exists(path) else ""
+        paths.write_bytes(path, (old + text).encode("utf-8"))
+        return
     with open(path, "a", encoding="utf-8") as f:
         f.write(text)
         f.flush()
@@ -109,7 +126,9 @@ def append_jsonl(path: str, records: Iterable[dict]) -> None:
 
 def drop_torn_tail(path: str) -> None:
     """Truncate a file to its last newline: what a kill in the middle of a write leaves behind.
-    Reads backwards in blocks, so a long file costs only its tail."""
+    Reads backwards in blocks, so a long file costs only its tail. (An object is never torn.)"""
+    if paths.is_url(path):
+        return
     try:
         with open(path, "rb+") as f:
             size = f.seek(0, os.SEEK_END)
@@ -137,18 +156,18 @@ def read_jsonl(path: str, check: Callable[[dict], Any] | None = None, what: str 
     write and is ignored; blank lines are skipped). `check(rec)` may convert each record and raise
     KeyError/TypeError/ValueError for a bad one, which becomes `UserError("PATH:LINE: not a WHAT")`.
     A missing file reads as []."""
-    if not os.path.exists(path):
+    if not paths.exists(path):
         return []
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.endswith("\n"):
-                break
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                out.append(check(rec) if check is not None else rec)
-            except (ValueError, KeyError, TypeError):
-                raise UserError(f"{path}:{n}: not a {what}") from None
+    lines = io.StringIO(paths.read_text(path), newline=None)  # "\n" lines, as open() in text mode reads them
+    for n, line in enumerate(lines, 1):
+        if not line.endswith("\n"):
+            break
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            out.append(check(rec) if check is not None else rec)
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{path}:{n}: not a {what}") from None
     return out

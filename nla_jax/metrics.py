@@ -4,18 +4,24 @@ Only process 0 writes. JSONL lines are appended and flushed per record, so a cra
 most the line being written; a resumed run first cuts such a torn last line off (else the next
 record would be glued to it and lost too), then appends after the old lines (records carry their
 step, so a reader keeps the last record per (stage, step)).
+
+On an object store (a gs:// work directory) an object cannot be appended to: the writer keeps the
+file's text and puts it whole at most every FLUSH_S seconds and at close, so a crash loses at most
+that many seconds of records (the resumed run recomputes the steps after its checkpoint anyway).
 """
 from __future__ import annotations
 
 import json
-import os
+import sys
 import threading
 import time
 from typing import Any
 
 import numpy as np
 
-from nla_jax import faults, fileio
+from nla_jax import faults, fileio, paths
+
+FLUSH_S = 30.0  # object stores: how often the metrics object is rewritten
 
 
 def _plain(v: Any):
@@ -34,11 +40,16 @@ class MetricsWriter:
 
     def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
         self.enabled = enabled
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = paths.join(workdir, "metrics.jsonl")
         self.tb = None
+        self._remote: list[str] | None = None   # object store: the text so far, put whole
+        self._flushed = time.time()
         if enabled:
-            os.makedirs(workdir, exist_ok=True)
+            paths.makedirs(workdir)
             fileio.drop_torn_tail(self.path)
+            if paths.is_url(self.path):
+                text = paths.read_text(self.path) if paths.exists(self.path) else ""
+                self._remote = [text[:text.rfind("\n") + 1]]
             if tensorboard:
                 try:
                     # imported here, not at the top: tensorboardX is optional (metrics.jsonl is the
@@ -46,8 +57,12 @@ class MetricsWriter:
                     # only worth paying in the one process that writes events, not in every program
                     # that imports this module to read metrics.jsonl
                     from tensorboardX import SummaryWriter
-                    self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+                    self.tb = SummaryWriter(paths.join(workdir, "tb"))
                 except ImportError:
+                    self.tb = None
+                except Exception as e:  # noqa: BLE001 - e.g. gs:// without google-cloud-storage credentials
+                    print(f"note: no TensorBoard events in {workdir} ({str(e).splitlines()[0] if str(e) else type(e).__name__});"
+                          f" metrics.jsonl is written", file=sys.stderr)
                     self.tb = None
 
     def write(self, stage: str, step: int, values: dict[str, Any]) -> dict:
@@ -56,19 +71,35 @@ class MetricsWriter:
         if not self.enabled:
             return rec
         line = json.dumps(rec) + "\n"
-        with open(self.path, "a") as f:
-            if faults.point(f"metrics.write.{stage}") == "torn":  # tests: half a line reaches the disk, then kill -9
-                f.write(line[:len(line) // 2])
-                f.flush()
-                faults.kill()
-            f.write(line)
+        if self._remote is not None:
+            self._remote.append(line)
+            if time.time() - self._flushed >= FLUSH_S:
+                self.flush()
+        else:
+            self._append_local(stage, line)
         if self.tb is not None:
             for k, v in rec.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "time"):
                     self.tb.add_scalar(f"{stage}/{k}", v, step)
         return rec
 
+    def _append_local(self, stage: str, line: str) -> None:
+        with open(self.path, "a") as f:
+            if faults.point(f"metrics.write.{stage}") == "torn":  # tests: half a line reaches the disk, then kill -9
+                f.write(line[:len(line) // 2])
+                f.flush()
+                faults.kill()
+            f.write(line)
+
+    def flush(self) -> None:
+        """Object store: put the whole text now (local files are appended per record)."""
+        if self._remote is not None:
+            paths.write_bytes(self.path, "".join(self._remote).encode("utf-8"))
+            self._flushed = time.time()
+
     def close(self) -> None:
+        if self.enabled:
+            self.flush()
         tb, self.tb = self.tb, None
         if tb is None:
             return
@@ -102,13 +133,12 @@ def _silence_tensorboard_threads() -> None:
 def read(path: str) -> list[dict]:
     """Records of a metrics file, last write wins per (stage, step)."""
     out: dict[tuple, dict] = {}
-    if not os.path.exists(path):
+    if not paths.exists(path):
         return []
-    with open(path) as f:
-        for line in f:
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:  # a torn last line after a crash
-                continue
-            out[(r.get("stage"), r.get("step"), r.get("kind"))] = r
+    for line in paths.read_text(path).split("\n"):
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:  # a torn last line after a crash (or the empty tail)
+            continue
+        out[(r.get("stage"), r.get("step"), r.get("kind"))] = r
     return list(out.values())

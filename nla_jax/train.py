@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 import time
 from typing import Callable
@@ -28,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from nla_jax import checkpoint as checkpoint_lib
-from nla_jax import cli, distributed, faults, sharding
+from nla_jax import cli, distributed, faults, fileio, paths, sharding
 from nla_jax import metrics as metrics_lib
 from nla_jax.cli import cli_main
 from nla_jax.data import store as store_lib
@@ -335,13 +334,12 @@ def main(argv=None) -> int:
     cli.start_distributed(args)
     cli.enable_compilation_cache()
     check_run(cfg, stages)
-    os.makedirs(cfg.train.workdir, exist_ok=True)
+    paths.makedirs(cfg.train.workdir)
     with checkpoint_lib.WorkdirLock(cfg.train.workdir, jax.process_index()):
         run = run_lib.build(cfg)
         writer = metrics_lib.MetricsWriter(run.workdir, enabled=jax.process_index() == 0)
         if jax.process_index() == 0:
-            with open(os.path.join(run.workdir, "stats.json"), "w") as f:
-                json.dump(run.stats.to_json(), f)
+            fileio.write_atomic(paths.join(run.workdir, "stats.json"), json.dumps(run.stats.to_json()))
         t0 = time.time()
         runners = {"sft_av": lambda: run_sft(run, writer, "sft_av"), "sft_ar": lambda: run_sft(run, writer, "sft_ar"),
                    "rl": lambda: run_rl(run, writer), "eval": lambda: run_eval(run, writer)}

@@ -6,15 +6,14 @@ without its newline is a write cut short by a crash and is not a record.
 """
 from __future__ import annotations
 
-import os
 
-from nla_jax import fileio
+from nla_jax import fileio, paths
 
 FILE = "summaries.jsonl"
 
 
 def path_in(store_root: str) -> str:
-    return os.path.join(store_root, FILE)
+    return paths.join(store_root, FILE)
 
 
 def _record(rec: dict) -> dict:

@@ -16,14 +16,13 @@ The measurements themselves (explain, reconstruct, score, intervals) are nla/mea
 """
 from __future__ import annotations
 
-import os
 import sys
 from typing import Sequence
 
 import jax
 import numpy as np
 
-from nla_jax import fileio, sampling
+from nla_jax import fileio, paths, sampling
 from nla_jax.nla import measure
 from nla_jax.nla import stats as stats_lib
 from nla_jax.nla.run import Run
@@ -88,7 +87,7 @@ def heldout_stage(run: Run, pairs: Sequence[tuple[str, dict, dict]], workdir: st
                              "fve": float(fve(m_real[i])), "zero_vector_explanation": t_zero[i]})
     res["examples"] = examples
     if jax.process_index() == 0:
-        fileio.write_atomic(os.path.join(workdir, "eval.json"), fileio.json_text(res))
+        fileio.write_atomic(paths.join(workdir, "eval.json"), fileio.json_text(res))
         print(report(res), file=sys.stdout, flush=True)
     writer.write("eval", 0, {"kind": "eval", **{f"{k}_real": v["real"]["mean"] for k, v in res["checkpoints"].items()},
                              "floor": res["floor"]["mean"]})

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from nla_jax import sharding
+from nla_jax import paths, sharding
 from nla_jax import weights as weights_lib
 from nla_jax.data import store as store_lib
 from nla_jax.data import summaries as summaries_lib
@@ -79,6 +79,12 @@ class Run:
 
 def check_config(cfg) -> None:
     """Refuse bad settings before any compute (each names the key). Reads only model metadata."""
+    for key in ("train.workdir", "data.store", "model.source"):
+        section, name = key.split(".")
+        try:
+            paths.scheme(str(cfg[section][name]))
+        except UserError as e:
+            raise UserError(f"config key {key}: {e}") from None
     rl = cfg.rl
     if rl.group_size < 2:
         raise UserError(f"config key rl.group_size={rl.group_size}: GRPO needs groups of at least 2")

@@ -33,7 +33,7 @@ import jax
 import ml_collections
 
 from nla_jax import checkpoint as checkpoint_lib
-from nla_jax import distributed, faults, sharding
+from nla_jax import distributed, faults, fileio, paths, sharding
 from nla_jax import weights as weights_lib
 from nla_jax.errors import UserError
 from nla_jax.nla import run as run_lib
@@ -58,24 +58,23 @@ FREE_MODEL_KEYS = {"remat", "decode"}
 
 
 def stage_dir(workdir: str, stage: str) -> str:
-    return os.path.join(workdir, stage)
+    return paths.join(workdir, stage)
 
 
 def has_steps(directory: str) -> bool:
     """Whether a stage directory holds any checkpoint step (read or not)."""
-    return os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))
+    return paths.isdir(directory) and any(n.isdigit() for n in paths.listdir(directory))
 
 
 def finished(workdir: str, stage: str) -> bool:
-    return os.path.exists(os.path.join(workdir, stage, DONE))
+    return paths.exists(paths.join(workdir, stage, DONE))
 
 
 def mark_done(workdir: str, stage: str, summary: dict) -> None:
     """Write the stage's DONE marker (its final evaluation) once every process got here."""
     faults.point(f"train.{stage}.before_done")
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, stage, DONE), "w") as f:
-            json.dump(summary, f, indent=1)
+        fileio.write_atomic(paths.join(workdir, stage, DONE), fileio.json_text(summary))
     distributed.barrier(f"done-{stage}")
 
 
@@ -86,7 +85,7 @@ def fingerprint_subset(cfg: dict, stage: str) -> dict:
     config's, or the one saved in a checkpoint's meta."""
     keep = {k: {kk: v for kk, v in cfg[k].items() if kk not in FREE_KEYS} for k in STAGE_SECTIONS[stage]}
     keep["model"] = {k: v for k, v in cfg["model"].items() if k not in FREE_MODEL_KEYS}
-    keep["data"] = {"seed": cfg["data"]["seed"], "store": os.path.abspath(cfg["data"]["store"])}
+    keep["data"] = {"seed": cfg["data"]["seed"], "store": paths.absolute(cfg["data"]["store"])}
     return keep
 
 
@@ -181,15 +180,15 @@ def resolve(path: str) -> tuple[str, str, int | None]:
         if not tail.isdigit():
             raise UserError(f"checkpoint {path!r}: expected DIR@STEP with an integer step, got {tail!r}")
         path, step = head, int(tail)
-    path = os.path.abspath(path.rstrip("/"))
-    if not os.path.isdir(path):
+    path = paths.absolute(path.rstrip("/"))
+    if not paths.isdir(path):
         raise UserError(f"checkpoint {path}: no such directory")
-    base = os.path.basename(path)
+    base = paths.basename(path)
     if base in STAGE_DIRS:
-        workdir, kind = os.path.dirname(path), ("rl" if base == "rl" else "sft")
+        workdir, kind = paths.dirname(path), ("rl" if base == "rl" else "sft")
     else:
         workdir = path
-        have = [s for s in STAGE_DIRS if has_steps(os.path.join(path, s))]
+        have = [s for s in STAGE_DIRS if has_steps(paths.join(path, s))]
         if not have:
             raise UserError(f"checkpoint {path}: not a trainer work directory (expected sft_av/, sft_ar/ or rl/ "
                             f"holding checkpoints)")
@@ -198,8 +197,8 @@ def resolve(path: str) -> tuple[str, str, int | None]:
         raise UserError(f"checkpoint {path}@{step}: a step can be chosen for the rl stage only "
                         f"(the SFT pair is the final sft_av and sft_ar checkpoints)")
     for s in (("rl",) if kind == "rl" else ("sft_av", "sft_ar")):
-        if not has_steps(os.path.join(workdir, s)):
-            raise UserError(f"checkpoint {path}: {os.path.join(workdir, s)} holds no checkpoints")
+        if not has_steps(paths.join(workdir, s)):
+            raise UserError(f"checkpoint {path}: {paths.join(workdir, s)} holds no checkpoints")
     return workdir, kind, step
 
 
@@ -248,7 +247,7 @@ def load_pair(path: str, mesh_cfg=None, rules=None, label: str | None = None, op
     training). Or a dtype name. Parts the trainer keeps in float32 whatever model.dtype is (the
     AV's input projection, the AR head) stay float32."""
     workdir, kind, step = resolve(path)
-    first = os.path.join(workdir, "rl" if kind == "rl" else "sft_av")
+    first = paths.join(workdir, "rl" if kind == "rl" else "sft_av")
     step, meta = saved_meta(first, step)
     cfg = config_from_meta(meta, first)
     with cfg.unlocked():
@@ -258,7 +257,7 @@ def load_pair(path: str, mesh_cfg=None, rules=None, label: str | None = None, op
             cfg.rules = rules
         cfg.train.workdir = workdir
     stats = stats_lib.ActStats.from_json(meta["stats"])
-    if open_store and not os.path.isdir(cfg.data.store):
+    if open_store and not paths.isdir(cfg.data.store):
         raise UserError(f"checkpoint {path}: its training store {cfg.data.store} is not there "
                         f"(pass --config.data.store=... pointing at a store of the same target and layer)")
     run = run_lib.build(cfg, store=open_store, weights=with_target, stats=stats, weight_dtype=_held_dtype(cfg, dtype))
@@ -269,9 +268,9 @@ def load_pair(path: str, mesh_cfg=None, rules=None, label: str | None = None, op
             av, ar = got["av"], got["ar"]
         else:
             av = _restore_params(first, None, {"av": state_lib.sft_av(run).params_abstract("av")})["av"]
-            ar = _restore_params(os.path.join(workdir, "sft_ar"), None,
+            ar = _restore_params(paths.join(workdir, "sft_ar"), None,
                                  {"ar": state_lib.sft_ar(run).params_abstract("ar")})["ar"]
-    name = label or f"{os.path.basename(workdir)}/{kind}@{step}"
+    name = label or f"{paths.basename(workdir)}/{kind}@{step}"
     return Pair(name, path, workdir, kind, step, cfg, run, av, ar, meta)
 
 
@@ -292,7 +291,7 @@ def load_pair_here(path: str, with_target: bool = True, dtype: str = "compute") 
     """load_pair on this machine: the mesh the pair was trained with when it fits the local devices,
     else every local device on the data axis (a pair trained on a pod, read on a laptop)."""
     workdir, kind, step = resolve(path)
-    _, meta = saved_meta(os.path.join(workdir, "rl" if kind == "rl" else "sft_av"), step)
+    _, meta = saved_meta(paths.join(workdir, "rl" if kind == "rl" else "sft_av"), step)
     shape = tuple((meta.get("config") or {}).get("mesh", {}).get("shape", (-1, 1, 1)))
     n = len(jax.devices())
     mesh = None
@@ -319,8 +318,8 @@ def reference_av(pair: Pair) -> tuple[str, dict]:
             target = run_lib.load_target(run)
             av = jax.jit(lambda t: state_lib.init_av(run, t), out_shardings=state_lib.av_shardings(run))(target)
         return f"target:{run.cfg.model.source}", av
-    here = os.path.join(pair.workdir, "sft_av")
-    d = here if os.path.basename(str(ref).rstrip("/")) == "sft_av" and has_steps(here) else str(ref)
+    here = paths.join(pair.workdir, "sft_av")
+    d = here if paths.basename(str(ref).rstrip("/")) == "sft_av" and has_steps(here) else str(ref)
     if not has_steps(d):
         raise UserError(f"checkpoint {pair.path}: its reference verbalizer {ref} holds no checkpoints")
     with sharding.use_mesh(run.mesh, run.rules):

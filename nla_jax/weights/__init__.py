@@ -5,6 +5,8 @@ Sources (config key `model.source`):
   path/to/file.gguf   any Llama/Qwen2 GGUF (dequantised to float with the `gguf` package)
   path/to/hf_dir      Hugging Face config.json + *.safetensors (single file or sharded index)
   "random"            random init from `model.arch` (tiny test configs)
+  gs://bucket/...     either of the above on an object store: copied once per host into the local
+                      cache NLA_MODEL_CACHE (default ~/.cache/nla_jax/models) and read from there
 
 Parameters are produced leaf by leaf through a reader `(leaf_path, index) -> np.ndarray`, so
 with target shardings each process reads only the slices its devices hold
@@ -24,7 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from nla_jax import sharding
+from nla_jax import paths, sharding
 from nla_jax.errors import UserError
 from nla_jax.models import transformer
 from nla_jax.models.config import ModelConfig, from_dict
@@ -50,9 +52,20 @@ def embedded_gguf_path() -> str:
     return os.path.join(d, files[0])
 
 
+def model_cache() -> str:
+    return os.environ.get("NLA_MODEL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "nla_jax", "models")
+
+
 def resolve_source(source: str) -> str:
-    """The file or directory a `model.source` names ("embedded" is the packaged GGUF)."""
-    return embedded_gguf_path() if source == "embedded" else source
+    """The local file or directory a `model.source` names ("embedded" is the packaged GGUF; a URL is
+    fetched into the local model cache, since weights are read by mmap and many small reads)."""
+    if source == "embedded":
+        return embedded_gguf_path()
+    if paths.is_url(source):
+        if not paths.exists(source):
+            raise UserError(f"model source {source}: no such object or directory")
+        return paths.local_copy(source, model_cache())
+    return source
 
 
 def file_checksum(path: str) -> str:

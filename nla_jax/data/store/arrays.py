@@ -9,13 +9,13 @@ silently wrong numbers.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 
 import ml_dtypes
 import numpy as np
 import tensorstore as ts
 
+from nla_jax import paths
 from nla_jax.errors import UserError
 
 ARRAYS = ("acts", "doc_id", "position", "split", "tokens")
@@ -32,9 +32,9 @@ def part_name(part: int) -> str:
 
 def part_dirs(root: str) -> list[str]:
     """Names of the part directories of store `root`, in part order (hidden temp files ignored)."""
-    if not os.path.isdir(root):
+    if not paths.isdir(root):
         raise UserError(f"store {root}: not a directory")
-    return sorted(f for f in os.listdir(root) if PART_RE.match(f) and os.path.isdir(os.path.join(root, f)))
+    return sorted(f for f in paths.listdir(root) if PART_RE.match(f) and paths.isdir(paths.join(root, f)))
 
 
 def _spec(path: str, shape: list[int], dtype: str, chunk_rows: int, shard_rows: int,
@@ -48,7 +48,7 @@ def _spec(path: str, shape: list[int], dtype: str, chunk_rows: int, shard_rows: 
     if compress:
         inner.append({"name": "zstd", "configuration": {"level": 3}})
     inner.append({"name": "crc32c"})
-    return {"driver": "zarr3", "kvstore": {"driver": "file", "path": path},
+    return {"driver": "zarr3", "kvstore": paths.kvstore_spec(path),
             "metadata": {
                 "shape": shape, "data_type": dtype,
                 "chunk_grid": {"name": "regular",
@@ -75,7 +75,7 @@ def _dtype_name(cfg: dict, name: str) -> str:
 def create_arrays(part_dir: str, cfg: dict) -> None:
     """(Re)create the five empty arrays of a part, replacing any left by an uncommitted attempt."""
     for name, shape in _shapes(cfg).items():
-        ts.open(_spec(os.path.join(part_dir, name), shape, _dtype_name(cfg, name), cfg["chunk_rows"],
+        ts.open(_spec(paths.join(part_dir, name), shape, _dtype_name(cfg, name), cfg["chunk_rows"],
                       cfg["shard_rows"], compress=name != "acts"), create=True, delete_existing=True).result()
 
 
@@ -83,9 +83,9 @@ def open_arrays(part_dir: str, cfg: dict) -> dict[str, ts.TensorStore]:
     """Open the five existing arrays and check their shapes/dtypes against the ledger config."""
     out = {}
     for name, shape in _shapes(cfg).items():
-        path = os.path.join(part_dir, name)
+        path = paths.join(part_dir, name)
         try:
-            arr = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": path}},
+            arr = ts.open({"driver": "zarr3", "kvstore": paths.kvstore_spec(path)},
                           open=True).result()
         except Exception as e:  # noqa: BLE001 - tensorstore raises ValueError/OSError variants
             raise UserError(f"{path}: cannot open zarr3 array ({str(e).splitlines()[0]})")
@@ -112,7 +112,7 @@ def missing_shards(part_dir: str, cfg: dict, rows: int) -> list[tuple[str, str, 
     out = []
     for arr in ARRAYS:
         for i, key in enumerate(shard_keys(cfg, arr, rows)):
-            if not os.path.exists(os.path.join(part_dir, arr, key)):
+            if not paths.exists(paths.join(part_dir, arr, key)):
                 out.append((arr, key, i * cfg["shard_rows"], min((i + 1) * cfg["shard_rows"], rows)))
     return out
 

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 
-from nla_jax import fileio
+from nla_jax import fileio, paths
 
 LEDGER = "ledger.json"
 FORMAT = "nla_jax.store.part/1"
@@ -20,7 +19,7 @@ CHECKED_KEYS = ("d", "dtype", "ctx_len", "capacity", "fingerprint", "split_names
 
 
 def path_in(part_dir: str) -> str:
-    return os.path.join(part_dir, LEDGER)
+    return paths.join(part_dir, LEDGER)
 
 
 def read(part_dir: str) -> dict:

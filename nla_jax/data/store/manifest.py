@@ -8,11 +8,10 @@ included, and reports each disagreement as one line.
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 
-from nla_jax import fileio
+from nla_jax import fileio, paths
 from nla_jax.data.store import arrays as arrays_lib
 from nla_jax.data.store import ledger as ledger_lib
 from nla_jax.data.store import normstats
@@ -40,7 +39,7 @@ def finalize_manifest(root: str, meta: dict, *, num_parts: int | None = None) ->
         raise UserError(f"store {root}: parts {names}, expected {expect}")
     parts, total, first = [], None, None
     for name in names:
-        pdir = os.path.join(root, name)
+        pdir = paths.join(root, name)
         ledger = ledger_lib.read(pdir)
         cfg = ledger["config"]
         ref = first or dict(cfg, fingerprint=meta.get("fingerprint", cfg["fingerprint"]),
@@ -50,17 +49,17 @@ def finalize_manifest(root: str, meta: dict, *, num_parts: int | None = None) ->
             if cfg[key] != ref[key]:
                 raise UserError(f"store part {pdir} was written by another model/layer: {key} is "
                                 f"{cfg[key]!r} there, {ref[key]!r} expected")
-        stats = normstats.load_sidecar(os.path.join(pdir, ledger["stats"]["file"]), ledger["stats"]["sha256"])
+        stats = normstats.load_sidecar(paths.join(pdir, ledger["stats"]["file"]), ledger["stats"]["sha256"])
         total = normstats.add_together(total, stats)
         parts.append({"name": name, "rows": ledger["committed"], "capacity": cfg["capacity"],
                       "commits": len(ledger["commits"]), "sha256": ledger_lib.commits_sha(ledger["commits"])})
-    stats_sha = normstats.write_file(os.path.join(root, STATS_FILE), total)
+    stats_sha = normstats.write_file(paths.join(root, STATS_FILE), total)
     manifest = {"format": FORMAT, "meta": meta, "d": first["d"], "dtype": first["dtype"],
                 "ctx_len": first["ctx_len"], "split_names": list(meta["split_names"]),
                 "parts": parts, "num_rows": sum(p["rows"] for p in parts),
                 "splits": normstats.summarize_stats(total, meta["split_names"]),
                 "stats": {"file": STATS_FILE, "sha256": stats_sha}}
-    fileio.write_atomic(os.path.join(root, MANIFEST), fileio.json_text(manifest, sort_keys=True))
+    fileio.write_atomic(paths.join(root, MANIFEST), fileio.json_text(manifest, sort_keys=True))
     return manifest
 
 
@@ -69,7 +68,7 @@ def verify(root: str) -> list[str]:
     problems: list[str] = []
     manifest = None
     try:
-        manifest = fileio.read_json(os.path.join(root, MANIFEST))
+        manifest = fileio.read_json(paths.join(root, MANIFEST))
     except UserError as e:
         problems.append(str(e))
     try:
@@ -81,11 +80,11 @@ def verify(root: str) -> list[str]:
         problems.append(f"manifest.json: lists parts {sorted(mparts)}, directory holds {names}")
     total_stats, split_names = None, manifest.get("split_names") if manifest else None
     for name in names:
-        pdir = os.path.join(root, name)
+        pdir = paths.join(root, name)
         try:
             ledger = ledger_lib.read(pdir)
             cfg, commits, committed = ledger["config"], ledger["commits"], int(ledger["committed"])
-            stats = normstats.load_sidecar(os.path.join(pdir, ledger["stats"]["file"]), ledger["stats"]["sha256"])
+            stats = normstats.load_sidecar(paths.join(pdir, ledger["stats"]["file"]), ledger["stats"]["sha256"])
             arrays = arrays_lib.open_arrays(pdir, cfg)
         except UserError as e:
             problems.append(f"{name}: {e}")

@@ -11,12 +11,11 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-import os
 from typing import Sequence
 
 import numpy as np
 
-from nla_jax import fileio
+from nla_jax import fileio, paths
 from nla_jax.errors import UserError
 
 _STATS_BLOCK = 512  # rows per float64 block when summing v_nrm (bounds memory at large d)
@@ -96,14 +95,13 @@ def write_sidecar(part_dir: str, ncommits: int, stats: dict[str, np.ndarray]) ->
     """Write a part's sums after `ncommits` commits under a name of their own (never over the
     sidecar the current ledger names); returns the ledger's {"file", "sha256"} entry for it."""
     fname = f"{SIDECAR_PREFIX}{ncommits:08d}.npz"
-    return {"file": fname, "sha256": write_file(os.path.join(part_dir, fname), stats)}
+    return {"file": fname, "sha256": write_file(paths.join(part_dir, fname), stats)}
 
 
 def load_sidecar(path: str, sha256: str) -> dict[str, np.ndarray]:
     """A sidecar's sums, refused unless its bytes match the sha256 the ledger recorded."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = paths.read_bytes(path)
     except OSError as e:
         raise UserError(f"{path}: cannot read stats sidecar ({e})")
     if hashlib.sha256(data).hexdigest() != sha256:

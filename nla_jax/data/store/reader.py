@@ -7,12 +7,11 @@ reported as one line naming the part, array and rows.
 """
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import numpy as np
 
-from nla_jax import fileio
+from nla_jax import fileio, paths
 from nla_jax.data.store import arrays as arrays_lib
 from nla_jax.data.store import ledger as ledger_lib
 from nla_jax.data.store.arrays import ARRAYS, DTYPES, INT_DTYPES
@@ -27,7 +26,7 @@ class Store:
 
     def __init__(self, root: str):
         self.root = root
-        self.manifest: dict = fileio.read_json(os.path.join(root, MANIFEST))
+        self.manifest: dict = fileio.read_json(paths.join(root, MANIFEST))
         m = self.manifest
         self.split_names: list[str] = list(m["split_names"])
         self.d, self.dtype, self.ctx_len = m["d"], m["dtype"], m["ctx_len"]
@@ -38,7 +37,7 @@ class Store:
             raise UserError(f"store {root}: manifest.json says {m.get('num_rows')} rows but its parts list "
                             f"{int(self._rows.sum())}; {VERIFY_HINT}")
         for p in m["parts"]:
-            pdir = os.path.join(root, p["name"])
+            pdir = paths.join(root, p["name"])
             ledger = ledger_lib.read(pdir)
             _check_part(root, p, ledger)
             self._arrays.append(arrays_lib.open_arrays(pdir, ledger["config"]))
@@ -129,7 +128,7 @@ def _check_part(root: str, mpart: dict, ledger: dict) -> None:
                         f"{ledger_lib.LEDGER} {committed}; {VERIFY_HINT}")
     if mpart.get("sha256") != ledger_lib.commits_sha(ledger.get("commits", [])):
         raise UserError(f"store {root}: {name}'s commits differ from the checksum in manifest.json; {VERIFY_HINT}")
-    missing = arrays_lib.missing_shards(os.path.join(root, name), ledger["config"], committed)
+    missing = arrays_lib.missing_shards(paths.join(root, name), ledger["config"], committed)
     if missing:
         arr, key, lo, hi = missing[0]
         raise UserError(f"store {root}: {name} {arr} rows {lo}:{hi}: shard file {arr}/{key} is missing; "
@@ -138,6 +137,6 @@ def _check_part(root: str, mpart: dict, ledger: dict) -> None:
 
 def open_store(root: str) -> Store:
     """Open a finalized store (ROOT/manifest.json must exist: run finalize_manifest first)."""
-    if not os.path.exists(os.path.join(root, MANIFEST)):
-        raise UserError(f"{os.path.join(root, MANIFEST)}: missing; the store was not finalized")
+    if not paths.exists(paths.join(root, MANIFEST)):
+        raise UserError(f"{paths.join(root, MANIFEST)}: missing; the store was not finalized")
     return Store(root)

@@ -2,19 +2,18 @@
 
 `append` follows the commit protocol of the package docstring: rows past the committed count
 first, then a fresh stats sidecar under a new name, then the atomic replace of ledger.json.
-The part directory is locked (flock) while a writer has it open, so two processes never append
-to the same part; the lock goes with the process, kill -9 included.
+The part directory is locked while a writer has it open, so two processes never append to the same
+part: a flock on a local disk (it goes with the process, kill -9 included), a lease on an object
+store (a crashed writer's successor takes it over within one lease; `nla_jax.locks`).
 """
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 
 import numpy as np
 import tensorstore as ts
 
-from nla_jax import faults
+from nla_jax import faults, locks, paths
 from nla_jax.data.store import arrays as arrays_lib
 from nla_jax.data.store import ledger as ledger_lib
 from nla_jax.data.store import normstats
@@ -38,9 +37,9 @@ class PartWriter:
     """Appends rows to one part; `append` is the commit point (see the package docstring)."""
 
     def __init__(self, part_dir: str, ledger: dict, arrays: dict[str, ts.TensorStore],
-                 stats: dict[str, np.ndarray], lock_fd: int):
+                 stats: dict[str, np.ndarray], lock: locks.Lock):
         self.part_dir, self._ledger, self._arrays, self._stats = part_dir, ledger, arrays, stats
-        self._lock_fd: int | None = lock_fd
+        self._lock: locks.Lock | None = lock
         self.config: dict = ledger["config"]
 
     @classmethod
@@ -67,31 +66,30 @@ class PartWriter:
                        ("chunk_rows", chunk_rows), ("shard_chunks", shard_chunks)):
             if int(v) <= 0:
                 raise UserError(f"store {key} must be > 0, got {v}")
-        part_dir = os.path.join(root, arrays_lib.part_name(part))
-        os.makedirs(part_dir, exist_ok=True)
-        lock_fd = os.open(os.path.join(part_dir, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        part_dir = paths.join(root, arrays_lib.part_name(part))
+        paths.makedirs(part_dir)
+        lock = locks.Lock(paths.join(part_dir, ".lock"))
         try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(lock_fd)
-            raise UserError(f"{part_dir} is being written by another process (lock held)")
+            lock.acquire()
+        except locks.Busy as e:
+            raise UserError(f"{part_dir} is being written by another process (lock held by {e})") from None
         try:
             want = {"d": int(d), "dtype": dtype, "ctx_len": int(ctx_len), "capacity": int(capacity),
                     "fingerprint": meta["fingerprint"], "split_names": names}
-            if os.path.exists(ledger_lib.path_in(part_dir)):
+            if paths.exists(ledger_lib.path_in(part_dir)):
                 ledger, arrays, stats = cls._resume(part_dir, want)
             else:
                 shard_rows = min(chunk_rows * shard_chunks, -(-capacity // chunk_rows) * chunk_rows)
                 cfg = dict(want, chunk_rows=int(chunk_rows), shard_rows=int(shard_rows))
                 ledger, arrays, stats = cls._create(part_dir, int(part), cfg, meta)
             keep = ledger["stats"]["file"]
-            for f in os.listdir(part_dir):  # leftovers of crashed or superseded commits
+            for f in paths.listdir(part_dir):  # leftovers of crashed or superseded commits
                 if _is_stale(f, keep):
-                    os.remove(os.path.join(part_dir, f))
+                    paths.remove(paths.join(part_dir, f))
         except BaseException:
-            os.close(lock_fd)
+            lock.release()
             raise
-        return cls(part_dir, ledger, arrays, stats, lock_fd)
+        return cls(part_dir, ledger, arrays, stats, lock)
 
     @staticmethod
     def _resume(part_dir: str, want: dict) -> tuple[dict, dict[str, ts.TensorStore], dict[str, np.ndarray]]:
@@ -104,7 +102,7 @@ class PartWriter:
                     f"store part {part_dir} was written by another model/layer: {key} is "
                     f"{cfg.get(key)!r} in the store, {want[key]!r} requested")
         arrays = arrays_lib.open_arrays(part_dir, cfg)
-        stats = normstats.load_sidecar(os.path.join(part_dir, ledger["stats"]["file"]),
+        stats = normstats.load_sidecar(paths.join(part_dir, ledger["stats"]["file"]),
                                        ledger["stats"]["sha256"])
         return ledger, arrays, stats
 
@@ -117,7 +115,7 @@ class PartWriter:
         own leftovers, never over a directory holding something else.
         """
         ours = set(ARRAYS) | {".lock"}
-        alien = [f for f in os.listdir(part_dir) if f not in ours and not f.startswith(_OWN_FILE_PREFIXES)]
+        alien = [f for f in paths.listdir(part_dir) if f not in ours and not f.startswith(_OWN_FILE_PREFIXES)]
         if alien:
             raise UserError(f"{part_dir} has no {ledger_lib.LEDGER} but holds {sorted(alien)[:5]}; "
                             f"expected an empty or new store part directory")
@@ -146,9 +144,9 @@ class PartWriter:
 
     def close(self) -> None:
         """Release the part lock (also released by process exit, kill -9 included)."""
-        if getattr(self, "_lock_fd", None) is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        if getattr(self, "_lock", None) is not None:
+            self._lock.release()
+            self._lock = None
 
     def __del__(self) -> None:
         self.close()
@@ -217,6 +215,6 @@ class PartWriter:
         old = self._ledger["stats"]["file"]
         self._ledger, self._stats = ledger, stats
         try:
-            os.remove(os.path.join(self.part_dir, old))
+            paths.remove(paths.join(self.part_dir, old))
         except OSError:
             pass
