@@ -8,8 +8,9 @@ read by the live RL AR) it explains every evaluation activation (greedy unless e
             document), scored against the true activation: what the AR gets from the text
             alone when the text says nothing about this activation;
   zero      explanations of a zero vector: if these equal the real ones, injection failed.
-Every number comes with a 95% bootstrap interval over documents (rows of one document move
-together), and real - shuffled with a paired interval. Writes WORKDIR/eval.json.
+Every number comes with a 95% cluster-robust t-interval over documents (rows of one document move
+together; measure.ci), and real - shuffled and real - floor with paired intervals. Writes
+WORKDIR/eval.json.
 
 The measurements themselves (explain, reconstruct, score, intervals) are nla/measure.py, which
 `python -m nla_jax.evaluate` uses for its fuller side-by-side table.
@@ -25,7 +26,6 @@ import numpy as np
 
 from nla_jax import fileio, sampling
 from nla_jax.nla import measure
-from nla_jax.nla import stats as stats_lib
 from nla_jax.nla.run import Run
 
 CONTEXT_TOKENS = 24   # tokens of context shown beside each example explanation (position included)
@@ -57,7 +57,7 @@ def heldout_stage(run: Run, pairs: Sequence[tuple[str, dict, dict]], workdir: st
     var = run.stats.var(center)
     floor_mse = measure.floor_mse(measure.targets(acts, run.stats, center), run.stats, center)
     fve = lambda mse: 1.0 - mse / var
-    ci = lambda v: dict(zip(("mean", "lo", "hi"), stats_lib.bootstrap_ci(v, docs, E.n_boot, E.seed)))
+    ci = lambda v: measure.ci(v, docs)
     perm = measure.derangement_by_doc(docs, E.seed)
     sc = sampling.SampleConfig(max_new_tokens=run.ctx.av.max_len, temperature=max(E.temperature, 1e-6),
                                greedy=E.temperature <= 0)
@@ -75,6 +75,7 @@ def heldout_stage(run: Run, pairs: Sequence[tuple[str, dict, dict]], workdir: st
             "real": ci(fve(m_real)),
             "shuffled": ci(fve(m_shuf)),
             "real_minus_shuffled": ci(fve(m_real) - fve(m_shuf)),
+            "real_minus_floor": ci(fve(m_real) - fve(floor_mse)),
             "extract_fail": float(1 - real["ok"].mean()),
             "expl_len": float(real["expl_len"][real["ok"]].mean()) if real["ok"].any() else 0.0,
             "differs_from_zero": float(np.mean([a != b for a, b in zip(t_real, t_zero)])),
@@ -97,14 +98,15 @@ def heldout_stage(run: Run, pairs: Sequence[tuple[str, dict, dict]], workdir: st
 
 def report(res: dict) -> str:
     """eval.json as the table the trainer prints."""
-    f = lambda d: f"{d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]"
+    f = lambda d: f"{d['mean']:+.3f} " + (f"[{d['lo']:+.3f}, {d['hi']:+.3f}]" if d["lo"] is not None else "[n/a]")
     lines = [f"\nfve_nrm on {res['rows']} held-out rows from {res['documents']} documents "
              f"(95% CI over documents; Var(v_nrm)={res['var_nrm']:.3f}, centred={res['center']})",
              f"  {'renormalised-mean floor':34s} {f(res['floor'])}"]
     for name, c in res["checkpoints"].items():
         lines += [f"  {name + ': real activations':34s} {f(c['real'])}",
                   f"  {name + ': shuffled activations':34s} {f(c['shuffled'])}",
-                  f"  {name + ': real - shuffled':34s} {f(c['real_minus_shuffled'])}",
+                  f"  {name + ': real - shuffled (paired)':34s} {f(c['real_minus_shuffled'])}",
+                  f"  {name + ': real - floor (paired)':34s} {f(c['real_minus_floor'])}",
                   f"  {name + ': extraction failures':34s} {c['extract_fail']:.2f}   mean length {c['expl_len']:.1f} tok"
                   f"   differs from zero-vector text {c['differs_from_zero']:.2f}"]
     for e in res["examples"]:

@@ -2,7 +2,9 @@
 `python -m nla_jax.evaluate` and `python -m nla_jax.explain`.
 
 Everything is per row first (one number per evaluated activation), then averaged with a 95%
-bootstrap interval over *documents* (rows of one document move together). Definitions:
+interval over *documents* (rows of one document move together): a cluster-robust t-interval for
+means and paired differences (`ci`), a document bootstrap for ratios of totals (`ratio_ci`).
+Definitions:
 
   target      t = v_nrm = sqrt(d) * u/|u|, u = v (or v - mean with nla.center), float64 on the host;
   mse_nrm     mean over dimensions of (normalise(prediction) - t)^2 = 2 (1 - cos);
@@ -210,13 +212,16 @@ def score(run: Run, ar: dict, ex: dict, acts: np.ndarray, batch: int, progress: 
 
 # ============================================================================= intervals
 
-def ci(values: np.ndarray, docs: np.ndarray, n_boot: int, seed: int) -> dict:
-    """{"mean", "lo", "hi", "n"}: mean of per-row values, 95% bootstrap CI over documents."""
+def ci(values: np.ndarray, docs: np.ndarray) -> dict:
+    """{"mean", "lo", "hi", "n"}: mean of per-row values, 95% cluster-robust t-interval over
+    documents (`stats.cluster_t_ci`; a paired difference is the interval of per-row differences).
+    lo/hi are None with fewer than two documents."""
     values = np.asarray(values, np.float64)
     if len(values) == 0:
         return {"mean": None, "lo": None, "hi": None, "n": 0}
-    m, lo, hi = stats_lib.bootstrap_ci(values, docs, n_boot, seed)
-    return {"mean": m, "lo": lo, "hi": hi, "n": int(len(values))}
+    m, lo, hi = stats_lib.cluster_t_ci(values, docs)
+    none = lambda x: None if np.isnan(x) else x
+    return {"mean": m, "lo": none(lo), "hi": none(hi), "n": int(len(values))}
 
 
 def ratio_ci(num: np.ndarray, den: np.ndarray, docs: np.ndarray, n_boot: int, seed: int,
