@@ -30,8 +30,10 @@ bootstrap (eval.n_boot) for ratios of totals (loss recovered, quote rate, KL per
   quote hallucination rate: quoted spans ("...", “...”, «...», `...`) absent from the context up to
     the position (measure.quote_check), span-level; beside it the same for shuffled explanations;
   claim accuracy (nla/claims.py; every row, shuffled explanations as the chance level): the share
-    of explanations naming the current token exactly / exactly or nearly, and of quoted spans
-    absent from the context window once near misses (one word or character off) are set apart;
+    of explanations naming the current token exactly / exactly or nearly, naming the target's own
+    top-1 next token among their stated predictions (with eval.downstream, from its forward pass),
+    and of quoted spans absent from the context window once near misses (one word or character
+    off) are set apart;
   downstream: block K's output at the position replaced by the reconstruction (its direction at the
     original norm, the mean added back when centred) and the next-token KL to the unmodified model,
     against mean-ablation (the training mean vector there): loss recovered = 1 - KL_recon / KL_mean
@@ -238,6 +240,7 @@ def evaluate_pair(p, D: dict, E, bar) -> dict:
             cmean = mean_raw if center else None
             floor_dir = run.stats.floor_prediction(center)
             kls = np.zeros((n, 4))
+            top1 = np.zeros(n, np.int64)
             rel = np.zeros(n)
             for idx, tk, ps in measure.context_batches(toks, pos, B, E.seq_multiple, run.model_cfg.pad_id):
                 xk, h = measure.block_output(run, tk, ps)
@@ -245,7 +248,7 @@ def evaluate_pair(p, D: dict, E, bar) -> dict:
                                  measure.denormalise(np.broadcast_to(floor_dir, h.shape), h, cmean),
                                  measure.denormalise(pred[idx], h, cmean),
                                  measure.denormalise(pred_shuf[idx], h, cmean)], axis=1)
-                kls[idx] = measure.next_token_kl(run, xk, ps, repl)
+                kls[idx], top1[idx] = measure.next_token_kl(run, xk, ps, repl, with_top1=True)
                 rel[idx] = np.linalg.norm(h - acts[idx], axis=-1) / np.maximum(np.linalg.norm(acts[idx], axis=-1), 1e-12)
                 tick(1)
             km = kls[:, 0]
@@ -256,6 +259,11 @@ def evaluate_pair(p, D: dict, E, bar) -> dict:
                 "loss_recovered_shuffled": lr(kls[:, 3]),
                 # block K recomputed from the stored context vs the stored activation: a store/target check
                 "recompute_rel_err_max": float(rel.max()), "recompute_rel_err_median": float(np.median(rel))}
+            # claim accuracy: the target's own top-1 next token among the explanation's stated predictions
+            nxt = [tok.decode([int(x)]) for x in top1]
+            for suffix, tx in (("", texts), ("_shuffled", texts_shuf)):
+                res["claims"]["names_top1_prediction" + suffix] = ci(
+                    np.array([claims.names_prediction(tx[i], nxt[i]) for i in range(n)], np.float64))
 
     # -- fve by token position (equal-count bins of the evaluated positions)
     edges = np.unique(np.quantile(pos, np.linspace(0, 1, int(E.position_bins) + 1)).round().astype(np.int64))
@@ -335,6 +343,8 @@ ROWS = (  # (key path, label); one line per row, one column per checkpoint
     ("claims.current_token_exact", "claims: names the current token, exact"),
     ("claims.current_token_named", "claims: names the current token, exact or near"),
     ("claims.current_token_named_shuffled", "claims: names it, shuffled (chance)"),
+    ("claims.names_top1_prediction", "claims: names the target's top-1 next token"),
+    ("claims.names_top1_prediction_shuffled", "claims: names top-1 next, shuffled (chance)"),
     ("claims.quotes_absent", "claims: quoted spans not in context"),
     ("claims.quotes_near", "claims: quoted spans, near misses"),
     ("claims.quotes_absent_shuffled", "claims: quoted spans not in context, shuffled"),

@@ -55,3 +55,17 @@ def test_edit_distance_rules():
 ])
 def test_quote_claims(expl, want):
     assert claims.quote_claims(expl, CONTEXT) == want
+
+
+@pytest.mark.parametrize("expl,token,want", [
+    ("Token \u00abability\u00bb. Next: \u00abto\u00bb 93%, \u00abof\u00bb 3%.", " to", True),
+    ("Token \u00abability\u00bb. Next: \u00abto\u00bb 93%, \u00abof\u00bb 3%.", " of", True),       # among them
+    ("Token \u00abability\u00bb. Next: \u00abto\u00bb 93%.", " ability", False),   # named, but not as a prediction
+    ("The next word is probably TO.", " to", True),                                # near (case)
+    ("It talks about going to school.", " to", False),                              # no stated prediction
+    ("NEXT: \u00abhello,\u00bb", ",", True),                                        # punctuation ends a quote
+    ("Next: a comma, or a period", ",", False),
+    ("The nextword is to", " to", False),                                          # "next" must be a word
+])
+def test_names_prediction(expl, token, want):
+    assert claims.names_prediction(expl, token) is want

@@ -297,6 +297,8 @@ def test_cli_two_checkpoints_one_table_and_json(run_two, trained):
         for k in ("current_token_exact", "current_token_named", "current_token_named_shuffled"):
             assert 0 <= cl[k]["mean"] <= 1 and cl[k]["n"] == 20, (k, cl[k])
         assert cl["current_token_exact"]["mean"] <= cl["current_token_named"]["mean"]
+        for k in ("names_top1_prediction", "names_top1_prediction_shuffled"):   # downstream on: the target's top-1
+            assert 0 <= cl[k]["mean"] <= 1 and cl[k]["n"] == 20, (k, cl[k])
         f = c["fve"]
         assert f["real_minus_floor"]["mean"] == pytest.approx(f["real"]["mean"] - f["floor"]["mean"])
         assert f["real_minus_shuffled"]["mean"] == pytest.approx(f["real"]["mean"] - f["shuffled"]["mean"])

@@ -6,6 +6,8 @@ whether the text is *true*. These checks read an explanation against the row's o
   current token   does the explanation name the token at the position (the one the activation
                   sits on, which carries most of its signal)? `current_token_match` -> "exact",
                   "near" or None (rules in its docstring);
+  predictions     does it name what the target itself predicts next? `names_prediction`: the
+                  target's top-1 next token among the explanation's stated predictions;
   quoted spans    is every quoted span (measure.quoted_spans: "...", “...”, «...», `...`) in the
                   context window? `quote_claims` -> (spans, exact, near); the rest are absent
                   (invented). A near miss is a quote the model got almost right, which a plain
@@ -70,6 +72,21 @@ def current_token_match(explanation: str, token_text: str) -> str | None:
         if w == tf or (len(tf) >= 3 and w.startswith(tf)) or (len(tf) >= 4 and edit_distance(w, tf) <= 1):
             return "near"
     return None
+
+
+_NEXT = re.compile(r"(?<!\w)next(?!\w)", re.IGNORECASE)
+
+
+def names_prediction(explanation: str, token_text: str) -> bool:
+    """Whether the explanation states the target's top-1 next token as a prediction.
+
+    The stated predictions are the text after the first whole word "next" (any case: "Next:
+    «to» 93%", "the next word is likely to"); an explanation without it states none. The token
+    counts as named there by `current_token_match`'s rules (exact or near; punctuation only at
+    the end of a quoted span).
+    """
+    m = _NEXT.search(explanation)
+    return m is not None and current_token_match(explanation[m.end():], token_text) is not None
 
 
 def _near_in_context(span_words: list[str], ctx_words: list[str]) -> bool:

@@ -357,7 +357,7 @@ def _upper_fn(cfg, layer: int, compute_dtype):
         lp = jax.nn.log_softmax(transformer.unembed(cfg, params, at)[:, 0].astype(jnp.float32), -1)
         lp = lp.reshape(m + 1, b, -1)
         kl = jnp.sum(jnp.exp(lp[0])[None] * (lp[0][None] - lp[1:]), axis=-1)      # [m, b]
-        return {"kl": kl.T}
+        return {"kl": kl.T, "top1": jnp.argmax(lp[0], axis=-1)}                    # [b, m], [b]
     return jax.jit(f)
 
 
@@ -370,13 +370,16 @@ def block_output(run: Run, tokens: np.ndarray, positions: np.ndarray) -> tuple[j
     return xk, h
 
 
-def next_token_kl(run: Run, xk: jax.Array, positions: np.ndarray, repl: np.ndarray) -> np.ndarray:
+def next_token_kl(run: Run, xk: jax.Array, positions: np.ndarray, repl: np.ndarray,
+                  with_top1: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """KL(next-token distribution at each row's position | original || with block K's output there
     replaced by repl[:, j]) [b, m], nats. Replacement = adding (repl - original) after block K at
-    that one position; every other position and block is untouched."""
+    that one position; every other position and block is untouched. with_top1: also the original
+    distribution's most likely next token [b] (the same pass; claim accuracy reads it)."""
     out = _upper_fn(run.model_cfg, run.cfg.model.layer, run.ctx.compute_dtype)(
         run.target, xk, jnp.asarray(positions, jnp.int32), jnp.asarray(repl, jnp.float32))
-    return np.asarray(distributed.host_array(out["kl"]), np.float64)
+    kl = np.asarray(distributed.host_array(out["kl"]), np.float64)
+    return (kl, np.asarray(distributed.host_array(out["top1"]), np.int64)) if with_top1 else kl
 
 
 def context_batches(tokens: np.ndarray, positions: np.ndarray, batch: int, multiple: int, pad_id: int):
