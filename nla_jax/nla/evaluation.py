@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from nla_jax import fileio, sampling
-from nla_jax.nla import measure
+from nla_jax.nla import claims, measure
 from nla_jax.nla.run import Run
 
 CONTEXT_TOKENS = 24   # tokens of context shown beside each example explanation (position included)
@@ -71,6 +71,10 @@ def heldout_stage(run: Run, pairs: Sequence[tuple[str, dict, dict]], workdir: st
         zero = measure.explain_rows(run, av, np.zeros_like(acts), batch, sc, E.seed)
         m_real, m_shuf = measure.score(run, ar, real, acts, batch), measure.score(run, ar, shuf, acts, batch)
         t_real, t_zero, t_shuf = (measure.decode_explanations(run.tokenizer, e) for e in (real, zero, shuf))
+        tok, toks, pos = run.tokenizer, got["tokens"], got["position"]
+        named = [claims.current_token_match(t_real[i], tok.decode([int(toks[i][pos[i]])])) for i in range(len(rows))]
+        qc = np.array([claims.quote_claims(t_real[i], measure.context_text(tok, toks[i], int(pos[i]), E.quote_window))
+                       for i in range(len(rows))], np.float64).reshape(len(rows), 3)         # spans, exact, near
         res["checkpoints"][name] = {
             "real": ci(fve(m_real)),
             "shuffled": ci(fve(m_shuf)),
@@ -81,6 +85,9 @@ def heldout_stage(run: Run, pairs: Sequence[tuple[str, dict, dict]], workdir: st
             "differs_from_zero": float(np.mean([a != b for a, b in zip(t_real, t_zero)])),
             "differs_from_shuffled": float(np.mean([a != b for a, b in zip(t_real, t_shuf)])),
             "distinct_explanations": int(len(set(t_real))),
+            # claim accuracy (nla/claims.py): the current token named (exact or near), quoted spans not in context
+            "names_current_token": ci(np.array([m is not None for m in named], np.float64)),
+            "quotes_absent": measure.ratio_ci(qc[:, 0] - qc[:, 1] - qc[:, 2], qc[:, 0], docs, E.n_boot, E.seed),
         }
         first_of_doc = np.unique(docs, return_index=True)[1]
         for i in sorted(first_of_doc)[:E.n_examples]:  # one example per document
@@ -107,6 +114,9 @@ def report(res: dict) -> str:
                   f"  {name + ': shuffled activations':34s} {f(c['shuffled'])}",
                   f"  {name + ': real - shuffled (paired)':34s} {f(c['real_minus_shuffled'])}",
                   f"  {name + ': real - floor (paired)':34s} {f(c['real_minus_floor'])}",
+                  f"  {name + ': names the current token':34s} {f(c['names_current_token'])}",
+                  f"  {name + ': quoted spans not in context':34s} "
+                  + (f(c["quotes_absent"]) if c["quotes_absent"]["mean"] is not None else "n/a (no quotes)"),
                   f"  {name + ': extraction failures':34s} {c['extract_fail']:.2f}   mean length {c['expl_len']:.1f} tok"
                   f"   differs from zero-vector text {c['differs_from_zero']:.2f}"]
     for e in res["examples"]:
