@@ -75,12 +75,15 @@ TEACHER_PROMPT = (
 def summarize(**kw) -> ml_collections.ConfigDict:
     """Teacher summaries for the warm start (see nla_jax/summarize.py)."""
     base = dict(
-        teacher="target",            # or a model source (GGUF path / HF dir), or "quote" (no model: final tokens only)
+        teacher="target",            # or a model source (GGUF path / HF dir), "quote" (no model: final tokens only),
+                                     # or "predict" (the target's own next-token predictions: nla/selftext.py)
         splits=("av_sft", "ar_sft"),
         prompt=TEACHER_PROMPT,       # {context}: decoded last context_tokens; {last}: the final tokens
         context_tokens=48,
         append_final_tokens=4,       # quote the context's last N tokens after the summary (0: off)
         quote_tokens=8,              # teacher="quote": how many final tokens the text quotes
+        predict_k=3,                 # teacher="predict": the target's top next tokens named, with probabilities
+        before_tokens=3,             # teacher="predict": tokens before the current one quoted last
         max_new_tokens=96,
         temperature=0.7,
         top_p=0.9,

@@ -57,7 +57,11 @@ def get_config(arg=None):
         cfg.sft_ar.update(steps=150, batch=16, eval_every=50, val_rows=128, ridge_rows=512)
         cfg.rl.update(steps=20, batch=4, group_size=4)
         cfg.train.ckpt_every = 50
-        cfg.eval.update(rows=1024, n_examples=4)   # all eval rows of the quick store (~120 from ~15 documents)
+        # held-out: 20% of the 300 documents (~60; RL's 20 steps x 4 rows need far fewer than its 30%), and
+        # 128 rows of them (as many as the old 5% split gave, so the eval stage costs the same) spread over
+        # ~55 documents: CIs over documents need documents more than rows per document
+        cfg.data.splits = (("av_sft", 0.25), ("ar_sft", 0.25), ("rl", 0.30), ("eval", 0.20))
+        cfg.eval.update(rows=128, n_examples=4)
     # -- ablations: each one lever
     if "add" in variants:
         cfg.av.inject, cfg.av.add_after = "add", 1

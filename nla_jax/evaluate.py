@@ -11,7 +11,11 @@ is evaluated), the mesh and the `eval` section. Every pair's target (model file,
 be the store's.
 
 Per checkpoint, on the same rows (eval.rows of eval.split, a seeded choice), each number a mean
-over rows with a 95% bootstrap interval over documents (nla/measure.py has the exact definitions):
+over rows with a 95% interval over documents (nla/measure.py has the exact definitions): a
+cluster-robust t-interval (t with documents - 1 degrees of freedom; it keeps 95% coverage with few
+documents, where a percentile bootstrap covers ~90% at 8) for means and for the paired differences
+explanation - floor and explanation - shuffled (per-row differences on the same rows); a document
+bootstrap (eval.n_boot) for ratios of totals (loss recovered, quote rate, KL per token):
   fve_nrm and cosine of the AR reading the AV's explanation (greedy unless eval.temperature > 0),
     beside: the renormalised-mean floor; the unnormalised training mean (fve ~0: a check);
     shuffled activations (explanations of other documents' rows, same AR); the empty explanation;
@@ -25,6 +29,11 @@ over rows with a 95% bootstrap interval over documents (nla/measure.py has the e
     verbalizer SFT started from;
   quote hallucination rate: quoted spans ("...", “...”, «...», `...`) absent from the context up to
     the position (measure.quote_check), span-level; beside it the same for shuffled explanations;
+  claim accuracy (nla/claims.py; every row, shuffled explanations as the chance level): the share
+    of explanations naming the current token exactly / exactly or nearly, naming the target's own
+    top-1 next token among their stated predictions (with eval.downstream, from its forward pass),
+    and of quoted spans absent from the context window once near misses (one word or character
+    off) are set apart;
   downstream: block K's output at the position replaced by the reconstruction (its direction at the
     original norm, the mean added back when centred) and the next-token KL to the unmodified model,
     against mean-ablation (the training mean vector there): loss recovered = 1 - KL_recon / KL_mean
@@ -50,7 +59,7 @@ from nla_jax.cli import cli_main
 from nla_jax.data import store as store_lib
 from nla_jax.data import summaries as summaries_lib
 from nla_jax.errors import UserError
-from nla_jax.nla import measure
+from nla_jax.nla import claims, measure
 from nla_jax.nla import workdir as workdir_lib
 
 FORMAT = "nla_jax.evaluate/1"
@@ -135,7 +144,7 @@ def evaluate_pair(p, D: dict, E, bar) -> dict:
     center = run.ctx.center
     var = run.stats.var(center)
     t = measure.targets(acts, run.stats, center)
-    ci = lambda v, d=docs: measure.ci(v, d, E.n_boot, E.seed)
+    ci = lambda v, d=docs: measure.ci(v, d)
     sc = sampling.SampleConfig(max_new_tokens=run.ctx.av.max_len, temperature=max(float(E.temperature), 1e-6),
                                greedy=E.temperature <= 0)
     perm = measure.derangement_by_doc(docs, E.seed)
@@ -167,7 +176,8 @@ def evaluate_pair(p, D: dict, E, bar) -> dict:
                "empty": measure.mse_rows(pred_empty, t), "context": measure.mse_rows(pred_ctx, t)}
         f = {k: measure.fve(v, var) for k, v in mse.items()}
         res["fve"] = {k: ci(v) for k, v in f.items()}
-        res["fve"]["real_minus_shuffled"] = ci(f["real"] - f["shuffled"])
+        res["fve"]["real_minus_shuffled"] = ci(f["real"] - f["shuffled"])      # paired: same rows
+        res["fve"]["real_minus_floor"] = ci(f["real"] - f["floor"])
         res["cosine"] = {k: ci(measure.cosine(v)) for k, v in mse.items() if k != "mean"}
         if pred_teacher is not None:
             m_t = measure.mse_rows(pred_teacher, t[have])
@@ -198,6 +208,19 @@ def evaluate_pair(p, D: dict, E, bar) -> dict:
                          "spans": int(q[:, 0].sum()), "absent": int(q[:, 1].sum()),
                          "with_quotes": ci((q[:, 0] > 0).astype(np.float64))}
 
+        # -- claim accuracy (nla/claims.py), every row (a failed extraction is read up to its cap)
+        cur = [tok.decode([int(toks[i][pos[i]])]) for i in range(n)]
+        res["claims"] = {}
+        for suffix, tx in (("", texts), ("_shuffled", texts_shuf)):
+            named = [claims.current_token_match(tx[i], cur[i]) for i in range(n)]
+            qc = np.array([claims.quote_claims(tx[i], windows[i]) for i in range(n)], np.float64).reshape(n, 3)
+            res["claims"].update({
+                "current_token_exact" + suffix: ci(np.array([m == "exact" for m in named], np.float64)),
+                "current_token_named" + suffix: ci(np.array([m is not None for m in named], np.float64)),
+                "quotes_absent" + suffix: measure.ratio_ci(qc[:, 0] - qc[:, 1] - qc[:, 2], qc[:, 0], docs, E.n_boot,
+                                                           E.seed),
+                "quotes_near" + suffix: measure.ratio_ci(qc[:, 2], qc[:, 0], docs, E.n_boot, E.seed)})
+
         # -- KL to the reference verbalizer
         res["kl_ref"] = {"ref": None, "per_token": ci([], []), "per_explanation": ci([], [])}
         if E.kl_ref:
@@ -216,6 +239,7 @@ def evaluate_pair(p, D: dict, E, bar) -> dict:
             cmean = mean_raw if center else None
             floor_dir = run.stats.floor_prediction(center)
             kls = np.zeros((n, 4))
+            top1 = np.zeros(n, np.int64)
             rel = np.zeros(n)
             for idx, tk, ps in measure.context_batches(toks, pos, B, E.seq_multiple, run.model_cfg.pad_id):
                 xk, h = measure.block_output(run, tk, ps)
@@ -223,7 +247,7 @@ def evaluate_pair(p, D: dict, E, bar) -> dict:
                                  measure.denormalise(np.broadcast_to(floor_dir, h.shape), h, cmean),
                                  measure.denormalise(pred[idx], h, cmean),
                                  measure.denormalise(pred_shuf[idx], h, cmean)], axis=1)
-                kls[idx] = measure.next_token_kl(run, xk, ps, repl)
+                kls[idx], top1[idx] = measure.next_token_kl(run, xk, ps, repl, with_top1=True)
                 rel[idx] = np.linalg.norm(h - acts[idx], axis=-1) / np.maximum(np.linalg.norm(acts[idx], axis=-1), 1e-12)
                 tick(1)
             km = kls[:, 0]
@@ -234,6 +258,11 @@ def evaluate_pair(p, D: dict, E, bar) -> dict:
                 "loss_recovered_shuffled": lr(kls[:, 3]),
                 # block K recomputed from the stored context vs the stored activation: a store/target check
                 "recompute_rel_err_max": float(rel.max()), "recompute_rel_err_median": float(np.median(rel))}
+            # claim accuracy: the target's own top-1 next token among the explanation's stated predictions
+            nxt = [tok.decode([int(x)]) for x in top1]
+            for suffix, tx in (("", texts), ("_shuffled", texts_shuf)):
+                res["claims"]["names_top1_prediction" + suffix] = ci(
+                    np.array([claims.names_prediction(tx[i], nxt[i]) for i in range(n)], np.float64))
 
     # -- fve by token position (equal-count bins of the evaluated positions)
     edges = np.unique(np.quantile(pos, np.linspace(0, 1, int(E.position_bins) + 1)).round().astype(np.int64))
@@ -283,6 +312,7 @@ ROWS = (  # (key path, label); one line per row, one column per checkpoint
     ("fve.floor", "fve_nrm   floor: renormalised training mean"),
     ("fve.mean", "fve_nrm   unnormalised training mean (check ~0)"),
     ("fve.shuffled", "fve_nrm   shuffled activations (control)"),
+    ("fve.real_minus_floor", "fve_nrm   explanation - floor (paired)"),
     ("fve.real_minus_shuffled", "fve_nrm   explanation - shuffled (paired)"),
     ("fve.empty", "fve_nrm   empty explanation"),
     ("fve.context", "fve_nrm   raw context, last N tokens"),
@@ -309,6 +339,14 @@ ROWS = (  # (key path, label); one line per row, one column per checkpoint
     ("quotes.rate", "quote hallucination rate (spans)"),
     ("quotes.rate_shuffled", "quote hallucination rate, shuffled"),
     ("quotes.with_quotes", "explanations with a quote"),
+    ("claims.current_token_exact", "claims: names the current token, exact"),
+    ("claims.current_token_named", "claims: names the current token, exact or near"),
+    ("claims.current_token_named_shuffled", "claims: names it, shuffled (chance)"),
+    ("claims.names_top1_prediction", "claims: names the target's top-1 next token"),
+    ("claims.names_top1_prediction_shuffled", "claims: names top-1 next, shuffled (chance)"),
+    ("claims.quotes_absent", "claims: quoted spans not in context"),
+    ("claims.quotes_near", "claims: quoted spans, near misses"),
+    ("claims.quotes_absent_shuffled", "claims: quoted spans not in context, shuffled"),
 )
 
 
@@ -327,6 +365,8 @@ def fmt(v) -> str:
     if isinstance(v, dict):
         if v.get("mean") is None:
             return "n/a"
+        if v.get("lo") is None:        # one document: no interval
+            return f"{v['mean']:+.3f} [n/a]"
         small = max(abs(v["mean"]), abs(v["lo"]), abs(v["hi"])) < 0.01 and v["hi"] > 0
         f = (lambda x: f"{x:+.1e}") if small else (lambda x: f"{x:+.3f}")
         return f"{f(v['mean'])} [{f(v['lo'])}, {f(v['hi'])}]"
@@ -340,7 +380,8 @@ def table(doc: dict) -> str:
     w0 = max(len(lab) for _, lab in ROWS) + 2
     w = max(len(x) for c in cks for x in [c["label"], *(fmt(lookup(c, k)) for k, _ in ROWS)]) + 3
     lines = [f"\n{doc['rows']} rows of split {doc['split']!r} from {doc['documents']} documents in {doc['store']} "
-             f"(mean [95% CI over documents])",
+             f"(mean [95% CI over documents: cluster-robust t for means and paired differences, bootstrap for "
+             f"ratios])",
              " " * w0 + "".join(c["label"].rjust(w) for c in cks)]
     for key, lab in ROWS:
         lines.append(lab.ljust(w0) + "".join(fmt(lookup(c, key)).rjust(w) for c in cks))
@@ -413,6 +454,9 @@ def main(argv=None) -> int:
            "rows": int(len(rows)), "documents": int(len(np.unique(docs))), "row_ids": D["rows"],
            "teacher_summaries": summ_path, "teacher_rows": len(D["summaries"]),
            "settings": E.to_dict(), "devices": jax.device_count(), "elapsed_s": None,
+           "ci": {"level": 0.95, "means": "cluster-robust (CR1) t-interval over documents, documents - 1 df "
+                                           "(stats.cluster_t_ci); paired differences use per-row differences",
+                  "ratios": f"percentile bootstrap over documents, {int(E.n_boot)} resamples"},
            "checkpoints": results,
            "training_curves": {w: training_curves(w) for w in dict.fromkeys(r["workdir"] for r in results)}}
     doc["elapsed_s"] = round(time.time() - t0, 1)

@@ -174,7 +174,8 @@ def _cell(v, fmt: Callable) -> str:
     text = fmt(v)
     attrs = ""
     if isinstance(v, dict) and v.get("mean") is not None:
-        attrs = f' data-mean="{v["mean"]:.6g}" data-lo="{v["lo"]:.6g}" data-hi="{v["hi"]:.6g}"'
+        attrs = f' data-mean="{v["mean"]:.6g}"' + (f' data-lo="{v["lo"]:.6g}" data-hi="{v["hi"]:.6g}"'
+                                                    if v.get("lo") is not None else "")   # one document: none
     cls = ' class="na"' if text == "n/a" else ""
     return attrs, cls, esc(text)
 

@@ -10,6 +10,10 @@ writes a short description of what matters for predicting the next token. With
 model's summaries rarely name them, and the reconstructor needs them (WORKSPACE.md, "The method in brief").
 `summarize.teacher="quote"` skips the model: the text is only that quote of the last
 `quote_tokens` tokens (a cheap warm start, and the ablation that isolates the final-token signal).
+`summarize.teacher="predict"` runs the target once over each row's context (no sampling) and
+writes what it computed there: the current token, its `predict_k` most likely next tokens with
+probabilities, and the `before_tokens` tokens before it (nla/selftext.py); the record also keeps
+the prediction ids and probabilities ("top_ids", "top_probs").
 
 Output: STORE/summaries.jsonl, one {"row", "doc_id", "position", "text"} per line, append-only;
 a rerun skips rows already written and drops a half-written last line. `--import` validates
@@ -38,6 +42,7 @@ from nla_jax.data import loader as data_loader
 from nla_jax.data import store as store_lib
 from nla_jax.data import summaries as summaries_lib
 from nla_jax.errors import UserError
+from nla_jax.nla import selftext
 
 
 def build_parser():
@@ -83,7 +88,7 @@ def main(argv=None) -> int:
         return 0
     cli.enable_compilation_cache()
     teacher_model = ml_collections.ConfigDict(cfg.model.to_dict())
-    if sc.teacher not in ("target", "quote"):
+    if sc.teacher not in ("target", "quote", "predict"):
         teacher_model.source = sc.teacher
     if sc.teacher == "quote":   # no model: the tokenizer is all it needs
         _, tok = weights.config_and_tokenizer(teacher_model)
@@ -99,6 +104,9 @@ def main(argv=None) -> int:
     mcfg, params, tok = weights.load_from_config(teacher_model, mesh, cfg.rules)
     if tok is None:
         raise UserError(f"teacher {sc.teacher!r} has no tokenizer")
+    if sc.teacher == "predict":
+        return predict_rows(store, tok, mcfg, params, todo, sc, out, mesh, cfg.rules, batch,
+                            weights.dtype_of(teacher_model.dtype))
     scfg = sampling.SampleConfig(max_new_tokens=sc.max_new_tokens, temperature=sc.temperature, top_p=sc.top_p)
     sample = sampling.make_sampler(mcfg, scfg, mesh, cfg.rules, weights.dtype_of(teacher_model.dtype))
     with sharding.use_mesh(mesh, cfg.rules):
@@ -163,6 +171,54 @@ def quote_rows(store, tok, todo: list[int], sc, out: str) -> int:
                          "text": f"The text ends with: \u00ab{last}\u00bb"})
         fileio.append_jsonl(out, recs)
         bar.update(len(chunk))
+    bar.close()
+    return 0
+
+
+def predict_rows(store, tok, mcfg, params, todo: list[int], sc, out: str, mesh, rules, batch: int,
+                 compute_dtype) -> int:
+    """Warm-start texts from the target's own forward pass (nla/selftext.py). Rows of one document
+    share its tokens up to their positions, so one pass over the document's longest row reads
+    every row of it: `sc.batch` documents at a time, padded to `batch`; every process computes,
+    process 0 appends (a document's rows in row order)."""
+    if int(sc.predict_k) < 1:
+        raise UserError(f"config key summarize.predict_k={sc.predict_k} must be >= 1")
+    lead = jax.process_index() == 0
+    mine = sharding.batch_layout(mesh, rules).local_positions(batch)
+    todo_a = np.asarray(todo, np.int64)
+    doc_of = store.read(None, todo_a, fields=("doc_id",))["doc_id"]               # [n]
+    _, first, inv = np.unique(doc_of, return_index=True, return_inverse=True)
+    groups = [np.flatnonzero(inv == g) for g in np.argsort(first)]               # indices into todo, doc by doc
+    bar = tqdm(total=len(todo), desc="predict", unit="row", disable=not lead)
+    for i in range(0, len(groups), sc.batch):
+        chunk = groups[i:i + sc.batch]
+        rows = todo_a[np.concatenate(chunk)]
+        got = store.read(None, rows, fields=("doc_id", "position", "tokens"))
+        at = np.cumsum([0] + [len(g) for g in chunk])                             # [docs + 1]: slices of `rows`
+        P = 1 << int(np.ceil(np.log2(max(len(g) for g in chunk))))                # positions per document, padded
+        seq = np.array([at[j] + int(np.argmax(got["position"][at[j]:at[j + 1]])) for j in range(len(chunk))])
+        pos = np.stack([np.resize(got["position"][at[j]:at[j + 1]], P) for j in range(len(chunk))])  # [docs, P]
+        idx = np.minimum(np.arange(batch), len(chunk) - 1)                       # pad by repeating the last document
+        pos = pos[idx].astype(np.int32)                                          # [batch, P]
+        L = min(got["tokens"].shape[1], -(-(int(pos.max()) + 1) // 64) * 64)     # few compiled lengths
+        toks = got["tokens"][seq[idx], :L]                                       # [batch, L]
+        toks = np.where(toks < 0, mcfg.pad_id, toks).astype(np.int32)            # -1 after the last position: inert
+        with sharding.use_mesh(mesh, rules):
+            g = data_loader.to_global({"toks": toks[mine], "pos": pos[mine]}, mesh, rules, batch)
+            top = selftext.top_next(params, mcfg, g["toks"], g["pos"], int(sc.predict_k), compute_dtype)
+        ids, probs = distributed.host_array(top["ids"]), distributed.host_array(top["probs"])   # [batch, P, k]
+        recs = []
+        for j in range(len(chunk)):
+            for slot, r in enumerate(range(at[j], at[j + 1])):
+                p = int(got["position"][r])
+                recs.append({"row": int(rows[r]), "doc_id": int(got["doc_id"][r]), "position": p,
+                             "text": selftext.self_text(tok, got["tokens"][r], p, ids[j, slot], probs[j, slot],
+                                                        int(sc.before_tokens)),
+                             "top_ids": ids[j, slot].tolist(),
+                             "top_probs": [round(float(q), 6) for q in probs[j, slot]]})
+        if lead:
+            fileio.append_jsonl(out, recs)
+        bar.update(len(recs))
     bar.close()
     return 0
 

@@ -163,7 +163,7 @@ def start_stage(run, writer, name: str) -> tuple[StageProgress, dict, int]:
 def sft_validation(run, writer, name: str) -> Callable[[dict, int], dict]:
     """evaluate(state, step) -> the logged record, on a fixed batch of the *other* SFT split's rows
     (other documents than training). AV: cross-entropy with real vs shuffled activations; AR: fve_nrm
-    with its bootstrap CI beside the floor."""
+    with its CI over documents (cluster-robust t) beside the floor."""
     sec = run.cfg[name]
     if name == "sft_av":
         val, val_docs = batches_lib.fixed_rows(run, run_lib.rows_with_summaries(run, "ar_sft"), sec.val_rows,
@@ -173,7 +173,7 @@ def sft_validation(run, writer, name: str) -> Callable[[dict, int], dict]:
 
         def evaluate(state, step):
             ce = {k: distributed.host_array(v) for k, v in eval_fn(state["av"], val, run.mean, perm).items()}
-            gap = stats_lib.bootstrap_ci(np.asarray(ce["ce_shuffled"] - ce["ce_real"]), val_docs)
+            gap = stats_lib.cluster_t_ci(np.asarray(ce["ce_shuffled"] - ce["ce_real"]), val_docs)
             return writer.write(name, step, {"kind": "eval", "ce_real": float(ce["ce_real"].mean()),
                                              "ce_shuffled": float(ce["ce_shuffled"].mean()),
                                              "ce_gap": gap[0], "ce_gap_lo": gap[1], "ce_gap_hi": gap[2]})
@@ -185,7 +185,7 @@ def sft_validation(run, writer, name: str) -> Callable[[dict, int], dict]:
 
     def evaluate(state, step):
         mse = distributed.host_array(eval_fn(state["ar"], val, run.mean))
-        fve = stats_lib.bootstrap_ci(1 - mse / var, val_docs)
+        fve = stats_lib.cluster_t_ci(1 - mse / var, val_docs)
         return writer.write(name, step, {"kind": "eval", "fve_nrm": fve[0], "fve_lo": fve[1], "fve_hi": fve[2],
                                          "floor": floor})
     return evaluate

@@ -119,8 +119,9 @@ def test_bootstrap_intervals():
     rng = np.random.default_rng(0)
     docs = np.repeat(np.arange(20), 5)
     v = rng.normal(size=100)
-    c = measure.ci(v, docs, 500, 0)
+    c = measure.ci(v, docs)
     assert c["lo"] <= c["mean"] <= c["hi"] and c["mean"] == pytest.approx(v.mean()) and c["n"] == 100
+    assert measure.ci(v[:5], docs[:5])["lo"] is None                         # one document: no interval
     num, den = rng.uniform(0, 1, 100), rng.uniform(1, 2, 100)
     r = measure.ratio_ci(num, den, docs, 500, 0, transform=lambda x: 1 - x)
     assert r["mean"] == pytest.approx(1 - num.sum() / den.sum()) and r["lo"] <= r["mean"] <= r["hi"]
@@ -290,7 +291,17 @@ def test_cli_two_checkpoints_one_table_and_json(run_two, trained):
     n = doc["rows"]
     teacher_rows = len(set(doc["row_ids"]) & trained.summarised)
     assert n == len(doc["row_ids"]) == 20 and doc["teacher_rows"] == teacher_rows > 0
+    assert doc["ci"]["means"].startswith("cluster-robust")
     for c in cks:
+        cl = c["claims"]
+        for k in ("current_token_exact", "current_token_named", "current_token_named_shuffled"):
+            assert 0 <= cl[k]["mean"] <= 1 and cl[k]["n"] == 20, (k, cl[k])
+        assert cl["current_token_exact"]["mean"] <= cl["current_token_named"]["mean"]
+        for k in ("names_top1_prediction", "names_top1_prediction_shuffled"):   # downstream on: the target's top-1
+            assert 0 <= cl[k]["mean"] <= 1 and cl[k]["n"] == 20, (k, cl[k])
+        f = c["fve"]
+        assert f["real_minus_floor"]["mean"] == pytest.approx(f["real"]["mean"] - f["floor"]["mean"])
+        assert f["real_minus_shuffled"]["mean"] == pytest.approx(f["real"]["mean"] - f["shuffled"]["mean"])
         for group in ("fve", "cosine"):
             for k, v in c[group].items():
                 assert v["mean"] is not None and v["lo"] <= v["mean"] <= v["hi"], (c["label"], group, k, v)
@@ -428,3 +439,27 @@ def test_help():
     r = subprocess.run([sys.executable, "-m", "nla_jax.evaluate", "--help"], cwd=REPO, env=_env(), capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0 and "--checkpoint" in r.stdout and "--out" in r.stdout
+
+
+@pytest.mark.timeout(900)
+def test_a_single_split_store_of_another_corpus_evaluates(trained, tmp_path):
+    """A researcher extracts a new corpus with one split to evaluate a trained pair on it: split 0 is
+    every row, so the split array holds only its fill value, and the store must still open."""
+    corpus = tmp_path / "other.jsonl"
+    from test_train import _corpus
+    _corpus(corpus, n=12, seed=7)
+    root = str(tmp_path / "store1")
+    r = subprocess.run([sys.executable, "-m", "nla_jax.extract", "--config", TINY, f"--config.data.store={root}",
+                        f"--config.data.sources=[{{'kind':'jsonl','path':'{corpus}','name':'o'}}]",
+                        "--config.data.max_len=128", "--config.data.min_position=16", "--config.data.k=4",
+                        "--config.data.splits=(('eval',1.0),)"], cwd=REPO, env=_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert os.path.exists(os.path.join(root, "part-00000", "split", "c", "0"))   # every shard has its file
+    out = str(tmp_path / "out")
+    r = _evaluate(f"--config.data.store={root}", "--checkpoint", os.path.join(trained.wd, "sft_av"), "--out", out,
+                  "--config.eval.rows=16", "--config.eval.batch=8", "--config.eval.downstream=False")
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(os.path.join(out, "evaluate.json")) as f:
+        doc = json.load(f)
+    assert doc["rows"] == 16 and doc["checkpoints"][0]["fve"]["real"]["n"] == 16

@@ -199,3 +199,43 @@ def test_grpo_raises_a_toy_reward(tiny_llama, share_prompt):
         rewards.append(float(m["reward_mean"]))
         assert bool(m["finite"])
     assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.1, rewards
+
+
+def _clustered(rng, G: int, mu: float):
+    """One synthetic dataset: G documents of 4..12 rows, value = mu + document effect + row noise."""
+    n = rng.integers(4, 13, G)
+    docs = np.repeat(np.arange(G), n)
+    v = mu + rng.normal(0, 1.0, G)[docs] + rng.normal(0, 1.0, len(docs))
+    return v, docs
+
+
+@pytest.mark.parametrize("G", [8, 40])
+def test_cluster_t_interval_covers_95_percent_with_few_documents(G):
+    """2000 simulated datasets with a known mean: the interval covers it 95% of the time, within
+    the binomial band 0.95 +- 3.5 sd (sd = sqrt(.95 * .05 / 2000) = 0.0049, band [0.933, 0.967]).
+    The percentile bootstrap over documents it replaced under-covers at 8 documents."""
+    rng = np.random.default_rng(G)
+    mu, reps = 0.3, 2000
+    hit_t = hit_b = 0
+    for r in range(reps):
+        v, docs = _clustered(rng, G, mu)
+        m, lo, hi = stats_lib.cluster_t_ci(v, docs)
+        assert m == pytest.approx(v.mean()) and lo < m < hi
+        hit_t += lo <= mu <= hi
+        if G == 8:
+            _, blo, bhi = stats_lib.bootstrap_ci(v, docs, 400, r)
+            hit_b += blo <= mu <= bhi
+    band = 3.5 * np.sqrt(0.95 * 0.05 / reps)
+    assert abs(hit_t / reps - 0.95) <= band, hit_t / reps
+    if G == 8:
+        assert hit_b / reps < 0.95 - band, hit_b / reps       # measured 0.877 here (0.942 for the t-interval)
+
+
+def test_cluster_t_interval_known_values():
+    # equal counts: exactly the t-interval of the document means (here 0, 1, 2, 3: mean 1.5, sd 1.29)
+    m, lo, hi = stats_lib.cluster_t_ci(np.repeat([0.0, 1.0, 2.0, 3.0], 5), np.repeat(np.arange(4), 5))
+    half = 3.182446305284263 * np.std([0, 1, 2, 3], ddof=1) / 2
+    assert m == 1.5 and lo == pytest.approx(1.5 - half) and hi == pytest.approx(1.5 + half)
+    # one document: no interval
+    m, lo, hi = stats_lib.cluster_t_ci(np.array([1.0, 2.0]), np.array([7, 7]))
+    assert m == 1.5 and np.isnan(lo) and np.isnan(hi)

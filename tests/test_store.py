@@ -267,3 +267,57 @@ def test_two_parts_global_order_and_stats(tmp_path):
         finalize_manifest(root, META, num_parts=3)
     with pytest.raises(UserError, match="fingerprint"):
         finalize_manifest(root, dict(META, fingerprint="other"))
+
+
+# ----------------------------------------------------------------------------- shards of fill values
+
+def _fill_rows_store(root: str, monkeypatch, old_writer: bool) -> dict[str, np.ndarray]:
+    """300 rows whose first shard (rows 0:256) holds only fill values in every array that may
+    legally hold them (acts all 0, split all 0; the int arrays' fill -1 is refused by the writer).
+    old_writer: written as before WRITE_FILL, when zarr skipped such shards' files."""
+    if old_writer:
+        monkeypatch.setattr(store.arrays, "WRITE_FILL", {})
+    want = make_rows(np.arange(300))
+    want["acts"][:256] = 0.0
+    want["split"][:256] = 0
+    w = PartWriter.create_or_resume(root, 0, d=D, dtype="float32", capacity=300, ctx_len=CTX, chunk_rows=64,
+                                    shard_chunks=4, meta=META)
+    for lo in range(0, 300, 100):
+        sl = slice(lo, lo + 100)
+        w.append(want["acts"][sl], want["doc_id"][sl], want["position"][sl], want["split"][sl], want["tokens"][sl],
+                 {"next_row": lo + 100})
+    w.close()
+    finalize_manifest(root, META)
+    monkeypatch.undo()
+    return want
+
+
+@pytest.mark.parametrize("old_writer", [False, True])
+def test_shards_of_fill_values_open_and_read_back(tmp_path, monkeypatch, old_writer):
+    root = str(tmp_path)
+    want = _fill_rows_store(root, monkeypatch, old_writer)
+    pdir = os.path.join(root, "part-00000")
+    absent = {k for k in ("acts/c/0/0", "split/c/0") if not os.path.exists(os.path.join(pdir, k))}
+    assert absent == ({"acts/c/0/0", "split/c/0"} if old_writer else set())
+    s = open_store(root)
+    got = s.read(None, np.arange(300))
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    assert len(s.rows_of_split("av_sft")) == int((want["split"] == 0).sum())
+    assert verify(root) == []
+
+
+@pytest.mark.parametrize("old_writer", [False, True])
+@pytest.mark.parametrize("key", ["acts/c/1/0", "split/c/1", "doc_id/c/0"])
+def test_a_deleted_shard_with_data_is_refused(tmp_path, monkeypatch, old_writer, key):
+    """Beside legitimately absent all-fill shards, a deleted shard that held data is damage."""
+    root = str(tmp_path)
+    _fill_rows_store(root, monkeypatch, old_writer)
+    os.remove(os.path.join(root, "part-00000", *key.split("/")))
+    arr = key.split("/")[0]
+    rows = "256:300" if "/1" in key else "0:256"
+    with pytest.raises(UserError) as e:
+        open_store(root)
+    msg = str(e.value)
+    assert "\n" not in msg and f"part-00000 {arr} rows {rows}: shard file {key} is missing" in msg, msg
+    assert f"part-00000 {arr} rows {rows}: shard file {key} missing" in verify(root)

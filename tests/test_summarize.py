@@ -92,3 +92,29 @@ def test_sharded_teacher_writes_what_one_device_does(small_store, tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         copies[name] = _records(d)
     assert len(copies["one"]) == 4 and copies["two"] == copies["one"]
+
+
+def test_predict_teacher_writes_the_targets_own_predictions(small_store, real, tmp_path):
+    """teacher="predict": the text names the current token and the target's top next tokens, whose
+    ids equal the full forward pass's argsort at the position (computed here directly)."""
+    import shutil
+
+    from nla_jax.models import transformer
+    store = str(tmp_path / "store")
+    shutil.copytree(small_store, store, ignore=shutil.ignore_patterns("summaries.jsonl"))
+    r = _run(store, "--config.summarize.teacher=predict", "--config.summarize.predict_k=3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = _records(store)
+    s = store_lib.open_store(store)
+    assert sorted(x["row"] for x in recs) == sorted(np.concatenate([s.rows_of_split("av_sft"),
+                                                                    s.rows_of_split("ar_sft")]).tolist())
+    for x in recs:
+        got = s.read(None, np.array([x["row"]]))
+        p = int(got["position"][0])
+        ctx = got["tokens"][0][:p + 1]
+        lg = np.asarray(transformer.forward(real.params, ctx[None].astype(np.int32), real.cfg)["logits"][0, -1])
+        want = np.argsort(-lg)[:3]
+        assert x["top_ids"] == want.tolist() and x["top_probs"] == sorted(x["top_probs"], reverse=True)
+        cur = real.tok.decode([int(ctx[-1])]).strip()
+        assert x["text"].startswith(f"Token \u00ab{cur}\u00bb") and "Next: \u00ab" in x["text"]
+        assert x["text"].index("Next:") > x["text"].index(cur)

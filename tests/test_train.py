@@ -243,7 +243,8 @@ def test_all_stages_finish_with_metrics_and_eval(e2e):
     assert {"mean", "lo", "hi"} <= set(ev["floor"])
     assert set(ev["checkpoints"]) == {"after_sft", "after_rl"}
     for c in ev["checkpoints"].values():
-        for k in ("real", "shuffled", "real_minus_shuffled"):
+        assert 0 <= c["names_current_token"]["mean"] <= 1 and "quotes_absent" in c
+        for k in ("real", "shuffled", "real_minus_shuffled", "real_minus_floor"):
             assert c[k]["lo"] <= c[k]["mean"] <= c[k]["hi"], (k, c[k])
     assert _records(wd, "eval", "eval")
 

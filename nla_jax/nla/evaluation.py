@@ -8,8 +8,9 @@ read by the live RL AR) it explains every evaluation activation (greedy unless e
             document), scored against the true activation: what the AR gets from the text
             alone when the text says nothing about this activation;
   zero      explanations of a zero vector: if these equal the real ones, injection failed.
-Every number comes with a 95% bootstrap interval over documents (rows of one document move
-together), and real - shuffled with a paired interval. Writes WORKDIR/eval.json.
+Every number comes with a 95% cluster-robust t-interval over documents (rows of one document move
+together; measure.ci), and real - shuffled and real - floor with paired intervals. Writes
+WORKDIR/eval.json.
 
 The measurements themselves (explain, reconstruct, score, intervals) are nla/measure.py, which
 `python -m nla_jax.evaluate` uses for its fuller side-by-side table.
@@ -23,8 +24,7 @@ import jax
 import numpy as np
 
 from nla_jax import fileio, paths, sampling
-from nla_jax.nla import measure
-from nla_jax.nla import stats as stats_lib
+from nla_jax.nla import claims, measure
 from nla_jax.nla.run import Run
 
 CONTEXT_TOKENS = 24   # tokens of context shown beside each example explanation (position included)
@@ -56,7 +56,7 @@ def heldout_stage(run: Run, pairs: Sequence[tuple[str, dict, dict]], workdir: st
     var = run.stats.var(center)
     floor_mse = measure.floor_mse(measure.targets(acts, run.stats, center), run.stats, center)
     fve = lambda mse: 1.0 - mse / var
-    ci = lambda v: dict(zip(("mean", "lo", "hi"), stats_lib.bootstrap_ci(v, docs, E.n_boot, E.seed)))
+    ci = lambda v: measure.ci(v, docs)
     perm = measure.derangement_by_doc(docs, E.seed)
     sc = sampling.SampleConfig(max_new_tokens=run.ctx.av.max_len, temperature=max(E.temperature, 1e-6),
                                greedy=E.temperature <= 0)
@@ -70,15 +70,23 @@ def heldout_stage(run: Run, pairs: Sequence[tuple[str, dict, dict]], workdir: st
         zero = measure.explain_rows(run, av, np.zeros_like(acts), batch, sc, E.seed)
         m_real, m_shuf = measure.score(run, ar, real, acts, batch), measure.score(run, ar, shuf, acts, batch)
         t_real, t_zero, t_shuf = (measure.decode_explanations(run.tokenizer, e) for e in (real, zero, shuf))
+        tok, toks, pos = run.tokenizer, got["tokens"], got["position"]
+        named = [claims.current_token_match(t_real[i], tok.decode([int(toks[i][pos[i]])])) for i in range(len(rows))]
+        qc = np.array([claims.quote_claims(t_real[i], measure.context_text(tok, toks[i], int(pos[i]), E.quote_window))
+                       for i in range(len(rows))], np.float64).reshape(len(rows), 3)         # spans, exact, near
         res["checkpoints"][name] = {
             "real": ci(fve(m_real)),
             "shuffled": ci(fve(m_shuf)),
             "real_minus_shuffled": ci(fve(m_real) - fve(m_shuf)),
+            "real_minus_floor": ci(fve(m_real) - fve(floor_mse)),
             "extract_fail": float(1 - real["ok"].mean()),
             "expl_len": float(real["expl_len"][real["ok"]].mean()) if real["ok"].any() else 0.0,
             "differs_from_zero": float(np.mean([a != b for a, b in zip(t_real, t_zero)])),
             "differs_from_shuffled": float(np.mean([a != b for a, b in zip(t_real, t_shuf)])),
             "distinct_explanations": int(len(set(t_real))),
+            # claim accuracy (nla/claims.py): the current token named (exact or near), quoted spans not in context
+            "names_current_token": ci(np.array([m is not None for m in named], np.float64)),
+            "quotes_absent": measure.ratio_ci(qc[:, 0] - qc[:, 1] - qc[:, 2], qc[:, 0], docs, E.n_boot, E.seed),
         }
         first_of_doc = np.unique(docs, return_index=True)[1]
         for i in sorted(first_of_doc)[:E.n_examples]:  # one example per document
@@ -96,14 +104,18 @@ def heldout_stage(run: Run, pairs: Sequence[tuple[str, dict, dict]], workdir: st
 
 def report(res: dict) -> str:
     """eval.json as the table the trainer prints."""
-    f = lambda d: f"{d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]"
+    f = lambda d: f"{d['mean']:+.3f} " + (f"[{d['lo']:+.3f}, {d['hi']:+.3f}]" if d["lo"] is not None else "[n/a]")
     lines = [f"\nfve_nrm on {res['rows']} held-out rows from {res['documents']} documents "
              f"(95% CI over documents; Var(v_nrm)={res['var_nrm']:.3f}, centred={res['center']})",
              f"  {'renormalised-mean floor':34s} {f(res['floor'])}"]
     for name, c in res["checkpoints"].items():
         lines += [f"  {name + ': real activations':34s} {f(c['real'])}",
                   f"  {name + ': shuffled activations':34s} {f(c['shuffled'])}",
-                  f"  {name + ': real - shuffled':34s} {f(c['real_minus_shuffled'])}",
+                  f"  {name + ': real - shuffled (paired)':34s} {f(c['real_minus_shuffled'])}",
+                  f"  {name + ': real - floor (paired)':34s} {f(c['real_minus_floor'])}",
+                  f"  {name + ': names the current token':34s} {f(c['names_current_token'])}",
+                  f"  {name + ': quoted spans not in context':34s} "
+                  + (f(c["quotes_absent"]) if c["quotes_absent"]["mean"] is not None else "n/a (no quotes)"),
                   f"  {name + ': extraction failures':34s} {c['extract_fail']:.2f}   mean length {c['expl_len']:.1f} tok"
                   f"   differs from zero-vector text {c['differs_from_zero']:.2f}"]
     for e in res["examples"]:

@@ -2,7 +2,9 @@
 `python -m nla_jax.evaluate` and `python -m nla_jax.explain`.
 
 Everything is per row first (one number per evaluated activation), then averaged with a 95%
-bootstrap interval over *documents* (rows of one document move together). Definitions:
+interval over *documents* (rows of one document move together): a cluster-robust t-interval for
+means and paired differences (`ci`), a document bootstrap for ratios of totals (`ratio_ci`).
+Definitions:
 
   target      t = v_nrm = sqrt(d) * u/|u|, u = v (or v - mean with nla.center), float64 on the host;
   mse_nrm     mean over dimensions of (normalise(prediction) - t)^2 = 2 (1 - cos);
@@ -210,13 +212,16 @@ def score(run: Run, ar: dict, ex: dict, acts: np.ndarray, batch: int, progress: 
 
 # ============================================================================= intervals
 
-def ci(values: np.ndarray, docs: np.ndarray, n_boot: int, seed: int) -> dict:
-    """{"mean", "lo", "hi", "n"}: mean of per-row values, 95% bootstrap CI over documents."""
+def ci(values: np.ndarray, docs: np.ndarray) -> dict:
+    """{"mean", "lo", "hi", "n"}: mean of per-row values, 95% cluster-robust t-interval over
+    documents (`stats.cluster_t_ci`; a paired difference is the interval of per-row differences).
+    lo/hi are None with fewer than two documents."""
     values = np.asarray(values, np.float64)
     if len(values) == 0:
         return {"mean": None, "lo": None, "hi": None, "n": 0}
-    m, lo, hi = stats_lib.bootstrap_ci(values, docs, n_boot, seed)
-    return {"mean": m, "lo": lo, "hi": hi, "n": int(len(values))}
+    m, lo, hi = stats_lib.cluster_t_ci(values, docs)
+    none = lambda x: None if np.isnan(x) else x
+    return {"mean": m, "lo": none(lo), "hi": none(hi), "n": int(len(values))}
 
 
 def ratio_ci(num: np.ndarray, den: np.ndarray, docs: np.ndarray, n_boot: int, seed: int,
@@ -352,7 +357,7 @@ def _upper_fn(cfg, layer: int, compute_dtype):
         lp = jax.nn.log_softmax(transformer.unembed(cfg, params, at)[:, 0].astype(jnp.float32), -1)
         lp = lp.reshape(m + 1, b, -1)
         kl = jnp.sum(jnp.exp(lp[0])[None] * (lp[0][None] - lp[1:]), axis=-1)      # [m, b]
-        return {"kl": kl.T}
+        return {"kl": kl.T, "top1": jnp.argmax(lp[0], axis=-1)}                    # [b, m], [b]
     return jax.jit(f)
 
 
@@ -365,13 +370,16 @@ def block_output(run: Run, tokens: np.ndarray, positions: np.ndarray) -> tuple[j
     return xk, h
 
 
-def next_token_kl(run: Run, xk: jax.Array, positions: np.ndarray, repl: np.ndarray) -> np.ndarray:
+def next_token_kl(run: Run, xk: jax.Array, positions: np.ndarray, repl: np.ndarray,
+                  with_top1: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """KL(next-token distribution at each row's position | original || with block K's output there
     replaced by repl[:, j]) [b, m], nats. Replacement = adding (repl - original) after block K at
-    that one position; every other position and block is untouched."""
+    that one position; every other position and block is untouched. with_top1: also the original
+    distribution's most likely next token [b] (the same pass; claim accuracy reads it)."""
     out = _upper_fn(run.model_cfg, run.cfg.model.layer, run.ctx.compute_dtype)(
         run.target, xk, jnp.asarray(positions, jnp.int32), jnp.asarray(repl, jnp.float32))
-    return np.asarray(distributed.host_array(out["kl"]), np.float64)
+    kl = np.asarray(distributed.host_array(out["kl"]), np.float64)
+    return (kl, np.asarray(distributed.host_array(out["top1"]), np.int64)) if with_top1 else kl
 
 
 def context_batches(tokens: np.ndarray, positions: np.ndarray, batch: int, multiple: int, pad_id: int):

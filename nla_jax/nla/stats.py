@@ -15,6 +15,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.stats
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,9 +111,37 @@ def fve(mse: jax.Array | float, var: float) -> jax.Array | float:
     return 1.0 - mse / var
 
 
+def cluster_t_ci(values: np.ndarray, groups: np.ndarray, alpha: float = 0.05) -> tuple[float, float, float]:
+    """(mean, lo, hi): the mean of per-row values and a cluster-robust t-interval over *documents*.
+
+    Rows of one document are not independent, so the unit of replication is the document. With
+    G documents, per-document sums s_j and row counts n_j: m = sum s / sum n (the row mean), its
+    CR1 sandwich variance se^2 = G/(G-1) * sum_j (s_j - m n_j)^2 / (sum n)^2, and m -/+ t_{G-1} se.
+    With equal counts this is exactly the Student t-interval over document means. Why not the
+    percentile bootstrap over documents (`bootstrap_ci`): with few documents it is too narrow
+    (about 0.90 coverage at 8 documents; tests/test_nla.py simulates both). A paired difference
+    (real - floor on the same rows) is this interval of the per-row differences. Fewer than two
+    documents give no interval: lo = hi = nan.
+    """
+    values = np.asarray(values, np.float64)                                 # [n]
+    uniq, inv = np.unique(groups, return_inverse=True)
+    G = len(uniq)
+    sums = np.bincount(inv, values, minlength=G)                            # [G]
+    counts = np.bincount(inv, minlength=G).astype(np.float64)               # [G]
+    m = float(sums.sum() / counts.sum())
+    if G < 2:
+        return m, float("nan"), float("nan")
+    se = np.sqrt(G / (G - 1) * np.sum((sums - m * counts) ** 2)) / counts.sum()
+    h = float(scipy.stats.t.ppf(1 - alpha / 2, G - 1) * se)
+    return m, m - h, m + h
+
+
 def bootstrap_ci(values: np.ndarray, groups: np.ndarray, n_boot: int = 1000, seed: int = 0,
                  alpha: float = 0.05) -> tuple[float, float, float]:
-    """(mean, lo, hi): the mean of per-row values and a percentile CI resampling *documents*."""
+    """(mean, lo, hi): the mean of per-row values and a percentile CI resampling *documents*.
+
+    Kept as the baseline of the coverage test: it under-covers with few documents, so means use
+    `cluster_t_ci`."""
     values = np.asarray(values, np.float64)
     uniq, inv = np.unique(groups, return_inverse=True)
     sums = np.bincount(inv, values, minlength=len(uniq))

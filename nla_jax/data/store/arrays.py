@@ -24,6 +24,9 @@ INT_DTYPES = {"doc_id": np.dtype("<i8"), "position": np.dtype("<i4"), "split": n
               "tokens": np.dtype("<i4")}
 PAD = -1  # tokens after the position
 PART_RE = re.compile(r"^part-(\d{5})$")
+# zarr skips writing a chunk whose values all equal the fill value (a single-split store's split
+# array is all 0); this open option (not stored in the metadata) makes the writer keep them
+WRITE_FILL = {"store_data_equal_to_fill_value": True}
 
 
 def part_name(part: int) -> str:
@@ -43,12 +46,14 @@ def _spec(path: str, shape: list[int], dtype: str, chunk_rows: int, shard_rows: 
 
     Inner chunks carry crc32c so a corrupted shard fails to read instead of returning wrong
     numbers; acts are stored uncompressed (float activations barely compress), ints zstd.
+    Chunks equal to the fill value are written too (`WRITE_FILL`), so every shard of committed
+    rows has its file and a missing one is damage.
     """
     inner = [{"name": "bytes", "configuration": {"endian": "little"}}]
     if compress:
         inner.append({"name": "zstd", "configuration": {"level": 3}})
     inner.append({"name": "crc32c"})
-    return {"driver": "zarr3", "kvstore": paths.kvstore_spec(path),
+    return {"driver": "zarr3", "kvstore": paths.kvstore_spec(path), **WRITE_FILL,
             "metadata": {
                 "shape": shape, "data_type": dtype,
                 "chunk_grid": {"name": "regular",
@@ -85,7 +90,7 @@ def open_arrays(part_dir: str, cfg: dict) -> dict[str, ts.TensorStore]:
     for name, shape in _shapes(cfg).items():
         path = paths.join(part_dir, name)
         try:
-            arr = ts.open({"driver": "zarr3", "kvstore": paths.kvstore_spec(path)},
+            arr = ts.open({"driver": "zarr3", "kvstore": paths.kvstore_spec(path), **WRITE_FILL},
                           open=True).result()
         except Exception as e:  # noqa: BLE001 - tensorstore raises ValueError/OSError variants
             raise UserError(f"{path}: cannot open zarr3 array ({str(e).splitlines()[0]})")
@@ -115,6 +120,37 @@ def missing_shards(part_dir: str, cfg: dict, rows: int) -> list[tuple[str, str, 
             if not paths.exists(paths.join(part_dir, arr, key)):
                 out.append((arr, key, i * cfg["shard_rows"], min((i + 1) * cfg["shard_rows"], rows)))
     return out
+
+
+def unexplained_missing(part_dir: str, cfg: dict, rows: int, commits: list[dict],
+                        arrays: dict[str, ts.TensorStore]) -> list[tuple[str, str, int, int]]:
+    """The entries of `missing_shards(rows)` that are damage, not all-fill data; most suspect first.
+
+    Stores written before `WRITE_FILL` have no file for a shard whose values all equal the fill
+    value (e.g. every split shard of a single-split store). A missing file is legitimate exactly
+    when commits cover all its rows and each of them reads back (fill values in its place) with
+    the ledger's sha256; only arrays with a missing file are read, so a complete store costs no
+    reads. A commit spanning a deleted shard and a legitimately absent one fails for both, so
+    entries are ordered by the share of their commits that fail (the deleted one: all of them).
+    """
+    out, ok = [], {}
+    for arr, key, lo, hi in missing_shards(part_dir, cfg, rows):
+        covered, bad, n = 0, 0, 0
+        for c in commits:
+            a, b = int(c["start"]), int(c["stop"])
+            if b <= lo or a >= hi:
+                continue
+            covered, n = covered + min(b, hi) - max(a, lo), n + 1
+            if (arr, a) not in ok:
+                try:
+                    got = rows_sha(arrays[arr][a:b].read().result())
+                except Exception:  # noqa: BLE001 - a damaged neighbour shard: not explained either
+                    got = None
+                ok[arr, a] = got == c.get("sha256", {}).get(arr)
+            bad += not ok[arr, a]
+        if bad or covered != hi - lo:
+            out.append((-(bad / n if n and covered == hi - lo else 1.0), len(out), (arr, key, lo, hi)))
+    return [e for *_, e in sorted(out)]
 
 
 def rows_sha(a: np.ndarray) -> str:

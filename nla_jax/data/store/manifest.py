@@ -103,7 +103,7 @@ def verify(root: str) -> list[str]:
         if commits and commits[-1]["stop"] != committed or not commits and committed:
             problems.append(f"{name}: ledger committed {committed} but commits end at "
                             f"{commits[-1]['stop'] if commits else 0}")
-        for arr, key, lo, hi in arrays_lib.missing_shards(pdir, cfg, committed):
+        for arr, key, lo, hi in arrays_lib.unexplained_missing(pdir, cfg, committed, commits, arrays):
             problems.append(f"{name} {arr} rows {lo}:{hi}: shard file {arr}/{key} missing")
         problems += _commit_problems(name, arrays, cfg, commits, stats)
     if manifest is not None and total_stats is not None:

@@ -39,8 +39,9 @@ class Store:
         for p in m["parts"]:
             pdir = paths.join(root, p["name"])
             ledger = ledger_lib.read(pdir)
-            _check_part(root, p, ledger)
-            self._arrays.append(arrays_lib.open_arrays(pdir, ledger["config"]))
+            arrays = arrays_lib.open_arrays(pdir, ledger["config"])
+            _check_part(root, p, ledger, arrays)
+            self._arrays.append(arrays)
         self._split_rows: dict[str, np.ndarray] = {}
 
     def _result(self, fut, part: int, name: str, local: np.ndarray) -> np.ndarray:
@@ -117,10 +118,11 @@ class Store:
         return out
 
 
-def _check_part(root: str, mpart: dict, ledger: dict) -> None:
-    """Cheap open-time checks of one part against the manifest (no array data read): the row
-    count and data checksum the manifest recorded, and every shard file of the committed rows
-    (a missing shard would otherwise read back as fill values, silently)."""
+def _check_part(root: str, mpart: dict, ledger: dict, arrays: dict) -> None:
+    """Cheap open-time checks of one part against the manifest: the row count and data checksum
+    the manifest recorded, and every shard file of the committed rows (a missing shard would
+    otherwise read back as fill values, silently). No array data is read unless a shard file is
+    missing: then its commits are, to tell all-fill rows an older writer skipped from damage."""
     name = mpart["name"]
     committed = int(ledger.get("committed", -1))
     if mpart.get("rows") != committed:
@@ -128,7 +130,8 @@ def _check_part(root: str, mpart: dict, ledger: dict) -> None:
                         f"{ledger_lib.LEDGER} {committed}; {VERIFY_HINT}")
     if mpart.get("sha256") != ledger_lib.commits_sha(ledger.get("commits", [])):
         raise UserError(f"store {root}: {name}'s commits differ from the checksum in manifest.json; {VERIFY_HINT}")
-    missing = arrays_lib.missing_shards(paths.join(root, name), ledger["config"], committed)
+    missing = arrays_lib.unexplained_missing(paths.join(root, name), ledger["config"], committed,
+                                              ledger.get("commits", []), arrays)
     if missing:
         arr, key, lo, hi = missing[0]
         raise UserError(f"store {root}: {name} {arr} rows {lo}:{hi}: shard file {arr}/{key} is missing; "

@@ -1,0 +1,131 @@
+"""Claim accuracy: what an explanation says that can be checked against the context.
+
+An fve number says how much of the activation the AR recovers from the text; it does not say
+whether the text is *true*. These checks read an explanation against the row's own context:
+
+  current token   does the explanation name the token at the position (the one the activation
+                  sits on, which carries most of its signal)? `current_token_match` -> "exact",
+                  "near" or None (rules in its docstring);
+  predictions     does it name what the target itself predicts next? `names_prediction`: the
+                  target's top-1 next token among the explanation's stated predictions;
+  quoted spans    is every quoted span (measure.quoted_spans: "...", “...”, «...», `...`) in the
+                  context window? `quote_claims` -> (spans, exact, near); the rest are absent
+                  (invented). A near miss is a quote the model got almost right, which a plain
+                  substring test would count as invented.
+
+Everything is plain string work on decoded text, one row at a time, so evaluate can score the
+real explanations and the shuffled control (explanations of other documents) with one function.
+"""
+from __future__ import annotations
+
+import re
+
+from nla_jax.nla import measure
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def _words(s: str) -> list[str]:
+    """Case-folded runs of letters/digits/underscore: punctuation and spacing do not count."""
+    return _WORD.findall(s.casefold())
+
+
+def edit_distance(a, b, limit: int = 2) -> int:
+    """Levenshtein distance between two sequences (strings or word lists), capped at `limit`
+    (anything larger returns `limit`): the near-miss rules only ask whether it is <= 1."""
+    if abs(len(a) - len(b)) >= limit:
+        return limit
+    prev = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        cur = [i] + [0] * len(b)
+        for j, y in enumerate(b, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y))
+        if min(cur) >= limit:
+            return limit
+        prev = cur
+    return min(prev[-1], limit)
+
+
+def current_token_match(explanation: str, token_text: str) -> str | None:
+    """Whether the explanation names the current token: "exact", "near" or None.
+
+    The token's text is stripped of surrounding whitespace (byte-level BPE tokens carry their
+    leading space). A token with letters or digits:
+      exact  its stripped text occurs in the explanation case-sensitively as a whole word
+             (not preceded or followed by a letter, digit or underscore);
+      near   otherwise, case-folded: one of the explanation's words equals it, starts with it
+             (the token begins a longer word: "control" -> "controlled", at least 3 characters),
+             or is one edit away from it (at least 4 characters: a typo or an inflection).
+    A token without letters or digits (",", ".", "\\n") would be "named" by almost any text, so
+    it counts only inside a quote: exact when a quoted span ends with it, never near.
+    An empty token (whitespace only) is never named.
+    """
+    t = token_text.strip()
+    if not t:
+        return None
+    if not any(ch.isalnum() for ch in t):
+        return "exact" if any(s.endswith(t) for s in measure.quoted_spans(explanation)) else None
+    if re.search(r"(?<!\w)" + re.escape(t) + r"(?!\w)", explanation):
+        return "exact"
+    tf = t.casefold()
+    for w in _words(explanation):
+        if w == tf or (len(tf) >= 3 and w.startswith(tf)) or (len(tf) >= 4 and edit_distance(w, tf) <= 1):
+            return "near"
+    return None
+
+
+_NEXT = re.compile(r"(?<!\w)next(?!\w)", re.IGNORECASE)
+
+
+def names_prediction(explanation: str, token_text: str) -> bool:
+    """Whether the explanation states the target's top-1 next token as a prediction.
+
+    The stated predictions are the text after the first whole word "next" (any case: "Next:
+    «to» 93%", "the next word is likely to"); an explanation without it states none. The token
+    counts as named there by `current_token_match`'s rules (exact or near; punctuation only at
+    the end of a quoted span).
+    """
+    m = _NEXT.search(explanation)
+    return m is not None and current_token_match(explanation[m.end():], token_text) is not None
+
+
+def _near_in_context(span_words: list[str], ctx_words: list[str]) -> bool:
+    """A span is a near miss when some contiguous run of context words is one word-level edit
+    (substitute, insert or delete one word) from it, or, for a one-word span of at least 4
+    characters, one context word is one character edit from it."""
+    n = len(span_words)
+    if n == 0:
+        return False
+    if n == 1:
+        w = span_words[0]
+        return len(w) >= 4 and any(edit_distance(w, c) <= 1 for c in ctx_words)
+    for L in (n - 1, n, n + 1):
+        if L < 1:
+            continue
+        for i in range(0, max(len(ctx_words) - L + 1, 0)):
+            if edit_distance(span_words, ctx_words[i:i + L]) <= 1:
+                return True
+    return False
+
+
+def quote_claims(explanation: str, context: str) -> tuple[int, int, int]:
+    """(spans, exact, near) for the explanation's quoted spans against the context window.
+
+    exact: the span, case-folded with whitespace collapsed, is a substring of the context
+           normalised the same way (measure.quote_check's "present");
+    near:  not exact, but its words (case-folded runs of letters/digits, punctuation dropped)
+           are one word-level edit from a run of the context's words (one word substituted,
+           added or missing), or a one-word span is one character edit from a context word;
+    absent = spans - exact - near: quoted text the context does not contain (invented).
+    Spans without letters or digits that are not exact count as absent.
+    """
+    spans = measure.quoted_spans(explanation)
+    ctx = " ".join(context.casefold().split())
+    ctx_words = _words(context)
+    exact = near = 0
+    for s in spans:
+        if s in ctx:
+            exact += 1
+        elif _near_in_context(_words(s), ctx_words):
+            near += 1
+    return len(spans), exact, near

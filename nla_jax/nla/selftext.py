@@ -1,0 +1,75 @@
+"""A warm-start text written from the target itself (`summarize.teacher="predict"`).
+
+The quote warm start ends with the current token after seven weaker ones, and a teacher's prose
+may invent things the activation never held. This text says only what the target computed at
+the row: the current token first (what the activation encodes best) with the few tokens before
+it, then the target's own top next-token predictions with their probabilities (what the model
+is about to do: the NLA's purpose), last so that everything after "Next" is a prediction
+(claims.names_prediction reads it so). Every claim in it is checkable against the context and
+the target's logits, so it cannot hallucinate by construction:
+
+    Token «ability» after «have the». Next: «to» 93%, «of» 3%, «,» 1%.
+
+The probabilities come from a full forward pass of the frozen target over the row's stored
+context (the same model, dtype and tokens as extraction; the pass is causal, so the tokens the
+store holds up to the position are all it reads).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nla_jax.models import transformer
+from nla_jax.nla import steps
+
+
+@functools.lru_cache(maxsize=8)
+def _top_fn(cfg, k: int, compute_dtype):
+    def f(params, tokens, pos):
+        """tokens [b, s] (pad after the last position read), pos [b, P] -> top-k next-token ids
+        [b, P, k] and probabilities [b, P, k] (float32) at each of a sequence's P positions."""
+        params = steps.cast_floating(params, compute_dtype)
+        valid = jnp.ones(tokens.shape, bool)
+        x = transformer.embed(params, tokens, cfg=cfg)
+        x = transformer.run_blocks(cfg, params["layers"], x, transformer.positions_from_mask(valid),
+                                   transformer.causal_mask(valid), 0, cfg.n_layers)         # [b, s, d]
+        at = jnp.take_along_axis(x, pos[:, :, None], axis=1)                              # [b, P, d]
+        lp = jax.nn.log_softmax(transformer.unembed(cfg, params, at).astype(jnp.float32), -1)   # [b, P, V]
+        top_lp, top_ids = jax.lax.top_k(lp, k)                                            # [b, P, k]
+        return {"ids": top_ids.astype(jnp.int32), "probs": jnp.exp(top_lp)}
+    return jax.jit(f)
+
+
+def top_next(params, cfg, tokens: jax.Array, positions: jax.Array, k: int, compute_dtype) -> dict:
+    """{"ids": [b, P, k], "probs": [b, P, k]}: the target's k most likely next tokens at each of the
+    positions [b, P] of each sequence (one pass per document serves all its rows)."""
+    return _top_fn(cfg, int(k), compute_dtype)(params, tokens, positions)
+
+
+def show(piece: str) -> str:
+    """A token's text as the template writes it: stripped of surrounding whitespace; a token that
+    is only whitespace is written escaped ("\\n") or as ␣ for spaces, so it stays visible."""
+    s = piece.strip()
+    if s:
+        return s
+    esc = piece.replace(" ", "\u2423").encode("unicode_escape").decode("ascii")
+    return esc.replace("\\u2423", "\u2423")
+
+
+def percent(p: float) -> str:
+    return "<1%" if p < 0.005 else f"{round(100 * p)}%"
+
+
+def self_text(tok, context: np.ndarray, position: int, ids: np.ndarray, probs: np.ndarray, before: int) -> str:
+    """The warm-start text of one row: the current token, the `before` tokens preceding it, then
+    the target's predictions (ids [k] with probs [k], most likely first)."""
+    text = f"Token \u00ab{show(tok.decode([int(context[position])]))}\u00bb"
+    if before > 0 and position > 0:
+        prev = tok.decode(np.asarray(context[max(0, position - before):position]).tolist()).strip()
+        if prev:
+            text += f" after \u00ab{' '.join(prev.split())}\u00bb"
+    preds = ", ".join(f"\u00ab{show(tok.decode([int(i)]))}\u00bb {percent(float(p))}" for i, p in zip(ids, probs))
+    return f"{text}. Next: {preds}."

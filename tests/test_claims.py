@@ -1,0 +1,71 @@
+"""Claim accuracy on constructed explanations (nla_jax/nla/claims.py): the current token named
+exactly / nearly / not at all, and quoted spans exact / near misses / invented, each rule of the
+docstrings with a case on either side of its boundary."""
+import pytest
+
+from nla_jax.nla import claims
+
+CONTEXT = "Octopuses are clever animals. They have the ability to control their  Colour quickly"
+
+
+@pytest.mark.parametrize("expl,token,want", [
+    ("The text ends with «control their».", " their", "exact"),          # leading space of the BPE token
+    ("It is about THEIR skin.", " their", "near"),                        # case differs
+    ("Words like theirs appear.", " their", "near"),                      # token begins a longer word
+    ("The next word is colour.", "Colour", "near"),
+    ("An octopus changes colour.", " their", None),
+    ("The word 'the' is common.", " th", None),                           # 2 chars: no prefix rule
+    ("theirselves", " their", "near"),
+    ("Mentions their.", " their", "exact"),                               # punctuation bounds a word
+    ("Mentions xtheir.", " their", "near"),                               # one edit (an added letter)
+    ("Mentions xytheir.", " their", None),                                # inside another word, two edits
+    ("Ends with «clever animals,»", ",", "exact"),                        # punctuation: only at a quote's end
+    ("Lists a, b, and c", ",", None),                                     # punctuation outside quotes
+    ("anything", "  ", None),                                             # whitespace token: never named
+    ("The year 1984 appears", "198", "near"),                             # digits: prefix of a longer number
+])
+def test_current_token(expl, token, want):
+    assert claims.current_token_match(expl, token) == want
+
+
+def test_edit_distance_rules():
+    assert claims.edit_distance("colour", "color") == 1
+    assert claims.edit_distance("control", "contorl") == 2            # a transposition is two edits
+    assert claims.edit_distance("cat", "dog", limit=2) == 2            # capped
+    assert claims.edit_distance(["a", "b", "c"], ["a", "x", "c"]) == 1
+    assert claims.edit_distance("", "ab") == 2
+    assert claims.current_token_match("The animal can contorl things.", " control") is None
+    assert claims.current_token_match("The animal can controll things.", " control") == "near"
+
+
+@pytest.mark.parametrize("expl,want", [
+    ('It says "control their colour".', (1, 1, 0)),                      # exact (spacing and case differ)
+    ('It says "control her colour".', (1, 0, 1)),                         # one word substituted
+    ('It says "the ability to control their".', (1, 1, 0)),
+    ('It says "ability control their".', (1, 0, 1)),                      # one word missing
+    ('It says "have the great ability".', (1, 0, 1)),                     # one word added
+    ('It says "the process of creating a new instance".', (1, 0, 0)),     # invented
+    ('It says "control his own colour".', (1, 0, 0)),                     # two edits: absent
+    ('Ends with «Octopusses».', (1, 0, 1)),                               # one-word span, one character off
+    ('Ends with «clevr».', (1, 0, 1)),
+    ('Ends with «dog».', (1, 0, 0)),
+    ('Ends with «cat».', (1, 0, 0)),                                     # short one-word span: no near rule
+    ('No quotes here.', (0, 0, 0)),
+    ('«animals. They» and «quickly» and «slowly»', (3, 2, 0)),
+])
+def test_quote_claims(expl, want):
+    assert claims.quote_claims(expl, CONTEXT) == want
+
+
+@pytest.mark.parametrize("expl,token,want", [
+    ("Token \u00abability\u00bb. Next: \u00abto\u00bb 93%, \u00abof\u00bb 3%.", " to", True),
+    ("Token \u00abability\u00bb. Next: \u00abto\u00bb 93%, \u00abof\u00bb 3%.", " of", True),       # among them
+    ("Token \u00abability\u00bb. Next: \u00abto\u00bb 93%.", " ability", False),   # named, but not as a prediction
+    ("The next word is probably TO.", " to", True),                                # near (case)
+    ("It talks about going to school.", " to", False),                              # no stated prediction
+    ("NEXT: \u00abhello,\u00bb", ",", True),                                        # punctuation ends a quote
+    ("Next: a comma, or a period", ",", False),
+    ("The nextword is to", " to", False),                                          # "next" must be a word
+])
+def test_names_prediction(expl, token, want):
+    assert claims.names_prediction(expl, token) is want

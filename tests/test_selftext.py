@@ -1,0 +1,61 @@
+"""The warm-start text from the target itself (nla_jax/nla/selftext.py): the template built from
+known predictions, and the predictions equal to the full forward pass's softmax at the position
+(tokens after it, padded, change nothing; several positions of one sequence in one pass)."""
+import numpy as np
+
+from nla_jax.nla import claims, selftext
+
+TINY = "configs/tiny.py"
+
+
+class _Tok:
+    """Decodes ids through a fixed table (BPE pieces with their leading spaces)."""
+    PIECES = {0: "We", 1: " have", 2: " the", 3: " ability", 4: " to", 5: " of", 6: "\n", 7: " ", 8: ","}
+
+    def decode(self, ids):
+        return "".join(self.PIECES[int(i)] for i in ids)
+
+
+def test_text_from_known_predictions():
+    ctx = np.array([0, 1, 2, 3, -1, -1])
+    text = selftext.self_text(_Tok(), ctx, 3, np.array([4, 5, 6]), np.array([0.93, 0.031, 0.004]), before=2)
+    assert text == "Token \u00abability\u00bb after \u00abhave the\u00bb. Next: \u00abto\u00bb 93%, " \
+                   "\u00abof\u00bb 3%, \u00ab\\n\u00bb <1%."
+    # the current token first; everything after "Next" is a prediction (what claims.names_prediction reads)
+    assert text.index("ability") < text.index("have") < text.index("Next")
+    assert claims.names_prediction(text, " to") and not claims.names_prediction(text, " the")
+    # no tokens before: no "after"; a space token stays visible
+    assert selftext.self_text(_Tok(), ctx, 0, np.array([7]), np.array([0.5]), before=3) == \
+        "Token \u00abWe\u00bb. Next: \u00ab\u2423\u00bb 50%."
+    assert selftext.self_text(_Tok(), ctx, 3, np.array([8]), np.array([1.0]), before=0) == \
+        "Token \u00abability\u00bb. Next: \u00ab,\u00bb 100%."
+
+
+def test_top_next_equals_the_forward_softmax():
+    from nla_jax import configlib, weights
+    from nla_jax.models import transformer as T
+    cfg = configlib.get(TINY)
+    mcfg, params, _ = weights.load_from_config(cfg.model)
+    rng = np.random.default_rng(0)
+    toks = rng.integers(3, mcfg.vocab_size, (3, 16)).astype(np.int32)
+    pos = np.array([15, 4, 9], np.int32)
+    padded = toks.copy()
+    for j, p in enumerate(pos):
+        padded[j, p + 1:] = mcfg.pad_id                  # what the store's -1 becomes
+    top = selftext.top_next(params, mcfg, padded, pos[:, None], 4, None)
+    ids, probs = np.asarray(top["ids"])[:, 0], np.asarray(top["probs"])[:, 0]      # [3, 4]
+    for j, p in enumerate(pos):
+        lg = np.asarray(T.forward(params, toks[j:j + 1, :p + 1], mcfg)["logits"][0, -1], np.float64)
+        pr = np.exp(lg - lg.max())
+        pr /= pr.sum()
+        want = np.argsort(-pr)[:4]
+        np.testing.assert_array_equal(ids[j], want)
+        np.testing.assert_allclose(probs[j], pr[want], rtol=1e-4, atol=1e-6)
+    # several positions of one sequence in one pass = one pass per position
+    multi = selftext.top_next(params, mcfg, toks[:1], np.array([[4, 9, 15]], np.int32), 4, None)
+    for j, p in enumerate([4, 9, 15]):
+        row = toks[:1].copy()
+        row[0, p + 1:] = mcfg.pad_id
+        one = selftext.top_next(params, mcfg, row, np.array([[p]], np.int32), 4, None)
+        np.testing.assert_array_equal(np.asarray(multi["ids"])[0, j], np.asarray(one["ids"])[0, 0])
+        np.testing.assert_allclose(np.asarray(multi["probs"])[0, j], np.asarray(one["probs"])[0, 0], rtol=1e-5)
