@@ -43,7 +43,8 @@ def test_second_extractor_refused_first_unharmed(ref_store, corpus, tmp_path):
         before = U.tree_digest(store)
         second = U.run(U.extract_cmd(store, corpus))
         line = U.error_line(second, alone=False)  # after the corpus summary line
-        assert line == f"error: {os.path.join(store, 'part-00000')} is being written by another process (lock held)"
+        assert line == (f"error: {os.path.join(store, 'part-00000')} is being written by another process "
+                        f"(lock held by pid {first.pid})")
         assert U.tree_digest(store) == before
         assert first.poll() is None
     finally:
