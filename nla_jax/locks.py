@@ -28,6 +28,8 @@ import threading
 import time
 import uuid
 
+import tensorstore as ts
+
 from nla_jax import paths
 
 log = logging.getLogger(__name__)
@@ -130,7 +132,6 @@ class Lock:
         return json.dumps({"owner": _me(), "token": self._token, "expires": time.time() + self.lease_s}).encode()
 
     def _acquire_lease(self) -> None:
-        import tensorstore as ts
         self._kv = ts.KvStore.open(paths.kvstore_spec(paths.dirname(self.path))).result()
         token = uuid.uuid4().hex
         seen: dict | None = None       # the other holder's record when we started waiting

@@ -29,6 +29,9 @@ import re
 import shutil
 from typing import Iterator
 
+import fsspec.config
+from etils import epath
+
 from nla_jax.errors import UserError
 
 _URL = re.compile(r"^([a-z][a-z0-9+.-]*)://(.*)$")
@@ -94,7 +97,6 @@ def configure_emulators() -> None:
     logging.getLogger("gcsfs").setLevel(logging.ERROR)
     # gcsfs caches directory listings per process; other processes (the trainer's other hosts, a
     # checkpoint being written while a tool polls) change the bucket under it, so never cache
-    import fsspec.config
     for proto in ("gs", "gcs"):
         fsspec.config.conf.setdefault(proto, {})["use_listings_cache"] = False
 
@@ -103,8 +105,7 @@ configure_emulators()
 
 
 def _epath(path: str):
-    from etils import epath  # imported lazily: gcsfs/s3fs only load for URLs
-    return epath.Path(path)
+    return epath.Path(path)   # gcsfs itself loads on the first gs:// path
 
 
 # ----------------------------------------------------------------------------- files and directories
