@@ -10,7 +10,7 @@ teacher summaries and the CLIs' outputs:
   in the middle of a write can leave a last line without its newline. Readers ignore that
   fragment (`read_jsonl`); writers that will append again cut it off first (`drop_torn_tail`).
 
-On an object store (a `gs://` or `s3://` path, see `nla_jax.paths`) one object is replaced whole by
+On an object store (a `gs://` path, see `nla_jax.paths`) one object is replaced whole by
 one put, which is already atomic; there is nothing to fsync or rename, `replace_together` writes its
 objects one after the other (the last one named is the commit point), and an append rewrites the
 object (an object is never torn, so there is no tail to drop).

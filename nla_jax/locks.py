@@ -3,7 +3,7 @@
 Local path: `flock` on the lock file, as always: the kernel releases it when the process dies
 (kill -9 included), and the file names the holder (pid, host) for the refusal message.
 
-Object store (gs://, s3://): there is no flock, so a lock is a **lease**: a small JSON object naming
+Object store (gs://): there is no flock, so a lock is a **lease**: a small JSON object naming
 its owner (pid, host, a random token) and when it expires. The holder renews it every third of the
 lease in a background thread. Taking the lock:
   - no lock object, or an expired one: write ours (conditional on the generation just read, so two
@@ -63,7 +63,6 @@ class Lock:
         self._fd: int | None = None
         self._kv = None
         self._token: str | None = None
-        self._gen = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -157,7 +156,6 @@ class Lock:
             time.sleep(_SETTLE_S)
             back = self._kv.read(self._key).result()
             if back.state == "value" and _parse(back.value).get("token") == token:
-                self._gen = back.stamp.generation
                 break
             self._token = None             # another taker won the race; look again
         self._stop.clear()

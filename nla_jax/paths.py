@@ -191,6 +191,18 @@ def walk_files(path: str) -> Iterator[str]:
             yield os.path.relpath(os.path.join(d, f), base)
 
 
+def _fetch(src, dst: str) -> None:
+    """Copy one object to a local file unless a file of its size is already there; through a
+    per-process temporary name, since processes sharing a host may fetch at once."""
+    if os.path.exists(dst) and os.path.getsize(dst) == src.stat().length:
+        return
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    tmp = f"{dst}.part-{os.getpid()}"
+    with src.open("rb") as fi, open(tmp, "wb") as fo:
+        shutil.copyfileobj(fi, fo, 1 << 24)
+    os.replace(tmp, dst)
+
+
 def local_copy(path: str, cache: str) -> str:
     """`path` itself when local; else the file or directory copied once into `cache` (a local
     directory; kept between runs, refreshed when the object sizes change) and its local path.
@@ -198,25 +210,12 @@ def local_copy(path: str, cache: str) -> str:
     if not is_url(path):
         return _local(path)
     src = _epath(path)
-    key = re.sub(r"[^A-Za-z0-9._-]+", "_", absolute(path))
-    dst = os.path.join(cache, key)
+    dst = os.path.join(cache, re.sub(r"[^A-Za-z0-9._-]+", "_", absolute(path)))
     if not src.is_dir():
-        size = src.stat().length
-        if not (os.path.exists(dst) and os.path.getsize(dst) == size):
-            os.makedirs(cache, exist_ok=True)
-            tmp = f"{dst}.part-{os.getpid()}"
-            with src.open("rb") as fi, open(tmp, "wb") as fo:
-                shutil.copyfileobj(fi, fo, 1 << 24)
-            os.replace(tmp, dst)
+        _fetch(src, dst)
         return dst
     for rel in walk_files(path):
-        s, d = src / rel, os.path.join(dst, rel)
-        if not (os.path.exists(d) and os.path.getsize(d) == s.stat().length):
-            os.makedirs(os.path.dirname(d), exist_ok=True)
-            tmp = f"{d}.part-{os.getpid()}"    # processes sharing a host may fetch at once
-            with s.open("rb") as fi, open(tmp, "wb") as fo:
-                shutil.copyfileobj(fi, fo, 1 << 24)
-            os.replace(tmp, d)
+        _fetch(src / rel, os.path.join(dst, rel))
     return dst
 
 
