@@ -25,6 +25,7 @@ def tpu(cfg, topology: str, chips: int, shape, hbm_gb: float) -> None:
     """Make `cfg` a TPU variant: the mesh `shape` on the `chips` chips of slice `topology` (libtpu's
     name, e.g. "v5p:2x2x2"), which `python -m nla_jax.aot` compiles for with the real TPU compiler."""
     cfg.mesh.platform = "tpu"
+    cfg.model.attention = "splash"   # the TPU attention kernel (models/attention.py)
     cfg.mesh.shape = tuple(shape)
     cfg.aot.update(dict(topology=topology, devices=chips, device_memory_gb=hbm_gb, usable_fraction=0.95,
                         accelerator=f"TPU-{topology.split(':')[0]}-{hbm_gb:g}GB"))

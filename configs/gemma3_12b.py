@@ -48,7 +48,7 @@ def get_config(arg=None, arch=ARCH, layer=32, inject_norm=80000.0, mesh=(1, 8, 2
     cfg = ml_collections.ConfigDict()
     cfg.model = ml_collections.ConfigDict(dict(
         source=f"/path/to/{arch['name']}",       # set this: a Hugging Face directory
-        dtype="bfloat16", weight_dtype="float32", layer=layer, remat="full", decode="auto",
+        dtype="bfloat16", weight_dtype="float32", layer=layer, remat="full", decode="auto", attention="einsum",
         arch=ml_collections.ConfigDict(arch), seed=0))
     cfg.mesh = common.mesh(mesh, platform="gpu")
     cfg.rules = common.rules()

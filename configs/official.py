@@ -29,7 +29,7 @@ def get_config(arg=None):
             return ml_collections.ConfigDict(json.load(f))
     cfg = ml_collections.ConfigDict()
     cfg.model = ml_collections.ConfigDict(dict(source="", dtype="float32", weight_dtype="float32", layer=0,
-                                               remat="minimal", decode="auto", seed=0))
+                                               remat="minimal", decode="auto", attention="einsum", seed=0))
     cfg.mesh = common.mesh((-1, 1, 1))
     cfg.rules = common.rules()
     cfg.data = common.data(store="")

@@ -44,6 +44,7 @@ def get_config(arg=None):
         layer=20,                                # block K: HF hidden_states[21]
         remat="full",            # none | minimal | full (what a block keeps for its backward)
         decode="auto",          # sampler layers: scan on accelerators (per-layer gathers), unrolled on CPU
+        attention="einsum",     # einsum | xla | cudnn | splash (models/attention.py); TPU variants: splash
         arch=ml_collections.ConfigDict(ARCH),
         seed=0,
     ))

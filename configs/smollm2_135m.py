@@ -30,6 +30,7 @@ def get_config(arg=None):
         layer=20,            # block K: the residual stream after block K (HF hidden_states[K + 1])
         remat="minimal",         # none | minimal | full: minimal is fastest on the 2-core CPU
         decode="auto",          # sampler layers: scan on accelerators (per-layer gathers), unrolled on CPU
+        attention="einsum",     # einsum | xla | cudnn | splash (models/attention.py); TPU variants: splash
         arch=ml_collections.ConfigDict(),  # only for source="random"
         seed=0,
     ))

@@ -24,7 +24,7 @@ def get_config(arg=None):
     if variant == "gemma3":
         arch.update(n_layers=3, layer_types=("sliding", "full", "sliding"), sliding_window=4, rope_local_theta=100.0,
                     rope_scaling=(("factor", 2.0), ("rope_type", "linear")), attn_scale=24 ** -0.5)
-    cfg.model = ml_collections.ConfigDict(dict(source="random", dtype="float32", weight_dtype="float32", layer=0, remat=False, decode="auto",
+    cfg.model = ml_collections.ConfigDict(dict(source="random", dtype="float32", weight_dtype="float32", layer=0, remat=False, decode="auto", attention="einsum",
                                                arch=ml_collections.ConfigDict(arch), seed=0))
     cfg.mesh = common.mesh((-1, 1, 1))
     cfg.rules = common.rules()

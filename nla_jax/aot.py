@@ -393,7 +393,9 @@ def _compile(run: run_lib.Run, name: str) -> dict:
            "est_seconds": float(cost["optimal_seconds"]) if cost.get("optimal_seconds", 0) > 0 else None,
            "argument_gb": m.argument_size_in_bytes / GB, "output_gb": m.output_size_in_bytes / GB,
            "alias_gb": m.alias_size_in_bytes / GB, "temp_gb": m.temp_size_in_bytes / GB,
-           "code_gb": m.generated_code_size_in_bytes / GB}
+           "code_gb": m.generated_code_size_in_bytes / GB,
+           # Pallas TPU kernels in the program (splash attention: forward and backward calls)
+           "kernel_calls": lowered.as_text().count("tpu_custom_call")}
     row["total_gb"] = row["argument_gb"] + row["output_gb"] - row["alias_gb"] + row["temp_gb"] + row["code_gb"]
     row["parts_gb"] = {}
     for k, tree in parts.items():
@@ -476,7 +478,7 @@ def main(argv=None) -> int:
     mesh, m = run.mesh, run.model_cfg
     print(f"config {args.config}: {m.name} ({m.family}, {_params(m) / 1e9:.2f}B params, {m.n_layers} blocks, "
           f"d={m.d_model}), block K={cfg.model.layer}, compute {cfg.model.dtype}, weights "
-          f"{weights_lib.weight_dtype_name(cfg.model)}, remat={run.ctx.remat}")
+          f"{weights_lib.weight_dtype_name(cfg.model)}, remat={run.ctx.remat}, attention={m.attention}")
     where = (f"TPU slice {t.topology} as libtpu describes it, compiled by XLA:TPU" if t.topology
              else f"{t.devices} fake CPU devices")
     print(f"target: {t.devices} x {t.accelerator} ({t.memory_gb:g} GB each, budget {t.usable_fraction:g} x = "

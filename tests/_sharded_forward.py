@@ -6,6 +6,7 @@ every other test). Prints one JSON object per line:
 
   {"kind": "forward", "family", "mesh", "logits_rel_err", "hidden_rel_err", "logits_spec",
    "logits_shards", "param_specs": {leaf: spec}, "param_shard_shapes": {leaf: shape}}
+  {"kind": "splash", "mesh", "logits_rel_err"}                       (the TPU kernel, interpret mode)
   {"kind": "load", "mesh", "equal": bool, "shard_shapes": {...}}     (if an HF dir is given)
 
     python tests/_sharded_forward.py [HF_DIR_OF_TINY_QWEN2]
@@ -86,6 +87,27 @@ def check_forward(variant):
         }), flush=True)
 
 
+def check_splash():
+    """The splash kernel (interpret mode) under shard_map on two meshes vs the one-device einsum
+    reference, at the real (unpadded) positions: heads split over tensor=2 (H=4, KV=2) and kept
+    whole where tensor=4 does not divide the 2 KV heads."""
+    cfg, params, rules = tiny("llama")
+    rules = tuple(tuple(r) for r in rules)
+    toks, valid = batch(cfg)
+    want = jax.jit(lambda p, t, v: T.forward(p, t, cfg, valid=v)["logits"])(params, jnp.asarray(toks), jnp.asarray(valid))
+    kernel_cfg = cfg.replace(attention="splash")
+    for shape in [(2, 2, 2), (1, 2, 4)]:
+        mesh = sharding.make_mesh(shape)
+        p_sh = sharding.tree_shardings(T.param_axes(cfg), params, mesh, rules)
+        b_sh = sharding.named_sharding(("batch", "seq"), toks.shape, mesh, rules)
+        with sharding.use_mesh(mesh, rules):
+            got = jax.jit(lambda p, t, v: T.forward(p, t, kernel_cfg, valid=v)["logits"],
+                          in_shardings=(p_sh, b_sh, b_sh))(params, jnp.asarray(toks), jnp.asarray(valid))
+        w = np.asarray(valid)
+        err = np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64))[w].max() / np.abs(np.asarray(want))[w].max()
+        print(json.dumps({"kind": "splash", "mesh": list(shape), "logits_rel_err": float(err)}), flush=True)
+
+
 def check_load(hf_dir):
     cfg0, params0, rules = tiny("qwen2")
     rules = tuple(tuple(r) for r in rules)
@@ -107,6 +129,7 @@ def main():
     assert jax.device_count() == 8, f"expected 8 fake devices, got {jax.device_count()} (set XLA_FLAGS)"
     for variant in ("llama", "qwen2"):
         check_forward(variant)
+    check_splash()
     if len(sys.argv) > 1:
         check_load(sys.argv[1])
 

@@ -149,6 +149,8 @@ def test_grpo_step_compiles_with_the_tpu_compiler_for_a_v5e_slice(tmp_path):
     # arguments are the same sharded state whichever compiler plans it (see the XLA:CPU test above)
     assert abs(row["parts_gb"]["av"] - 4 * rep["params"] / 8 / 1e9) < 0.01
     assert row["model_flops"] > 0 and row["est_mfu"] is None       # --no-time: no cost-model time
+    # the TPU variant attends with the splash kernel: its Pallas calls are in the compiled program
+    assert "attention=splash" in r.stdout and row["kernel_calls"] > 0
 
 
 @needs_tpu_compiler

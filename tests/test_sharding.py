@@ -124,6 +124,11 @@ def test_sharded_forward_matches_unsharded(tiny_qwen2, real, tmp_path):
     assert fwd["llama", (1, 2, 4)]["param_shard_shapes"][emb] == [128, 32]
     assert fwd["llama", (8, 1, 1)]["param_shard_shapes"][wq] == [2, 64, 4, 16]  # data-parallel: replicated
     assert fwd["qwen2", (1, 2, 4)]["param_shard_shapes"]["['layers']['bq']"] == [2, 1, 16]
+    # the splash attention kernel under shard_map: heads split over tensor, or whole where KV does not divide
+    splash = {tuple(r["mesh"]): r for r in rows if r["kind"] == "splash"}
+    assert set(splash) == {(2, 2, 2), (1, 2, 4)}
+    for key, r in splash.items():
+        assert r["logits_rel_err"] <= 1e-4, key
     # loading a HF checkpoint straight into shards on a (2, 2, 2) mesh
     (load,) = [r for r in rows if r["kind"] == "load"]
     assert load["equal"] and load["shards_ok"]

@@ -31,6 +31,7 @@ FAMILY_DEFAULTS = {
     "gemma3": dict(qk_norm=True, norm_plus_one=True, sandwich_norms=True, activation="gelu_tanh", embed_scale=True),
 }
 ACTIVATIONS = ("silu", "gelu_tanh")
+ATTENTION_IMPLS = ("einsum", "xla", "cudnn", "splash")   # models/attention.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +64,7 @@ class ModelConfig:
     layer_types: tuple[str, ...] = ()        # per block: "full" | "sliding"; () = all full
     sliding_window: int | None = None
     rope_local_theta: float = 10000.0        # RoPE base of the sliding layers
+    attention: str = "einsum"                # implementation (models/attention.py): how, not what
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -83,6 +85,8 @@ class ModelConfig:
             raise UserError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         if self.head_dim % 2:
             raise UserError(f"head_dim={self.head_dim} must be even for RoPE")
+        if self.attention not in ATTENTION_IMPLS:
+            raise UserError(f"model attention={self.attention!r}: expected one of {', '.join(ATTENTION_IMPLS)}")
 
     @property
     def sliding_layers(self) -> tuple[bool, ...]:

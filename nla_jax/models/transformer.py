@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nla_jax import sharding
+from nla_jax.models import attention as attention_lib
 from nla_jax.models.config import ModelConfig
 
 Params = dict[str, Any]
@@ -332,30 +333,18 @@ def _unpack(xs, tables) -> tuple[Params, Tables]:
 
 # ----------------------------------------------------------------------------- one block
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float | None = None) -> jax.Array:
-    """Grouped-query attention in head-major layout (no transposes of the KV cache).
-
-    q: [b, H, s, hd]   k, v: [b, KV, t, hd]   mask: [b, s, t] bool   ->   [b, H, s, hd]
-    Query head i reads KV head i // (H // KV), as in Hugging Face. `scale` defaults to hd ** -0.5.
-    """
-    b, H, s, hd = q.shape
-    KV = k.shape[1]
-    qg = q.reshape(b, KV, H // KV, s, hd)
-    scores = jnp.einsum("bkgsh,bkth->bkgst", qg, k, preferred_element_type=jnp.float32) * (
-        hd ** -0.5 if scale is None else scale)
-    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgst,bkth->bkgsh", probs, v, preferred_element_type=_acc(probs, v)).astype(v.dtype)
-    return out.reshape(b, H, s, hd)
+attention = attention_lib.attention   # einsum reference or a kernel, by cfg.attention (models/attention.py)
 
 
 def block(cfg: ModelConfig, lp: Params, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-          cache_write: Callable[[jax.Array, jax.Array], Any] | None = None) -> tuple[jax.Array, Any]:
+          cache_write: Callable[[jax.Array, jax.Array], Any] | None = None,
+          self_attn: attention_lib.SelfAttn | None = None) -> tuple[jax.Array, Any]:
     """One pre-norm block. x: [b, s, d]; returns (x_out, aux).
 
     Without `cache_write`, attention runs over this call's own keys and aux = (k, v), each
     [b, KV, s, hd]. With it (the sampler), `cache_write(k, v)` stores them in a KV cache and
     returns (keys, values, aux): attention then runs over the cache's [b, KV, t, hd].
+    `self_attn` (self-attention only) lets a fused kernel (cfg.attention) replace the dense mask.
     """
     b, s_len, D = x.shape
     H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -379,7 +368,8 @@ def block(cfg: ModelConfig, lp: Params, x: jax.Array, cos: jax.Array, sin: jax.A
         keys, values, aux = k, v, (k, v)
     else:
         keys, values, aux = cache_write(k, v)
-    a = attention(q, keys, values, mask, cfg.attn_scale).transpose(0, 2, 1, 3).reshape(b, s_len, H * hd)
+    a = attention(q, keys, values, mask, cfg.attn_scale, cfg.attention, self_attn)      # [b, H, s, hd]
+    a = a.transpose(0, 2, 1, 3).reshape(b, s_len, H * hd)
     a = matmul(a, lp["wo"].reshape(H * hd, D))
     if cfg.sandwich_norms:
         a = norm(cfg, a, lp["post_attn_norm"])
@@ -403,8 +393,12 @@ def _slice_layers(layers: Params, start: int, stop: int) -> Params:
 
 
 def run_blocks(cfg: ModelConfig, layers: Params, x: jax.Array, positions: jax.Array, mask: jax.Array,
-               start: int = 0, stop: int | None = None, remat: bool = False) -> jax.Array:
-    """Blocks [start, stop) of a stack on residual stream x: [b, s, d] -> [b, s, d]."""
+               start: int = 0, stop: int | None = None, remat: bool = False,
+               valid: jax.Array | None = None) -> jax.Array:
+    """Blocks [start, stop) of a stack on residual stream x: [b, s, d] -> [b, s, d].
+
+    mask: [b, s, s] = causal_mask(valid). With `valid` [b, s] given, a fused attention kernel
+    (cfg.attention = splash) can run instead of the dense mask."""
     n = jax.tree.leaves(layers)[0].shape[0]
     stop = n if stop is None else stop
     if stop <= start:
@@ -416,7 +410,11 @@ def run_blocks(cfg: ModelConfig, layers: Params, x: jax.Array, positions: jax.Ar
 
     def body(h, xs):
         lp, t = _unpack(xs, tables)
-        h, _ = block(cfg, lp, h, t.cos, t.sin, t.mask)
+        sa = None
+        if valid is not None and cfg.attention == "splash":
+            sa = attention_lib.SelfAttn(valid, xs[1] if tables[1] is not None else False,
+                                        cfg.sliding_window)
+        h, _ = block(cfg, lp, h, t.cos, t.sin, t.mask, self_attn=sa)
         return h, None
 
     x, _ = _scan_layers(_saving(body, remat), x, _with_kinds(cfg, layers, start, stop, tables))
@@ -493,19 +491,19 @@ def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, *, valid: jax.A
         if capture_layer is not None or override is None:
             raise ValueError("add_after needs an override and no capture_layer")
         x = embed(params, tokens, cfg=cfg)
-        x = run_blocks(cfg, params["layers"], x, positions, mask, 0, add_after + 1, remat)
-        x = run_blocks(cfg, params["layers"], add_at(x, override), positions, mask, add_after + 1, n, remat)
+        x = run_blocks(cfg, params["layers"], x, positions, mask, 0, add_after + 1, remat, valid)
+        x = run_blocks(cfg, params["layers"], add_at(x, override), positions, mask, add_after + 1, n, remat, valid)
         return {"logits": unembed(cfg, params, x[:, logits_from:])} if logits else {"last": x}
     x = embed(params, tokens, override, cfg)
     if capture_layer is not None:
         if not 0 <= capture_layer < n:
             raise ValueError(f"capture_layer={capture_layer} out of range [0, {n})")
-        x = run_blocks(cfg, params["layers"], x, positions, mask, 0, capture_layer + 1, remat)
+        x = run_blocks(cfg, params["layers"], x, positions, mask, 0, capture_layer + 1, remat, valid)
         out["hidden"] = x
         if logits:
-            x = run_blocks(cfg, params["layers"], x, positions, mask, capture_layer + 1, n, remat)
+            x = run_blocks(cfg, params["layers"], x, positions, mask, capture_layer + 1, n, remat, valid)
     else:
-        x = run_blocks(cfg, params["layers"], x, positions, mask, 0, n, remat)
+        x = run_blocks(cfg, params["layers"], x, positions, mask, 0, n, remat, valid)
     if logits:
         out["logits"] = unembed(cfg, params, x[:, logits_from:])
     return out
@@ -538,7 +536,10 @@ def forward_grouped(params: Params, prompt: jax.Array, valid: jax.Array, complet
         xp, xc = carry
         lp, tp = _unpack(xs, tab_p)
         _, tc = _unpack(xs, tab_c)
-        xp, (kp, vp) = block(cfg, lp, xp, tp.cos, tp.sin, tp.mask)
+        sa = None
+        if cfg.attention == "splash":  # the prompt attends to itself: the kernel can run there
+            sa = attention_lib.SelfAttn(valid, xs[1] if tab_p[1] is not None else False, cfg.sliding_window)
+        xp, (kp, vp) = block(cfg, lp, xp, tp.cos, tp.sin, tp.mask, self_attn=sa)
 
         def with_prompt(k, v):  # [N, KV, C, hd] -> keys over prompt + completion [N, KV, P + C, hd]
             return (jnp.concatenate([jnp.repeat(kp, group, axis=0), k], axis=2),

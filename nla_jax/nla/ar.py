@@ -153,7 +153,8 @@ def features(params: dict, cfg: ModelConfig, spec: ARSpec, tokens: jax.Array, va
     """Block K's output at the read-out token, optionally RMS-normalised: [b, d] float32."""
     positions = transformer.positions_from_mask(valid)
     x = transformer.embed(params, tokens, cfg=cfg)
-    x = transformer.run_blocks(cfg, params["layers"], x, positions, transformer.causal_mask(valid), 0, spec.layer + 1, remat)
+    x = transformer.run_blocks(cfg, params["layers"], x, positions, transformer.causal_mask(valid), 0, spec.layer + 1,
+                               remat, valid)
     h = jnp.take_along_axis(x, read_at[:, None, None], axis=1)[:, 0].astype(jnp.float32)  # [b, d]
     if spec.head_norm == "rms":
         h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + 1e-6)

@@ -33,7 +33,7 @@ from nla_jax.data import store as store_lib
 from nla_jax.data import summaries as summaries_lib
 from nla_jax.errors import UserError
 from nla_jax.models import transformer
-from nla_jax.models.config import ModelConfig, from_dict
+from nla_jax.models.config import ATTENTION_IMPLS, ModelConfig, from_dict
 from nla_jax.nla import ar as ar_lib
 from nla_jax.nla import av as av_lib
 from nla_jax.nla import stats as stats_lib
@@ -206,7 +206,7 @@ def build(cfg, *, store: bool = True, abstract: bool = False, weights: bool = Tr
     compute = compute_dtype or weights_lib.dtype_of(cfg.model.dtype)
     compute = None if jnp.dtype(compute) == jnp.dtype(dtype) else compute
     if abstract:
-        model_cfg = model_config_from_arch(cfg)
+        model_cfg = model_config_from_arch(cfg).replace(attention=attention_impl(cfg, mesh))
         target = abstract_target(model_cfg, dtype, mesh, rules)
         av_spec, ar_spec = synthetic_specs(cfg, model_cfg)
         ctx = steps.Ctx(cfg=model_cfg, av=av_spec, ar=ar_spec, center=bool(cfg.nla.center),
@@ -222,6 +222,7 @@ def build(cfg, *, store: bool = True, abstract: bool = False, weights: bool = Tr
     else:
         model_cfg, tokenizer = weights_lib.config_and_tokenizer(cfg.model)
         target = abstract_target(model_cfg, dtype, mesh, rules)
+    model_cfg = model_cfg.replace(attention=attention_impl(cfg, mesh))
     if tokenizer is None:
         raise UserError(f"model source {cfg.model.source!r} has no tokenizer; the NLA needs text")
     if opened is not None:
@@ -247,6 +248,22 @@ def remat_policy(cfg) -> str:
     except ValueError:
         raise UserError(f"config key model.remat={cfg.model.remat!r}: expected one of "
                         f"{', '.join(transformer.REMAT_POLICIES)}") from None
+
+
+def attention_impl(cfg, mesh) -> str:
+    """model.attention (models/attention.py): einsum (the reference), xla, cudnn (NVIDIA GPUs) or
+    splash (TPU; on CPU it runs in Pallas interpret mode, for tests). Checked against the mesh's
+    platform here, before anything compiles."""
+    impl = cfg.model.get("attention", "einsum")
+    if impl not in ATTENTION_IMPLS:
+        raise UserError(f"config key model.attention={impl!r}: expected one of {', '.join(ATTENTION_IMPLS)}")
+    platform = mesh.devices.flat[0].platform
+    if impl == "cudnn" and platform != "gpu":
+        raise UserError(f"config key model.attention=cudnn needs NVIDIA GPUs; this mesh is on {platform} "
+                        f"(use einsum or xla)")
+    if impl == "splash" and platform == "gpu":
+        raise UserError("config key model.attention=splash is a TPU kernel; on GPUs use cudnn or xla")
+    return impl
 
 
 def decode_scan(cfg, mesh, abstract: bool) -> bool:

@@ -50,11 +50,11 @@ STAGE_SECTIONS = {"sft_av": ("av", "nla", "sft_av"), "sft_ar": ("ar", "nla", "sf
 # larger (or smaller) value is how a run is extended (or cut short), and the state so far does not
 # depend on it (with a cosine schedule the decay follows the new length from the resumed step on,
 # which is what extending means). `eval_every` / `val_rows` only change what is evaluated.
-# `share_prompt`, model.remat and model.decode change how a step is computed (rounding), not what it computes.
+# `share_prompt`, model.remat, model.decode and model.attention change how a step is computed (rounding), not what it computes.
 # Everything else (optimizer, batch, group size, sampling, seeds, model, store) defines the run:
 # checkpoints written under other values are refused, naming the key.
 FREE_KEYS = {"steps", "eval_every", "val_rows", "share_prompt"}
-FREE_MODEL_KEYS = {"remat", "decode"}
+FREE_MODEL_KEYS = {"remat", "decode", "attention"}
 
 
 def stage_dir(workdir: str, stage: str) -> str:
