@@ -1,7 +1,14 @@
-"""GRPO step speed, side by side with TRL's GRPOTrainer, plus the NLA step at `quick` settings.
+"""GRPO step speed, side by side with TRL's GRPOTrainer and Google's Tunix GRPOLearner, plus the
+NLA step at `quick` settings.
 
     .venv/bin/python benchmarks/grpo_speed.py                 # prints a table, writes JSON
-    .venv/bin/python benchmarks/grpo_speed.py --skip-peer --skip-nla
+    .venv/bin/python benchmarks/grpo_speed.py --skip-peer --skip-tunix --skip-nla
+
+Peers: TRL through ../shared/peers/hf_peer.py (its venv: ../shared/peers/setup.sh), Tunix through
+../shared/peers/tunix_peer.py grpo (its venv: ../shared/peers/setup_tunix.sh, or NLA_TUNIX_PYTHON;
+--setup-tunix builds it first). Tunix's side: tunix.rl.grpo's GRPOLearner, vanilla rollout, the same
+weights (GGUF dequantised into its Llama3), float32, beta 0, one AdamW update per rollout, reward =
+-completion length; the peer script documents two work-arounds that change no work done.
 
 Plain policy step (both sides): SmolLM2-135M-Instruct float32, 8 chat prompts x 4 completions x
 up to 32 new tokens, temperature 1, reward = -completion length (TRL: characters; ours: tokens,
@@ -12,9 +19,9 @@ update runs each prompt once for its group (`rl.share_prompt`, `transformer.forw
 the same step in TRL's layout (every completion with its own prompt copy) is timed beside it.
 NLA step: `nla_jax.nla.steps.rl_step` at configs/smollm2_135m.py:quick settings (needs the quick
 store, runs/smollm2_135m_quick/acts), seconds per step, rollout tokens/s of the sampler alone.
-Peak memory: max RSS of the peer subprocess (run first, while this process is still small: Linux
-keeps a forked child's RSS high-water mark across exec) and of this process after the plain step
-and after the NLA step.
+Peak memory: max RSS of each peer subprocess (os.wait4; run first, while this process is still
+small: Linux keeps a forked child's RSS high-water mark across exec) and of this process after the
+plain step and after the NLA step.
 Compare ratios from one run: the machine is shared and noisy.
 """
 from __future__ import annotations
@@ -26,14 +33,51 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
-from model_speed import PROMPTS, find_peer_python, run_peer  # noqa: E402
+from model_speed import PROMPTS, find_peer_python  # noqa: E402
+
+PEERS = os.path.join(REPO, "..", "shared", "peers")
+
+
+def find_tunix_python() -> str | None:
+    for cand in (os.environ.get("NLA_TUNIX_PYTHON"), os.path.expanduser("~/.cache/nla-tunix-venv/bin/python")):
+        if cand and os.path.isfile(cand):
+            return cand
+    return None
+
+
+def run_peer(py: str, script: str, cmd: list[str], timeout: float) -> tuple[dict | None, float]:
+    """(the peer's JSON or None if it failed or ran past `timeout` s, said on stderr; its peak RSS GB)."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = f.name
+    print(f"[peer] {os.path.basename(script)} {' '.join(cmd)}", file=sys.stderr, flush=True)
+    proc = subprocess.Popen([py, script, *cmd, "--out", out], stdout=subprocess.DEVNULL)
+    t0 = time.monotonic()
+    while True:  # wait4 gives this child's own rusage (RUSAGE_CHILDREN would mix the two peers)
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.monotonic() - t0 > timeout:
+            proc.kill()
+            _, status, usage = os.wait4(proc.pid, 0)
+            print(f"[peer] {' '.join(cmd)}: stopped after the time box of {timeout:g} s; its rows are missing",
+                  file=sys.stderr, flush=True)
+            return None, usage.ru_maxrss / 2 ** 20
+        time.sleep(0.5)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        print(f"[peer] {' '.join(cmd)} exited {proc.returncode}; its rows are missing", file=sys.stderr, flush=True)
+        return None, usage.ru_maxrss / 2 ** 20
+    with open(out) as f:
+        return json.load(f), usage.ru_maxrss / 2 ** 20
 
 
 def _median_steps(fn, warmup: int, runs: int) -> tuple[float, list[float]]:
@@ -147,7 +191,11 @@ def main() -> int:
                    help="run every completion's prompt in the update (the TRL layout) instead of once per group")
     p.add_argument("--skip-unshared", action="store_true",
                    help="do not also time our step without prompt sharing (the lever's effect)")
-    p.add_argument("--skip-peer", action="store_true")
+    p.add_argument("--skip-peer", action="store_true", help="no TRL")
+    p.add_argument("--skip-tunix", action="store_true", help="no Tunix")
+    p.add_argument("--setup-tunix", action="store_true",
+                   help="build the Tunix venv first if missing (../shared/peers/setup_tunix.sh, ~2 min)")
+    p.add_argument("--peer-timeout", type=float, default=1800.0, help="time box per peer run, seconds")
     p.add_argument("--skip-nla", action="store_true")
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "grpo_speed.json"))
     args = p.parse_args()
@@ -155,11 +203,30 @@ def main() -> int:
     hostmem.tune_malloc()  # as the CLIs do (NLA_HOST_MALLOC=system to compare), before JAX's threads
     res: dict = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                  "shape": {"prompts": args.prompts, "group": args.group, "new_tokens": args.new_tokens}}
+    shape = ["--prompts", str(args.prompts), "--group", str(args.group), "--new-tokens", str(args.new_tokens),
+             "--steps", str(args.steps + 1)]   # + the compiling first step, left out of each side's median
     py = find_peer_python()
-    if py and not args.skip_peer:
-        res["trl"] = run_peer(py, ["trl-grpo", "--prompts", str(args.prompts), "--group", str(args.group),
-                                   "--new-tokens", str(args.new_tokens), "--steps", str(args.steps + 1)])
-        res["peak_rss_gb_peer"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2 ** 20
+    if not args.skip_peer:
+        if py is None:
+            print("TRL peer venv not found (bash ../shared/peers/setup.sh); its column is empty", file=sys.stderr)
+        else:
+            trl, res["peak_rss_gb_peer"] = run_peer(py, os.path.join(PEERS, "hf_peer.py"), ["trl-grpo", *shape],
+                                                    args.peer_timeout)
+            if trl is not None:
+                res["trl"] = trl
+    if not args.skip_tunix:
+        tpy = find_tunix_python()
+        if tpy is None and args.setup_tunix:
+            setup = subprocess.run(["bash", os.path.join(PEERS, "setup_tunix.sh")], capture_output=True, text=True)
+            tpy = setup.stdout.strip().splitlines()[-1] if setup.returncode == 0 else None
+        if tpy is None:
+            print("Tunix venv not found (--setup-tunix, or bash ../shared/peers/setup_tunix.sh); its column is "
+                  "empty", file=sys.stderr)
+        else:
+            tunix, res["peak_rss_gb_tunix"] = run_peer(tpy, os.path.join(PEERS, "tunix_peer.py"),
+                                                       ["grpo", *shape, "--warmup", "1"], args.peer_timeout)
+            if tunix is not None:
+                res["tunix"] = tunix
     res["nla_jax"] = measure_plain(args)
     res["nla_jax"]["share_prompt"] = args.share_prompt
     res["peak_rss_gb_ours"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
@@ -169,29 +236,41 @@ def main() -> int:
         res["nla_step"] = measure_nla(args)
         res["peak_rss_gb_nla_step"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     ours = res["nla_jax"]["median_step_s"]
-    rows = [("plain GRPO step s (median)", f"{ours:.2f}",
-             f"{res['trl']['median_step_s']:.2f}" if "trl" in res else "-",
-             f"{res['trl']['median_step_s'] / ours:.2f}x" if "trl" in res else "-")]
+
+    def peer_cols(key: str, ours_value: float | None, fmt: str = "{:.2f}", ratio: bool = True) -> tuple:
+        """(TRL, TRL/ours, Tunix, Tunix/ours) cells for one metric."""
+        cells = []
+        for name in ("trl", "tunix"):
+            v = res[name].get(key) if name in res else None
+            cells.append(fmt.format(v) if v is not None else "-")
+            cells.append(f"{v / ours_value:.2f}x" if ratio and v is not None and ours_value else "")
+        return tuple(cells)
+
+    rows = [("plain GRPO step s (median)", f"{ours:.2f}", *peer_cols("median_step_s", ours))]
     if "nla_jax_unshared" in res:
         u = res["nla_jax_unshared"]["median_step_s"]
-        rows.append(("  same, prompt not shared (TRL layout)", f"{u:.2f}",
-                     f"{res['trl']['median_step_s']:.2f}" if "trl" in res else "-",
-                     f"{res['trl']['median_step_s'] / u:.2f}x" if "trl" in res else "-"))
+        rows.append(("  same, prompt not shared (TRL layout)", f"{u:.2f}", *peer_cols("median_step_s", u)))
+    if "tunix" in res:
+        t = res["tunix"]
+        rows.append(("  Tunix: rollout s / update s (median)", "", "", "", f"{t['rollout_s_median']:.1f} / "
+                     f"{t['update_s_median']:.1f}", ""))
     rows.append(("completions/s", f"{res['nla_jax']['completions_per_s']:.2f}",
-                 f"{res['trl']['completions_per_s']:.2f}" if "trl" in res else "-", ""))
+                 *peer_cols("completions_per_s", None, ratio=False)))
     rows.append(("peak RSS GB (plain step)", f"{res['peak_rss_gb_ours']:.2f}",
-                 f"{res.get('peak_rss_gb_peer', float('nan')):.2f}", ""))
+                 f"{res['peak_rss_gb_peer']:.2f}" if "peak_rss_gb_peer" in res else "-", "",
+                 f"{res['peak_rss_gb_tunix']:.2f}" if "peak_rss_gb_tunix" in res else "-", ""))
     if res.get("nla_step"):
         n = res["nla_step"]
         rows.append((f"NLA step s ({n['rollouts_per_step']} rollouts x <= {n['max_len']} tok)",
-                     f"{n['median_step_s']:.2f}", "", ""))
-        rows.append(("NLA rollout tokens/s (sampler alone)", f"{n['rollout_tokens_per_s']:.1f}", "", ""))
-        rows.append(("peak RSS GB (after the NLA step too)", f"{res['peak_rss_gb_nla_step']:.2f}", "", ""))
-    if "trl" in res:
-        res["ratio_step_rate"] = res["trl"]["median_step_s"] / ours
-    print(f"\n{'metric':44s} {'nla_jax':>10s} {'TRL':>10s} {'ratio':>8s}")
+                     f"{n['median_step_s']:.2f}", "", "", "", ""))
+        rows.append(("NLA rollout tokens/s (sampler alone)", f"{n['rollout_tokens_per_s']:.1f}", "", "", "", ""))
+        rows.append(("peak RSS GB (after the NLA step too)", f"{res['peak_rss_gb_nla_step']:.2f}", "", "", "", ""))
+    for name in ("trl", "tunix"):
+        if name in res:   # the peer's seconds per step over ours: > 1 means nla_jax is faster
+            res[f"ratio_step_rate{'' if name == 'trl' else '_tunix'}"] = res[name]["median_step_s"] / ours
+    print(f"\n{'metric':44s} {'nla_jax':>10s} {'TRL':>10s} {'ratio':>8s} {'Tunix':>10s} {'ratio':>8s}")
     for r in rows:
-        print(f"{r[0]:44s} {r[1]:>10s} {r[2]:>10s} {r[3]:>8s}")
+        print(f"{r[0]:44s} {r[1]:>10s} {r[2]:>10s} {r[3]:>8s} {r[4]:>10s} {r[5]:>8s}")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)

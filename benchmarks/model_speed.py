@@ -10,7 +10,10 @@ Measures (float32, SmolLM2-135M-Instruct from the embedded GGUF):
   (no hand-written matmul gradient) for reference; sampler new tok/s at each generation batch
   with exactly --new-tokens new tokens (no EOS stop) vs `generate`, and the decode step time
   next to its lower bound (all matmul weights read once at the measured memory bandwidth).
-  The same in bfloat16 (16-bit weights, float32 accumulation), beside transformers' bfloat16.
+  The same in bfloat16 (16-bit weights, float32 accumulation), beside transformers' bfloat16, on
+  CPUs with bf16 instructions (--bf16 auto; elsewhere both sides would only emulate it, and the
+  peer's part then runs benchmarks/peer_float32.py). Every peer subcommand is time-boxed
+  (--peer-timeout): one that runs past it is stopped and its rows are reported missing.
   Our side runs with the CLIs' host-malloc set-up (nla_jax/hostmem.py) unless --host-malloc system;
   the peer as installed unless --peer-malloc reuse.
 Matmul-only programs: the forward, forward+backward and one decode step reduced to their weight
@@ -66,17 +69,38 @@ def timeit(fn, warmup: int = 1, runs: int = 5) -> float:
     return statistics.median(ts)
 
 
-def run_peer(py: str, cmd: list[str], malloc: str = "system") -> dict:
+def run_peer(py: str, cmd: list[str], malloc: str = "system", timeout: float | None = None,
+             script: str = PEER_SCRIPT) -> dict | None:
+    """One peer subcommand's JSON; None (said on stderr) if it ran past `timeout` seconds."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
-    print(f"[peer] {' '.join(cmd)}", file=sys.stderr, flush=True)
+    print(f"[peer] {os.path.basename(script)} {' '.join(cmd)}", file=sys.stderr, flush=True)
     env = dict(os.environ)
     if malloc == "reuse":  # nla_jax.hostmem's settings, spelled for a process we start
         from nla_jax import hostmem
         env["GLIBC_TUNABLES"] = hostmem.glibc_tunables()
-    subprocess.run([py, PEER_SCRIPT, *cmd, "--out", out], check=True, stdout=subprocess.DEVNULL, env=env)
+    try:
+        subprocess.run([py, script, *cmd, "--out", out], check=True, stdout=subprocess.DEVNULL, env=env,
+                       timeout=timeout)
+    except subprocess.TimeoutExpired:
+        print(f"[peer] {' '.join(cmd)}: stopped after the time box of {timeout:g} s; its rows are missing",
+              file=sys.stderr, flush=True)
+        return None
     with open(out) as f:
         return json.load(f)
+
+
+def native_bf16() -> tuple[bool, str]:
+    """Whether this CPU has bfloat16 instructions (x86 avx512_bf16 / amx_bf16, aarch64 bf16), and the
+    flag that says so. Without them both sides emulate bf16 through float32 and time nothing useful
+    (the peer's bf16 4096^3 matmul alone ran > 13 minutes on an AMD Zen 3 host)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = {w for line in f if line.lower().startswith(("flags", "features")) for w in line.split(":", 1)[1].split()}
+    except OSError:
+        return False, "no /proc/cpuinfo"
+    found = sorted(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    return bool(found), (", ".join(found) if found else "no avx512_bf16 / amx_bf16 / bf16 flag in /proc/cpuinfo")
 
 
 def measure_ours(args) -> dict:
@@ -182,12 +206,12 @@ def measure_ours(args) -> dict:
             res[f"decode_step_matmuls_only_{tag}_batch{gb}_ms"] = step * 1e3
             res[f"generate_matmuls_only_{tag}_batch{gb}_new_tok_s"] = gb / step
 
-    params16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
-    split16 = sampling.split_layers(params16)
     matmul_only_programs(split32, "float32", jnp.float32)
-    matmul_only_programs(split16, "bfloat16", jnp.bfloat16)
-
-    speed(params16, split16, "bfloat16", plain=False)
+    if "bfloat16" in args.dtypes:
+        params16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+        split16 = sampling.split_layers(params16)
+        matmul_only_programs(split16, "bfloat16", jnp.bfloat16)
+        speed(params16, split16, "bfloat16", plain=False)
     return res
 
 
@@ -215,7 +239,16 @@ def main() -> int:
     p.add_argument("--peer-malloc", choices=("reuse", "system"), default="system",
                    help="the peer's: 'system' is transformers as installed; 'reuse' gives it the same set-up "
                         "(GLIBC_TUNABLES), to see how much of a ratio is the allocator")
+    p.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
+                   help="bfloat16 rows: auto = only on CPUs with bf16 instructions (native_bf16)")
+    p.add_argument("--peer-timeout", type=float, default=1800.0,
+                   help="time box per peer subcommand, seconds (a timed-out peer's rows are left out, said so)")
     args = p.parse_args()
+    has_bf16, why = native_bf16()
+    args.dtypes = ["float32"] + (["bfloat16"] if args.bf16 == "on" or (args.bf16 == "auto" and has_bf16) else [])
+    if "bfloat16" not in args.dtypes:
+        print(f"bfloat16 rows skipped ({'--bf16 off' if args.bf16 == 'off' else why}); the peer runs "
+              f"benchmarks/peer_float32.py (float32 only). --bf16 on times them anyway.", file=sys.stderr)
     from nla_jax import hostmem
     args.host_malloc_applied = hostmem.tune_malloc(args.host_malloc)  # before JAX starts its threads
     args.gen_batches = [int(x) for x in args.gen_batches.split(",")]
@@ -229,10 +262,12 @@ def main() -> int:
     our_runs = []
     for r in range(args.rounds):
         if peer_py:
-            peer_runs["matmul"].append(run_peer(peer_py, ["matmul"], args.peer_malloc))
-            peer_runs["speed"].append(run_peer(peer_py, [
-                "speed", "--batch", str(args.batch), "--seq", str(args.seq), "--new-tokens", str(args.new_tokens),
-                "--gen-batches", ",".join(map(str, args.gen_batches))], args.peer_malloc))
+            script = PEER_SCRIPT if "bfloat16" in args.dtypes else os.path.join(REPO, "benchmarks", "peer_float32.py")
+            for cmd in (["matmul"], ["speed", "--batch", str(args.batch), "--seq", str(args.seq), "--new-tokens",
+                                     str(args.new_tokens), "--gen-batches", ",".join(map(str, args.gen_batches))]):
+                got = run_peer(peer_py, cmd, args.peer_malloc, timeout=args.peer_timeout, script=script)
+                if got is not None:
+                    peer_runs[cmd[0]].append(got)
         our_runs.append(measure_ours(args))
     peer = {k: best_of(v) for k, v in peer_runs.items() if v}
     ours = best_of(our_runs)
@@ -241,7 +276,7 @@ def main() -> int:
 
     ps = peer.get("speed", {})
     rows = []
-    for tag, goals in (("float32", (1.1, 1.0, 3.0)), ("bfloat16", (None, None, None))):
+    for tag, goals in (("float32", (1.1, 1.0, 3.0)), ("bfloat16", (None, None, None)))[:len(args.dtypes)]:
         rows += [(f"forward tok/s ({tag}, {args.batch}x{args.seq})", ours[f"forward_{tag}_tok_s"],
                   ps.get(f"forward_{tag}_tok_s"), goals[0]),
                  (f"forward+backward tok/s ({tag})", ours[f"train_{tag}_tok_s"], ps.get(f"train_{tag}_tok_s"), goals[1])]
@@ -249,7 +284,7 @@ def main() -> int:
             rows.append((f"sampler new tok/s ({tag}, batch {gb})", ours[f"generate_{tag}_batch{gb}_new_tok_s"],
                          ps.get(f"generate_{tag}_batch{gb}_new_tok_s"), goals[2] if gb == 32 else None))
     mm_rows = []
-    for tag in ("float32", "bfloat16"):
+    for tag in args.dtypes:
         mm_rows.append((f"forward, matmuls only ({tag})", ours[f"forward_matmuls_only_{tag}_tok_s"],
                        ps.get(f"forward_{tag}_tok_s")))
         if f"train_matmuls_only_{tag}_tok_s" in ours:
@@ -278,7 +313,7 @@ def main() -> int:
     print(f"\n{'matmul-only programs (tok/s, estimates)':44s} {'nla_jax':>10s} {'transformers':>13s} {'ratio':>7s}")
     mm_table = [line(name, o, t, rec=False) for name, o, t in mm_rows]
     print()
-    for tag in ("float32", "bfloat16"):
+    for tag in args.dtypes:
         for gb in args.gen_batches:
             print(f"{'decode ms/step (%s, batch %d)' % (tag, gb):44s} {ours[f'decode_step_{tag}_batch{gb}_ms']:10.1f}"
                   f"   matmuls only {ours[f'decode_step_matmuls_only_{tag}_batch{gb}_ms']:.1f}")
