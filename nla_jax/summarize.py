@@ -6,8 +6,9 @@
 For every row of the configured splits (default av_sft and ar_sft) a teacher model (the target
 itself unless `summarize.teacher` names another source) reads the end of the row's context and
 writes a short description of what matters for predicting the next token. With
-`summarize.append_final_tokens > 0` the text also quotes the context's last tokens: a small
-model's summaries rarely name them, and the reconstructor needs them (WORKSPACE.md, "The method in brief").
+`summarize.append_final_tokens > 0` the text also quotes the context's last tokens, before the
+summary: a small model's summaries rarely name them, the reconstructor needs them (WORKSPACE.md,
+"The method in brief"), and the AV's cap (av.max_len) truncates from the end, so they go first.
 `summarize.teacher="quote"` skips the model: the text is only that quote of the last
 `quote_tokens` tokens (a cheap warm start, and the ablation that isolates the final-token signal).
 `summarize.teacher="predict"` runs the target once over each row's context (no sampling) and
@@ -152,7 +153,9 @@ def summary_records(tok, chunk: list[int], got: dict, lasts: list[str], tokens: 
     for j, r in enumerate(chunk):
         text = tok.decode(tokens[j][:lengths[j]].tolist()).strip()
         if sc.append_final_tokens > 0:
-            text = f"{text} The text ends with: \u00ab{lasts[j].strip()}\u00bb".strip()
+            # the quote first: the AV's cap truncates from the end, and the final tokens are what the
+            # activation encodes best (a long summary used to push them past the cap)
+            text = f"The text ends with: \u00ab{lasts[j].strip()}\u00bb. {text}".strip()
         recs.append({"row": r, "doc_id": int(got["doc_id"][j]), "position": int(got["position"][j]), "text": text})
     return recs
 
