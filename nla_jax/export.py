@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a trained pair: WORKDIR (final), WORKDIR/rl, WORKDIR/rl@STEP or WORKDIR/sft_av")
     p.add_argument("--out", required=True, metavar="OUTDIR", help="the export directory (created)")
     p.add_argument("--force", action="store_true", help="replace a non-empty OUTDIR")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="official format: the weights' dtype on disk (auto: an imported release's own dtype, "
+                        "else the checkpoint's float32)")
     p.add_argument("--format", choices=("nla_jax", "official"), default="nla_jax",
                    help="nla_jax: the layout above; official: the public release's (OUTDIR/av, OUTDIR/ar with "
                         "nla_meta.yaml sidecars and value_head.safetensors), what its inference code reads")
@@ -268,7 +271,8 @@ def _write_json(path: str, obj) -> None:
 
 
 def _dtype_name(a) -> str:
-    return {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(str(np.asarray(a).dtype), "float32")
+    """The dtype's name (from the array's metadata: nothing is fetched from the devices)."""
+    return {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(str(np.dtype(a.dtype)), "float32")
 
 
 def write_model_dir(d: str, mcfg, params: dict, tok, *, layers: int | None = None, base_model: bool = False) -> None:
@@ -377,8 +381,10 @@ pred = h @ head["w"] + head["b"]
 
 # ----------------------------------------------------------------------------- export / load
 
-def export_pair(pair, out: str, force: bool = False, fmt: str = "nla_jax") -> str:
-    """Write the export of a loaded pair (nla_jax.nla.workdir.load_pair) to `out`, atomically."""
+def export_pair(pair, out: str, force: bool = False, fmt: str = "nla_jax", dtype: str = "auto") -> str:
+    """Write the export of a loaded pair (nla_jax.nla.workdir.load_pair) to `out`, atomically.
+    `dtype` (official format): the weights' dtype on disk; auto = an imported release's own dtype,
+    else the checkpoint's (float32 masters)."""
     if jax.process_count() > 1:
         raise UserError(ONE_PROCESS)
     out = os.path.abspath(out)
@@ -387,7 +393,10 @@ def export_pair(pair, out: str, force: bool = False, fmt: str = "nla_jax") -> st
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
     try:
-        (_write_official if fmt == "official" else _write_export)(pair, tmp)
+        if fmt == "official":
+            _write_official(pair, tmp, dtype)
+        else:
+            _write_export(pair, tmp)
         _publish_modes(tmp)
         _check_out(out, force)  # again: another process may have written it meanwhile
         if os.path.lexists(out):
@@ -453,7 +462,7 @@ def _write_export(pair, d: str) -> None:
                                        model=cfg.model.source, layer=K))
 
 
-def _write_official(pair, d: str) -> None:
+def _write_official(pair, d: str, dtype: str = "auto") -> None:
     """The public release's layout: av/ (causal LM + nla_meta.yaml), ar/ (K+1 blocks as a causal LM with
     a tied head, final norm at identity, neither used; value_head.safetensors `weight` [out, in]; sidecar).
     An imported pair's original sidecar fields are carried over; the computed ones (tokens, templates,
@@ -491,7 +500,12 @@ def _write_official(pair, d: str) -> None:
             for k in ("extraction", "critic"):
                 if isinstance(o.get(k), dict):
                     m[k] = {**o[k], **{kk: v for kk, v in m[k].items() if kk in o[k]}}
-    write_model_dir(os.path.join(d, "av"), mcfg, av["model"], tok)
+    if dtype == "auto":
+        dtype = orig.get("dtype") or _dtype_name(av["model"]["embed"])
+    cast = lambda tree: jax.tree.map(lambda a: a.astype(weights.DTYPES[dtype]), tree)   # on device: shards stay
+    av_model = cast(av["model"])
+    ar = {"embed": cast(ar["embed"]), "layers": cast(ar["layers"]), "head": {"w": cast(ar["head"]["w"])}}
+    write_model_dir(os.path.join(d, "av"), mcfg, av_model, tok)
     official.write_sidecar(os.path.join(d, "av"), av_meta)
     ar_cfg = mcfg.replace(tie_embeddings=True)   # no LM head to write: the official reader drops it
     write_model_dir(os.path.join(d, "ar"), ar_cfg, {"embed": ar["embed"], "layers": ar["layers"]}, tok, layers=K + 1)
@@ -564,7 +578,7 @@ def main(argv=None) -> int:
     cli.enable_compilation_cache()
     cli.quiet_orbax_readonly()
     pair = workdir_lib.load_pair_here(args.checkpoint, with_target=False, dtype="weight")  # the masters as saved
-    export_pair(pair, out, args.force, args.format)
+    export_pair(pair, out, args.force, args.format, args.dtype)
     sizes = {sub: sum(os.path.getsize(os.path.join(out, sub, f)) for f in os.listdir(os.path.join(out, sub)))
              for sub in ("av", "ar")}
     print(f"exported {pair.label} to {out}: av/ ({sizes['av'] / 1e6:.1f} MB, {pair.run.model_cfg.n_layers} blocks), "

@@ -99,7 +99,8 @@ def import_pair(av_dir: str, ar_dir: str, out: str, cfg, store: str = "", inject
                           ar_np, layout.params_abstract("ar"))
     meta = {"step": 0, "done": True, "data_step": 0, "config": json.loads(cfg.to_json()), "stats": stats.to_json(),
             "official": {"av_dir": os.path.abspath(av_dir), "ar_dir": os.path.abspath(ar_dir),
-                         "av_meta": info["av_meta"], "ar_meta": info["ar_meta"], "stats": "store" if store else "neutral"}}
+                         "av_meta": info["av_meta"], "ar_meta": info["ar_meta"], "stats": "store" if store else "neutral",
+                         "dtype": official.release_dtype(av_dir)}}
     os.makedirs(out, exist_ok=True)
     meta = json.loads(json.dumps(meta, default=str))
     for stage, key, params in (("sft_av", "av", av), ("sft_ar", "ar", ar)):

@@ -18,6 +18,7 @@ input-major layout), so official -> nla_jax -> official is bitwise (tests/test_o
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from typing import Any
@@ -155,6 +156,19 @@ def check_pair(av_dir: str, ar_dir: str, injection_scale_override: float | None 
     template(ar_meta, AR_TEMPLATE_KEYS, ar_path)
     return {"av_meta": av_meta, "ar_meta": ar_meta, "av_cfg": av_cfg, "ar_cfg": ar_cfg, "layer": K, "d": d,
             "injection_scale": injection_scale(av_meta, av_path, injection_scale_override)}
+
+
+def release_dtype(av_dir: str) -> str:
+    """The dtype a release stores its weights in (the AV's config.json `torch_dtype` / `dtype`):
+    "float32", "bfloat16" or "float16". An imported pair trains in float32 masters; `export
+    --format official` writes this dtype back, so a bf16 release round-trips bit for bit."""
+    with open(os.path.join(av_dir, "config.json"), encoding="utf-8") as f:
+        c = json.load(f)
+    name = str(c.get("torch_dtype") or c.get("dtype") or "float32").replace("torch.", "")
+    if name not in ("float32", "bfloat16", "float16"):
+        raise UserError(f"{os.path.join(av_dir, 'config.json')}: key torch_dtype={name!r}: expected float32, bfloat16 "
+                        f"or float16")
+    return name
 
 
 def value_head_shape(ar_dir: str) -> tuple[int, ...]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 import yaml
@@ -23,11 +24,13 @@ AR_T = "Summary of the following text: <text>{explanation}</text> <summary>"
 K = 0
 
 
-def write_official_pair(root, family="qwen3"):
+def write_official_pair(root, family="qwen3", dtype="float32"):
     """A tiny official-format pair following OFFICIAL_FORMAT.md's reader rules: HF causal LMs, the
-    marker character one added token, sidecars with its id and neighbours, value_head [out, in]."""
+    marker character one added token, sidecars with its id and neighbours, value_head [out, in].
+    dtype="bfloat16": stored as the released pairs are (torch_dtype bfloat16)."""
     cfg = configlib.get(os.path.join(REPO, "configs", "tiny.py") + ":" + family)
     mcfg, params, tok = weights.load_from_config(cfg.model)
+    params = jax.tree.map(lambda a: a.astype(weights.DTYPES[dtype]), params)
     tok.tok.add_tokens([AddedToken(CHAR, normalized=False, special=False)])
     mid = tok.encode(CHAR)
     assert len(mid) == 1
@@ -35,7 +38,6 @@ def write_official_pair(root, family="qwen3"):
     p = ids.index(mid[0])
     av_dir, ar_dir = os.path.join(root, "av"), os.path.join(root, "ar")
     export.write_model_dir(av_dir, mcfg, params, tok)
-    import jax
     ar_params = {"embed": params["embed"], "layers": jax.tree.map(lambda a: a[:K + 1], params["layers"])}
     export.write_model_dir(ar_dir, mcfg.replace(tie_embeddings=True), ar_params, tok, layers=K + 1)
     if mcfg.layer_types:  # a truncated config that kept the full model's layer list (read: its first K+1)
@@ -44,7 +46,7 @@ def write_official_pair(root, family="qwen3"):
         c["layer_types"] = ["sliding_attention" if t == "sliding" else "full_attention" for t in mcfg.layer_types]
         with open(os.path.join(ar_dir, "config.json"), "w") as f:
             json.dump(c, f)
-    w = np.random.default_rng(0).standard_normal((mcfg.d_model, mcfg.d_model)).astype(np.float32)
+    w = np.random.default_rng(0).standard_normal((mcfg.d_model, mcfg.d_model)).astype(np.dtype(weights.DTYPES[dtype]))
     save_file({"weight": w}, os.path.join(ar_dir, "value_head.safetensors"))
     tokens = {"injection_char": CHAR, "injection_token_id": mid[0], "injection_left_neighbor_id": ids[p - 1],
               "injection_right_neighbor_id": ids[p + 1]}
@@ -62,10 +64,12 @@ def base_cfg():
                          ["av.max_len=16", "eval.batch=2"])
 
 
-@pytest.fixture(scope="module", params=["qwen3", "gemma3"])
+@pytest.fixture(scope="module", params=["qwen3", "gemma3", "qwen3-bfloat16"])
 def imported(tmp_path_factory, request):
+    """An imported tiny pair of each family; "qwen3-bfloat16" is stored in bf16 like the released pairs."""
     root = tmp_path_factory.mktemp("official")
-    av_dir, ar_dir = write_official_pair(str(root), request.param)
+    family, _, dtype = request.param.partition("-")
+    av_dir, ar_dir = write_official_pair(str(root), family, dtype or "float32")
     out = import_official.import_pair(av_dir, ar_dir, str(root / "work"), base_cfg())
     return av_dir, ar_dir, out
 
