@@ -468,6 +468,13 @@ def main(argv=None) -> int:
         rc = ensure_devices(t.devices, args.bf16_as == "f16", argv)
         if rc is not None:
             return rc
+        if cfg.model.get("attention", "einsum") in ("splash", "cudnn"):
+            # fake CPU devices cannot build a TPU or cuDNN kernel (splash would compile its Pallas
+            # interpreter): estimate with the einsum reference, and say so
+            print(f"aot: model.attention={cfg.model.attention} is compiled as 'einsum' on the fake CPU devices "
+                  f"(the kernel needs its accelerator)", file=sys.stderr)
+            with cfg.unlocked():
+                cfg.model.attention = "einsum"
     jax.config.update("jax_enable_compilation_cache", False)  # compile times are part of the report
     # Compile the accelerator's code path: the hand-written matmul gradient is an XLA:CPU speed fix.
     transformer.CPU_HANDWRITTEN_MATMUL_GRAD = False

@@ -29,6 +29,14 @@ def _aot(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=900)
 
 
+def test_kernel_attention_on_fake_cpu_devices_compiles_the_reference():
+    """A TPU / cuDNN kernel cannot be built for fake CPU devices: the estimate uses the einsum and says so."""
+    r = _aot("--config", CONFIG, "--config.model.attention=splash", "--steps", "sft_ar")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert "model.attention=splash is compiled as 'einsum' on the fake CPU devices" in r.stderr
+    assert "attention=einsum" in r.stdout
+
+
 def test_grpo_step_compiles_for_8_devices_and_fits(tmp_path):
     out = tmp_path / "aot.json"
     r = _aot("--config", CONFIG, "--steps", "rl", "--json", str(out))
