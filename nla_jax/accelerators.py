@@ -71,8 +71,11 @@ def tpu_devices(name: str) -> list:
     if not have_compiler():
         raise UserError(f"--target {name}: the TPU compiler (libtpu) is not installed here; {SETUP_HINT}")
     n = chips(name)
+    # ALLOW_MULTIPLE_LIBTPU_LOAD: libtpu takes a machine-wide lockfile so that one process owns the
+    # chips; a compile-only process owns none, and without it a second `aot` on the same machine
+    # (two configs compiled in parallel, or the tests beside a run) is refused.
     for k, v in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_ACCELERATOR_TYPE", f"{chip.name}-{n}"),
-                 ("TPU_WORKER_HOSTNAMES", "localhost"), ("TPU_WORKER_ID", "0")):
+                 ("TPU_WORKER_HOSTNAMES", "localhost"), ("TPU_WORKER_ID", "0"), ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
         os.environ.setdefault(k, v)
     try:
         return list(topologies.get_topology_desc(topology_name=name, platform="tpu").devices)

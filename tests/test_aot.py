@@ -163,7 +163,21 @@ def test_grpo_step_compiles_with_the_tpu_compiler_for_a_v5e_slice(tmp_path):
 
 @needs_tpu_compiler
 def test_tpu_step_that_does_not_fit_exits_nonzero_with_one_line():
-    r = _aot_tpu("--config", CONFIG + ":v5e8", "--steps", "sft_ar", "--no-time", "--device-memory-gb", "0.1")
+    """...also while another process has libtpu loaded (its machine-wide lockfile once refused a second
+    compile-only process: two aot runs, or the tests beside one)."""
+    hold = ("import os, time; os.environ.update(TPU_SKIP_MDS_QUERY='1', TPU_ACCELERATOR_TYPE='v5litepod-8', "
+            "TPU_WORKER_HOSTNAMES='localhost', TPU_WORKER_ID='0'); "
+            "from jax.experimental import topologies; topologies.get_topology_desc(topology_name='v5e:2x4', platform='tpu'); "
+            "print('held', flush=True); time.sleep(900)")   # a plain libtpu user: it takes the lockfile
+    env = {k: v for k, v in _env().items() if k != "ALLOW_MULTIPLE_LIBTPU_LOAD"}
+    holder = subprocess.Popen([TPU_PYTHON, "-c", hold], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        r = _aot_tpu("--config", CONFIG + ":v5e8", "--steps", "sft_ar", "--no-time", "--device-memory-gb", "0.1")
+    finally:
+        holder.kill()
+        holder.wait()
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "does not fit" in errors[0] and "sft_ar needs" in errors[0], r.stderr[-2000:]
