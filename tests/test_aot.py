@@ -167,13 +167,16 @@ def test_tpu_step_that_does_not_fit_exits_nonzero_with_one_line():
     compile-only process: two aot runs, or the tests beside one)."""
     hold = ("import os, time; os.environ.update(TPU_SKIP_MDS_QUERY='1', TPU_ACCELERATOR_TYPE='v5litepod-8', "
             "TPU_WORKER_HOSTNAMES='localhost', TPU_WORKER_ID='0'); "
-            "from jax.experimental import topologies; topologies.get_topology_desc(topology_name='v5e:2x4', platform='tpu'); "
-            "print('held', flush=True); time.sleep(900)")   # a plain libtpu user: it takes the lockfile
+            "from jax.experimental import topologies\n"
+            "try:\n    topologies.get_topology_desc(topology_name='v5e:2x4', platform='tpu')\n"
+            "except Exception as e:\n    print('busy' if 'lockfile' in str(e) else repr(e), flush=True); raise SystemExit\n"
+            "print('held', flush=True); time.sleep(900)")
+    # a plain libtpu user takes the lockfile ("busy": some other process on this machine already has it)
     env = {k: v for k, v in _env().items() if k != "ALLOW_MULTIPLE_LIBTPU_LOAD"}
     holder = subprocess.Popen([TPU_PYTHON, "-c", hold], cwd=REPO, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, text=True)
     try:
-        assert holder.stdout.readline().strip() == "held"
+        assert holder.stdout.readline().strip() in ("held", "busy")
         r = _aot_tpu("--config", CONFIG + ":v5e8", "--steps", "sft_ar", "--no-time", "--device-memory-gb", "0.1")
     finally:
         holder.kill()
