@@ -5,8 +5,9 @@
     python -m nla_jax.train --config configs/smollm2_135m.py           # the full default (hours on CPU)
 
 Block K=20 of 30 (about 2/3 of depth) is the residual stream the NLA explains.
-Variants (`:name`, comma-separated, e.g. `:quick,add`): quick (sized for a 2-core CPU) and the
-ablations add (additive injection after block 1), beta0 / beta0.1 (KL coefficient), g8 (group
+Variants (`:name`, comma-separated, e.g. `:quick,add`): quick (sized for a 2-core CPU), predict
+(the warm start written from the target's own forward pass, nla/selftext.py, with a cap it fits) and
+the ablations add (additive injection after block 1), beta0 / beta0.1 (KL coefficient), g8 (group
 size 8), len16 / len32 (explanation cap), seqmean / drgrpo (loss aggregation), center (centred targets),
 proj (learned input projection), ridgehead / rawhead (AR head: ridge init / no input norm),
 scale80 (injection norm 80 instead of ~1.1x the mean norm), lastblocks (AV trains only its last
@@ -16,7 +17,7 @@ import ml_collections
 
 from configs import common
 
-VARIANTS = ("quick", "add", "beta0", "beta0.1", "g8", "len16", "len32", "seqmean", "drgrpo", "center", "proj", "ridgehead",
+VARIANTS = ("quick", "predict", "add", "beta0", "beta0.1", "g8", "len16", "len32", "seqmean", "drgrpo", "center", "proj", "ridgehead",
             "rawhead", "scale80", "lastblocks")
 
 
@@ -63,6 +64,13 @@ def get_config(arg=None):
         # ~55 documents: CIs over documents need documents more than rows per document
         cfg.data.splits = (("av_sft", 0.25), ("ar_sft", 0.25), ("rl", 0.30), ("eval", 0.20))
         cfg.eval.update(rows=128, n_examples=4)
+    if "predict" in variants:
+        # the target's own current token + top next-token predictions (nla/selftext.py); ~33 tokens
+        # (99th percentile 37 on the quick corpus) + closing tag + EOS: a 44-token cap fits it whole.
+        # The eval split is summarised too (one cheap forward per document) for the teacher baseline.
+        cfg.summarize.teacher = "predict"
+        cfg.summarize.splits = ("av_sft", "ar_sft", "eval")
+        cfg.av.max_len = max(cfg.av.max_len, 44)
     # -- ablations: each one lever
     if "add" in variants:
         cfg.av.inject, cfg.av.add_after = "add", 1

@@ -39,6 +39,11 @@ bootstrap (eval.n_boot) for ratios of totals (loss recovered, quote rate, KL per
     against mean-ablation (the training mean vector there): loss recovered = 1 - KL_recon / KL_mean
     (ratio of totals); beside it the floor direction and the shuffled reconstruction;
   fve_nrm by token position (equal-count bins) and sample explanations.
+With --judge DIR, one frozen AR (that pair's; e.g. WORKDIR/sft_av names the SFT AR, trained on
+teacher text only) also reads every checkpoint's explanations, as decoded text: an AV's gain is then
+separated from its own AR's recalibration (an RL AR learns to read its AV's habits). Every column
+after the first gets its paired per-row difference from the first, under its own AR and under the
+judge.
 
 Writes OUTDIR/evaluate.json and OUTDIR/report.html (self-contained: inline SVG, no external
 resources) only once everything is computed, through temporary files renamed into place, and
@@ -69,6 +74,9 @@ def build_parser():
     p = cli.parser(__doc__)
     p.add_argument("--checkpoint", action="append", default=[], required=True, metavar="DIR",
                    help="WORKDIR, WORKDIR/rl, WORKDIR/rl@STEP or WORKDIR/sft_av (repeatable: one column each)")
+    p.add_argument("--judge", default=None, metavar="DIR",
+                   help="a checkpoint whose AR scores every checkpoint's explanations too (the fixed judge), "
+                        "e.g. WORKDIR/sft_av for the SFT AR")
     p.add_argument("--out", default=None, metavar="OUTDIR",
                    help="where evaluate.json and report.html go (default: FIRST_WORKDIR/evaluate)")
     return cli.add_distributed_flags(p)
@@ -283,7 +291,37 @@ def evaluate_pair(p, D: dict, E, bar) -> dict:
                        "explanation": texts[i], "ok": bool(ok[i]), "fve": float(f["real"][i]),
                        "floor": float(f["floor"][i]), "shuffled_explanation": texts_shuf[i],
                        "fve_shuffled": float(f["shuffled"][i])} for i in first]
+    # for the judge and the paired comparisons between columns (main drops them before writing)
+    res["_texts"], res["_fve_real"], res["_fve_floor"] = (texts, texts_shuf), f["real"], f["floor"]
     return res
+
+
+def judge_scores(judge, results: list[dict], acts: np.ndarray, docs: np.ndarray, batch: int) -> None:
+    """The fixed judge's fve_nrm of every checkpoint's real and shuffled explanations (decoded text,
+    tokenised for the judge's own wrapper), and each column's paired difference from the first under
+    its own AR and under the judge; stored in each result as "judge" and "vs_first"."""
+    run = judge.run
+    t = measure.targets(acts, run.stats, run.ctx.center)
+    var = run.stats.var(run.ctx.center)
+    floor = measure.fve(measure.floor_mse(t, run.stats, run.ctx.center), var)
+    with sharding.use_mesh(run.mesh, run.rules):
+        for res in results:
+            f = [measure.fve(measure.mse_rows(measure.reconstruct(
+                    run, judge.ar, *measure.texts_to_expl(run.tokenizer, tx, run.ctx.ar), batch), t), var)
+                 for tx in res["_texts"]]
+            res["_fve_judge"] = f[0]
+            res["judge"] = {"real": measure.ci(f[0], docs), "shuffled": measure.ci(f[1], docs),
+                            "real_minus_floor": measure.ci(f[0] - floor, docs),
+                            "real_minus_shuffled": measure.ci(f[0] - f[1], docs)}
+
+
+def compare_to_first(results: list[dict], docs: np.ndarray) -> None:
+    """Each column after the first: its per-row fve minus the first column's on the same rows."""
+    first = results[0]
+    for res in results[1:]:
+        res["vs_first"] = {"own": measure.ci(res["_fve_real"] - first["_fve_real"], docs)}
+        if "_fve_judge" in res:
+            res["vs_first"]["judge"] = measure.ci(res["_fve_judge"] - first["_fve_judge"], docs)
 
 
 def total_batches(n: int, n_teacher: int, E) -> int:
@@ -316,6 +354,12 @@ ROWS = (  # (key path, label); one line per row, one column per checkpoint
     ("fve.real_minus_shuffled", "fve_nrm   explanation - shuffled (paired)"),
     ("fve.empty", "fve_nrm   empty explanation"),
     ("fve.context", "fve_nrm   raw context, last N tokens"),
+    ("judge.real", "fve_nrm   explanation, fixed judge AR"),
+    ("judge.shuffled", "fve_nrm   shuffled, fixed judge AR"),
+    ("judge.real_minus_floor", "fve_nrm   explanation - floor, fixed judge"),
+    ("judge.real_minus_shuffled", "fve_nrm   explanation - shuffled, fixed judge"),
+    ("vs_first.own", "fve_nrm   minus first column, paired (own AR)"),
+    ("vs_first.judge", "fve_nrm   minus first column, paired (judge)"),
     ("fve.teacher", "fve_nrm   teacher summary (its rows)"),
     ("fve.teacher_rows_real", "fve_nrm   explanation on teacher rows"),
     ("cosine.real", "cosine    explanation"),
@@ -421,8 +465,9 @@ def main(argv=None) -> int:
     E = cfg.eval
     check_settings(E)
     plans = [plan(c) for c in args.checkpoint]        # bad paths / damaged metadata: one line, before any model
+    judge_plan = plan(args.judge) if args.judge else None
     store = store_lib.open_store(cfg.data.store)
-    for p in plans:
+    for p in plans + ([judge_plan] if judge_plan else []):
         check_target(p, store)
     out = paths.absolute(args.out or paths.join(plans[0].workdir, "evaluate"))
     if paths.exists(out) and not paths.isdir(out):
@@ -447,12 +492,21 @@ def main(argv=None) -> int:
                   dynamic_ncols=True, file=sys.stderr, disable=jax.process_index() != 0) as bar:
             results.append(evaluate_pair(pr, D, E, bar))
         del pr
-
     docs = D["doc_id"]
+    if judge_plan is not None:
+        judge = workdir_lib.load_pair(args.judge, mesh_cfg=cfg.mesh, rules=cfg.rules, label="judge")
+        print(f"fixed judge: the AR of {args.judge} reads every checkpoint's explanations", file=sys.stderr)
+        judge_scores(judge, results, D["acts"], docs, int(E.batch))
+        del judge
+    compare_to_first(results, docs)
+    for res in results:
+        for k in [k for k in res if k.startswith("_")]:
+            del res[k]
+
     doc = {"format": FORMAT, "command": ["python", "-m", "nla_jax.evaluate", *argv],
            "config": args.config, "store": paths.absolute(cfg.data.store), "split": E.split,
            "rows": int(len(rows)), "documents": int(len(np.unique(docs))), "row_ids": D["rows"],
-           "teacher_summaries": summ_path, "teacher_rows": len(D["summaries"]),
+           "teacher_summaries": summ_path, "teacher_rows": len(D["summaries"]), "judge": args.judge,
            "settings": E.to_dict(), "devices": jax.device_count(), "elapsed_s": None,
            "ci": {"level": 0.95, "means": "cluster-robust (CR1) t-interval over documents, documents - 1 df "
                                            "(stats.cluster_t_ci); paired differences use per-row differences",

@@ -310,13 +310,14 @@ def run_rl(run, writer) -> None:
 
 def run_eval(run, writer) -> None:
     """Every finished pair (after SFT, after RL) on held-out documents; writes WORKDIR/eval.json."""
-    pairs = []
+    pairs, judge, ref = [], None, None
     if workdir_lib.finished(run.workdir, "sft_av") and workdir_lib.finished(run.workdir, "sft_ar"):
-        pairs.append(("after_sft", workdir_lib.load_final(run, "sft_av", "av"),
-                      workdir_lib.load_final(run, "sft_ar", "ar")))
+        ref, sft_ar = workdir_lib.load_final(run, "sft_av", "av"), workdir_lib.load_final(run, "sft_ar", "ar")
+        pairs.append(("after_sft", ref, sft_ar))
+        judge = ("sft_ar", sft_ar)      # the fixed judge: trained on teacher text only, never on an AV's output
     if workdir_lib.finished(run.workdir, "rl"):
         pairs.append(("after_rl", workdir_lib.load_final(run, "rl", "av"), workdir_lib.load_final(run, "rl", "ar")))
-    evaluation.heldout_stage(run, pairs, run.workdir, writer)
+    evaluation.heldout_stage(run, pairs, run.workdir, writer, judge=judge, ref_av=ref)
 
 
 # ============================================================================= 6. main

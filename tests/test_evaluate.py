@@ -266,6 +266,7 @@ def run_two(trained):
     out = str(trained.tmp / "out")
     r = _evaluate(f"--config.data.store={trained.store}", "--checkpoint", os.path.join(trained.wd, "sft_av"),
                   "--checkpoint", os.path.join(trained.wd, "rl"), "--out", out, "--config.eval.temperature=0.7",
+                  "--judge", os.path.join(trained.wd, "sft_av"),
                   f"--config.eval.summaries={trained.summ}", "--config.eval.n_examples=3",
                   # 20 rows in batches of 8: the last batch is padded (and trimmed back)
                   "--config.eval.rows=20", "--config.eval.batch=8")
@@ -329,6 +330,19 @@ def test_cli_two_checkpoints_one_table_and_json(run_two, trained):
     # E|t - mu|^2 = Var_eval + |mean_eval - mu|^2 / d >= Var_eval, so fve <= 1 - Var_eval / Var_train exactly
     for c in cks:
         assert c["fve"]["mean"]["mean"] <= 1 - c["var_nrm_eval"] / c["var_nrm"] + 1e-9
+    # the fixed judge (the SFT AR) read both columns' explanations; each column after the first has its
+    # paired difference from the first, under its own AR and under the judge (same rows: mean of differences
+    # = difference of means)
+    assert doc["judge"] == os.path.join(trained.wd, "sft_av")
+    for c in cks:
+        for k in ("real", "shuffled", "real_minus_floor", "real_minus_shuffled"):
+            v = c["judge"][k]
+            assert v["n"] == n and v["lo"] <= v["mean"] <= v["hi"], (c["label"], k, v)
+        assert c["judge"]["real_minus_floor"]["mean"] == pytest.approx(c["judge"]["real"]["mean"] - c["fve"]["floor"]["mean"])
+    assert "vs_first" not in sft
+    assert rl["vs_first"]["own"]["mean"] == pytest.approx(rl["fve"]["real"]["mean"] - sft["fve"]["real"]["mean"])
+    assert rl["vs_first"]["judge"]["mean"] == pytest.approx(rl["judge"]["real"]["mean"] - sft["judge"]["real"]["mean"])
+    assert not [k for c in cks for k in c if k.startswith("_")]       # working arrays are not written
     curves = doc["training_curves"][trained.wd]
     assert [x["step"] for x in curves["rl"]] == [1, 2, 3] and curves["sft_ar_val"]
 
@@ -394,6 +408,7 @@ def _other_layer_store(store, dst):
     ("other_layer", "holds layer 1"),
     ("bad_step", "step 99"),
     ("bad_setting", "eval.batch=0"),
+    ("bad_judge", "no such directory"),
 ])
 def test_bad_inputs_refused_with_one_line_and_old_result_kept(trained, run_two, tmp_path, case, needle):
     store, ck = trained.store, os.path.join(trained.wd, "rl")
@@ -411,6 +426,8 @@ def test_bad_inputs_refused_with_one_line_and_old_result_kept(trained, run_two, 
         ck = ck + "@99"
     elif case == "bad_setting":
         extra = ["--config.eval.batch=0"]
+    elif case == "bad_judge":
+        extra = ["--judge", str(tmp_path / "no_judge")]
     # an earlier result in OUTDIR must survive a failed run untouched
     out = run_two.out
     assert run_two.r.returncode == 0

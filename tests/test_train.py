@@ -244,8 +244,18 @@ def test_all_stages_finish_with_metrics_and_eval(e2e):
     assert set(ev["checkpoints"]) == {"after_sft", "after_rl"}
     for c in ev["checkpoints"].values():
         assert 0 <= c["names_current_token"]["mean"] <= 1 and "quotes_absent" in c
-        for k in ("real", "shuffled", "real_minus_shuffled", "real_minus_floor"):
+        for k in ("real", "shuffled", "real_minus_shuffled", "real_minus_floor", "judge_real",
+                  "judge_real_minus_shuffled"):
             assert c[k]["lo"] <= c[k]["mean"] <= c[k]["hi"], (k, c[k])
+    # the fixed judge is the SFT AR: for the SFT pair it is the pair's own reader, so the numbers agree
+    sft, rl = ev["checkpoints"]["after_sft"], ev["checkpoints"]["after_rl"]
+    assert ev["judge"] == "sft_ar" and sft["judge_real"]["mean"] == pytest.approx(sft["real"]["mean"], abs=1e-6)
+    # the paired RL - SFT differences are the differences of the per-pair means (same rows)
+    d = ev["rl_minus_sft"]
+    assert d["own"]["mean"] == pytest.approx(rl["real"]["mean"] - sft["real"]["mean"], abs=1e-9)
+    assert d["judge"]["mean"] == pytest.approx(rl["judge_real"]["mean"] - sft["judge_real"]["mean"], abs=1e-9)
+    # KL of the RL AV to the SFT AV along its own explanations; none for the SFT pair (it is the reference)
+    assert rl["kl_to_ref_per_token"]["mean"] >= 0 and "kl_to_ref_per_token" not in sft
     assert _records(wd, "eval", "eval")
 
 

@@ -8,6 +8,11 @@ read by the live RL AR) it explains every evaluation activation (greedy unless e
             document), scored against the true activation: what the AR gets from the text
             alone when the text says nothing about this activation;
   zero      explanations of a zero vector: if these equal the real ones, injection failed.
+With a fixed judge (the trainer passes the SFT AR: trained once, on teacher text only, never on an
+AV's own explanations) every pair's explanations are also scored by that one frozen reader, and
+after RL - after SFT is reported paired by row under both readers. The live RL AR recalibrates to
+the RL AV's text; only the judge's difference says whether the *verbalizer* got better. Beside it,
+the RL AV's exact KL to the SFT AV along its own explanations (how far RL moved it).
 Every number comes with a 95% cluster-robust t-interval over documents (rows of one document move
 together; measure.ci), and real - shuffled and real - floor with paired intervals. Writes
 WORKDIR/eval.json.
@@ -45,9 +50,13 @@ def eval_batch(n: int, most: int, shards: int) -> int:
     return batch
 
 
-def heldout_stage(run: Run, pairs: Sequence[tuple[str, dict, dict]], workdir: str, writer) -> dict:
+def heldout_stage(run: Run, pairs: Sequence[tuple[str, dict, dict]], workdir: str, writer,
+                  judge: tuple[str, dict] | None = None, ref_av: dict | None = None) -> dict:
     """Score each (name, AV params, AR params) on config `eval` rows; write workdir/eval.json and a
-    printed report (process 0), and one "eval" metrics record. Returns the eval.json dict."""
+    printed report (process 0), and one "eval" metrics record. Returns the eval.json dict.
+
+    judge: (name, AR params) of a frozen reader that scores every pair's explanations too;
+    ref_av: the verbalizer each pair's KL is measured against (pairs whose AV is not it)."""
     E = run.cfg.eval
     rows = heldout_rows(run, E.split, E.rows, E.seed)
     got = run.store.read(None, rows, fields=("acts", "doc_id", "position", "tokens"))
@@ -64,6 +73,7 @@ def heldout_stage(run: Run, pairs: Sequence[tuple[str, dict, dict]], workdir: st
     res = {"rows": int(len(rows)), "documents": int(len(np.unique(docs))), "var_nrm": var, "center": center,
            "floor": ci(fve(floor_mse)), "checkpoints": {}}
     examples = []
+    per_row = {}                                                  # name -> {"own": fve [n], "judge": fve [n]}
     for name, av, ar in pairs:
         real = measure.explain_rows(run, av, acts, batch, sc, E.seed)
         shuf = measure.explain_rows(run, av, acts[perm], batch, sc, E.seed)
@@ -88,12 +98,28 @@ def heldout_stage(run: Run, pairs: Sequence[tuple[str, dict, dict]], workdir: st
             "names_current_token": ci(np.array([m is not None for m in named], np.float64)),
             "quotes_absent": measure.ratio_ci(qc[:, 0] - qc[:, 1] - qc[:, 2], qc[:, 0], docs, E.n_boot, E.seed),
         }
+        c = res["checkpoints"][name]
+        per_row[name] = {"own": fve(m_real)}
+        if judge is not None:
+            j_real, j_shuf = fve(measure.score(run, judge[1], real, acts, batch)), fve(measure.score(run, judge[1], shuf, acts, batch))
+            per_row[name]["judge"] = j_real
+            c.update({"judge_real": ci(j_real), "judge_shuffled": ci(j_shuf),
+                      "judge_real_minus_shuffled": ci(j_real - j_shuf),
+                      "judge_real_minus_floor": ci(j_real - fve(floor_mse))})
+        if ref_av is not None and av is not ref_av:
+            kl = measure.av_kl_rows(run, av, ref_av, acts, real, batch)
+            c["kl_to_ref_per_token"] = measure.ratio_ci(kl["kl_sum"], kl["tokens"], docs, E.n_boot, E.seed)
         first_of_doc = np.unique(docs, return_index=True)[1]
         for i in sorted(first_of_doc)[:E.n_examples]:  # one example per document
             ctx_text = measure.context_text(run.tokenizer, got["tokens"][i], int(got["position"][i]), CONTEXT_TOKENS)
             examples.append({"checkpoint": name, "row": int(rows[i]), "context": ctx_text, "explanation": t_real[i],
                              "fve": float(fve(m_real[i])), "zero_vector_explanation": t_zero[i]})
     res["examples"] = examples
+    if judge is not None:
+        res["judge"] = judge[0]
+    if "after_sft" in per_row and "after_rl" in per_row:   # paired by row: the same held-out activations
+        a, b = per_row["after_rl"], per_row["after_sft"]
+        res["rl_minus_sft"] = {k: ci(a[k] - b[k]) for k in a if k in b}
     if jax.process_index() == 0:
         fileio.write_atomic(paths.join(workdir, "eval.json"), fileio.json_text(res))
         print(report(res), file=sys.stdout, flush=True)
@@ -118,6 +144,14 @@ def report(res: dict) -> str:
                   + (f(c["quotes_absent"]) if c["quotes_absent"]["mean"] is not None else "n/a (no quotes)"),
                   f"  {name + ': extraction failures':34s} {c['extract_fail']:.2f}   mean length {c['expl_len']:.1f} tok"
                   f"   differs from zero-vector text {c['differs_from_zero']:.2f}"]
+        if "judge_real" in c:
+            lines += [f"  {name + ': fixed judge, real':34s} {f(c['judge_real'])}",
+                      f"  {name + ': fixed judge, real - shuffled':34s} {f(c['judge_real_minus_shuffled'])}"]
+        if "kl_to_ref_per_token" in c and c["kl_to_ref_per_token"]["mean"] is not None:
+            lines.append(f"  {name + ': KL to the SFT AV / token':34s} {f(c['kl_to_ref_per_token'])}")
+    for k, d in res.get("rl_minus_sft", {}).items():
+        reader = "fixed judge " + res.get("judge", "") if k == "judge" else "each pair's own AR"
+        lines.append(f"  {'after RL - after SFT (paired)':34s} {f(d)}   read by {reader}")
     for e in res["examples"]:
         lines += [f"\n[{e['checkpoint']}] context: …{e['context']!r}", f"   explanation (fve {e['fve']:+.2f}): "
                   f"{e['explanation']!r}"]
