@@ -35,14 +35,13 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
-from model_speed import PROMPTS, find_peer_python  # noqa: E402
+from model_speed import PROMPTS, find_peer_python, run_peer_rss  # noqa: E402
 
 PEERS = os.path.join(REPO, "..", "shared", "peers")
 
@@ -52,32 +51,6 @@ def find_tunix_python() -> str | None:
         if cand and os.path.isfile(cand):
             return cand
     return None
-
-
-def run_peer(py: str, script: str, cmd: list[str], timeout: float) -> tuple[dict | None, float]:
-    """(the peer's JSON or None if it failed or ran past `timeout` s, said on stderr; its peak RSS GB)."""
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-        out = f.name
-    print(f"[peer] {os.path.basename(script)} {' '.join(cmd)}", file=sys.stderr, flush=True)
-    proc = subprocess.Popen([py, script, *cmd, "--out", out], stdout=subprocess.DEVNULL)
-    t0 = time.monotonic()
-    while True:  # wait4 gives this child's own rusage (RUSAGE_CHILDREN would mix the two peers)
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        if time.monotonic() - t0 > timeout:
-            proc.kill()
-            _, status, usage = os.wait4(proc.pid, 0)
-            print(f"[peer] {' '.join(cmd)}: stopped after the time box of {timeout:g} s; its rows are missing",
-                  file=sys.stderr, flush=True)
-            return None, usage.ru_maxrss / 2 ** 20
-        time.sleep(0.5)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        print(f"[peer] {' '.join(cmd)} exited {proc.returncode}; its rows are missing", file=sys.stderr, flush=True)
-        return None, usage.ru_maxrss / 2 ** 20
-    with open(out) as f:
-        return json.load(f), usage.ru_maxrss / 2 ** 20
 
 
 def _median_steps(fn, warmup: int, runs: int) -> tuple[float, list[float]]:
@@ -210,7 +183,7 @@ def main() -> int:
         if py is None:
             print("TRL peer venv not found (bash ../shared/peers/setup.sh); its column is empty", file=sys.stderr)
         else:
-            trl, res["peak_rss_gb_peer"] = run_peer(py, os.path.join(PEERS, "hf_peer.py"), ["trl-grpo", *shape],
+            trl, res["peak_rss_gb_peer"] = run_peer_rss(py, os.path.join(PEERS, "hf_peer.py"), ["trl-grpo", *shape],
                                                     args.peer_timeout)
             if trl is not None:
                 res["trl"] = trl
@@ -223,7 +196,7 @@ def main() -> int:
             print("Tunix venv not found (--setup-tunix, or bash ../shared/peers/setup_tunix.sh); its column is "
                   "empty", file=sys.stderr)
         else:
-            tunix, res["peak_rss_gb_tunix"] = run_peer(tpy, os.path.join(PEERS, "tunix_peer.py"),
+            tunix, res["peak_rss_gb_tunix"] = run_peer_rss(tpy, os.path.join(PEERS, "tunix_peer.py"),
                                                        ["grpo", *shape, "--warmup", "1"], args.peer_timeout)
             if tunix is not None:
                 res["tunix"] = tunix

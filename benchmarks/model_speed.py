@@ -69,25 +69,42 @@ def timeit(fn, warmup: int = 1, runs: int = 5) -> float:
     return statistics.median(ts)
 
 
-def run_peer(py: str, cmd: list[str], malloc: str = "system", timeout: float | None = None,
-             script: str = PEER_SCRIPT) -> dict | None:
-    """One peer subcommand's JSON; None (said on stderr) if it ran past `timeout` seconds."""
+def run_peer_rss(py: str, script: str, cmd: list[str], timeout: float | None = None,
+                 env: dict | None = None) -> tuple[dict | None, float]:
+    """Run one peer subcommand under a time box: (its JSON, or None if it failed or ran past `timeout`
+    seconds, said on stderr; its own peak RSS in GB). The one runner both speed benchmarks use."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
     print(f"[peer] {os.path.basename(script)} {' '.join(cmd)}", file=sys.stderr, flush=True)
+    proc = subprocess.Popen([py, script, *cmd, "--out", out], stdout=subprocess.DEVNULL, env=env)
+    t0 = time.monotonic()
+    while True:  # wait4 gives this child's own rusage (RUSAGE_CHILDREN would mix two peers)
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if timeout is not None and time.monotonic() - t0 > timeout:
+            proc.kill()
+            _, status, usage = os.wait4(proc.pid, 0)
+            print(f"[peer] {' '.join(cmd)}: stopped after the time box of {timeout:g} s; its rows are missing",
+                  file=sys.stderr, flush=True)
+            return None, usage.ru_maxrss / 2 ** 20
+        time.sleep(0.5)
+    code = os.waitstatus_to_exitcode(status)
+    if code:
+        print(f"[peer] {' '.join(cmd)} exited {code}; its rows are missing", file=sys.stderr, flush=True)
+        return None, usage.ru_maxrss / 2 ** 20
+    with open(out) as f:
+        return json.load(f), usage.ru_maxrss / 2 ** 20
+
+
+def run_peer(py: str, cmd: list[str], malloc: str = "system", timeout: float | None = None,
+             script: str = PEER_SCRIPT) -> dict | None:
+    """One peer subcommand's JSON (run_peer_rss); malloc="reuse" gives it nla_jax.hostmem's allocator settings."""
     env = dict(os.environ)
     if malloc == "reuse":  # nla_jax.hostmem's settings, spelled for a process we start
         from nla_jax import hostmem
         env["GLIBC_TUNABLES"] = hostmem.glibc_tunables()
-    try:
-        subprocess.run([py, script, *cmd, "--out", out], check=True, stdout=subprocess.DEVNULL, env=env,
-                       timeout=timeout)
-    except subprocess.TimeoutExpired:
-        print(f"[peer] {' '.join(cmd)}: stopped after the time box of {timeout:g} s; its rows are missing",
-              file=sys.stderr, flush=True)
-        return None
-    with open(out) as f:
-        return json.load(f)
+    return run_peer_rss(py, script, cmd, timeout, env)[0]
 
 
 def native_bf16() -> tuple[bool, str]:

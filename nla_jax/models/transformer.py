@@ -105,14 +105,7 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:
 
 # ----------------------------------------------------------------------------- pieces
 
-def _acc(*arrays: jax.Array):
-    """Accumulation dtype of a dot: float32 whenever an operand is narrower.
-
-    bf16 x bf16 -> f32 is what accelerators do natively, and on XLA:CPU it is the only bf16 dot
-    that reaches the AMX units: a bf16-output dot is upcast to f32 copies of both operands and
-    runs at the f32 rate (4096^3 on this 2-core CPU: ~280 GFLOP/s bf16-out vs ~1,080 f32-out).
-    """
-    return jnp.float32 if any(jnp.dtype(a.dtype).itemsize < 4 for a in arrays) else None
+_acc = attention_lib.accumulation_dtype      # float32 accumulation for narrower operands (one definition)
 
 
 def _dot(a: jax.Array, b: jax.Array, dims, out_dtype) -> jax.Array:
