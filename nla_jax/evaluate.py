@@ -220,7 +220,7 @@ def evaluate_pair(p, D: dict, E, bar) -> dict:
         cur = [tok.decode([int(toks[i][pos[i]])]) for i in range(n)]
         res["claims"] = {}
         for suffix, tx in (("", texts), ("_shuffled", texts_shuf)):
-            named = [claims.current_token_match(tx[i], cur[i]) for i in range(n)]
+            named = [claims.names_current_token(tx[i], cur[i]) for i in range(n)]
             qc = np.array([claims.quote_claims(tx[i], windows[i]) for i in range(n)], np.float64).reshape(n, 3)
             res["claims"].update({
                 "current_token_exact" + suffix: ci(np.array([m == "exact" for m in named], np.float64)),

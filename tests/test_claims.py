@@ -3,7 +3,7 @@ exactly / nearly / not at all, and quoted spans exact / near misses / invented, 
 docstrings with a case on either side of its boundary."""
 import pytest
 
-from nla_jax.nla import claims
+from nla_jax.nla import claims, measure
 
 CONTEXT = "Octopuses are clever animals. They have the ability to control their  Colour quickly"
 
@@ -69,3 +69,24 @@ def test_quote_claims(expl, want):
 ])
 def test_names_prediction(expl, token, want):
     assert claims.names_prediction(expl, token) is want
+
+
+@pytest.mark.parametrize("expl,want", [
+    ("Token \u00abability\u00bb. Next: \u00abto\u00bb 93%.", ("Token \u00abability\u00bb. ", ": \u00abto\u00bb 93%.")),
+    ("The text ends with: \u00abthe next\u00bb", ("The text ends with: \u00abthe next\u00bb", "")),  # "next" quoted
+    ("Ends \u00abthe next\u00bb. NEXT: \u00abday\u00bb", ("Ends \u00abthe next\u00bb. ", ": \u00abday\u00bb")),
+    ("nothing predicted", ("nothing predicted", "")),
+])
+def test_split_predictions(expl, want):
+    assert measure.split_predictions(expl) == want
+
+
+def test_predictions_are_not_quotes_nor_the_current_token():
+    # «to» and «of» are predictions (not in the context yet): not counted as quotes, so not as invented
+    expl = "Token \u00abability\u00bb after \u00abhave the\u00bb. Next: \u00abto\u00bb 93%, \u00abswim\u00bb 3%."
+    assert claims.quote_claims(expl, CONTEXT) == (2, 2, 0)
+    assert measure.quote_check(expl, CONTEXT) == (2, 0)
+    # a prediction equal to the current token does not name it; the same word before "Next" does
+    assert claims.names_current_token("Token \u00abthe\u00bb. Next: \u00abcolour\u00bb 40%.", " colour") is None
+    assert claims.names_current_token("Token \u00abcolour\u00bb. Next: \u00abthe\u00bb 40%.", " colour") == "exact"
+    assert claims.current_token_match("Token \u00abthe\u00bb. Next: \u00abcolour\u00bb 40%.", " colour") == "exact"

@@ -5,13 +5,17 @@ whether the text is *true*. These checks read an explanation against the row's o
 
   current token   does the explanation name the token at the position (the one the activation
                   sits on, which carries most of its signal)? `current_token_match` -> "exact",
-                  "near" or None (rules in its docstring);
+                  "near" or None (rules in its docstring), read in the text before its stated
+                  predictions (`names_current_token`);
   predictions     does it name what the target itself predicts next? `names_prediction`: the
                   target's top-1 next token among the explanation's stated predictions;
   quoted spans    is every quoted span (measure.quoted_spans: "...", “...”, «...», `...`) in the
                   context window? `quote_claims` -> (spans, exact, near); the rest are absent
                   (invented). A near miss is a quote the model got almost right, which a plain
                   substring test would count as invented.
+The stated predictions are the text after the first whole word "next" outside a quote
+(measure.split_predictions): «to» in "Next: «to» 93%" names a token that is not in the context
+yet, so it is neither a quote nor a claim about the current token; `names_prediction` reads it.
 
 Everything is plain string work on decoded text, one row at a time, so evaluate can score the
 real explanations and the shuffled control (explanations of other documents) with one function.
@@ -74,19 +78,22 @@ def current_token_match(explanation: str, token_text: str) -> str | None:
     return None
 
 
-_NEXT = re.compile(r"(?<!\w)next(?!\w)", re.IGNORECASE)
+def names_current_token(explanation: str, token_text: str) -> str | None:
+    """current_token_match on what the explanation says about the context (the text before its
+    stated predictions): a prediction that happens to equal the current token does not name it."""
+    return current_token_match(measure.split_predictions(explanation)[0], token_text)
 
 
 def names_prediction(explanation: str, token_text: str) -> bool:
     """Whether the explanation states the target's top-1 next token as a prediction.
 
-    The stated predictions are the text after the first whole word "next" (any case: "Next:
-    «to» 93%", "the next word is likely to"); an explanation without it states none. The token
-    counts as named there by `current_token_match`'s rules (exact or near; punctuation only at
-    the end of a quoted span).
+    The stated predictions are the text after the first whole word "next" outside a quoted span
+    (any case: "Next: «to» 93%", "the next word is likely to"; measure.split_predictions); an
+    explanation without it states none. The token counts as named there by
+    `current_token_match`'s rules (exact or near; punctuation only at the end of a quoted span).
     """
-    m = _NEXT.search(explanation)
-    return m is not None and current_token_match(explanation[m.end():], token_text) is not None
+    preds = measure.split_predictions(explanation)[1]
+    return bool(preds) and current_token_match(preds, token_text) is not None
 
 
 def _near_in_context(span_words: list[str], ctx_words: list[str]) -> bool:
@@ -109,7 +116,8 @@ def _near_in_context(span_words: list[str], ctx_words: list[str]) -> bool:
 
 
 def quote_claims(explanation: str, context: str) -> tuple[int, int, int]:
-    """(spans, exact, near) for the explanation's quoted spans against the context window.
+    """(spans, exact, near) for the explanation's quoted spans (before its stated predictions)
+    against the context window.
 
     exact: the span, case-folded with whitespace collapsed, is a substring of the context
            normalised the same way (measure.quote_check's "present");
@@ -119,7 +127,7 @@ def quote_claims(explanation: str, context: str) -> tuple[int, int, int]:
     absent = spans - exact - near: quoted text the context does not contain (invented).
     Spans without letters or digits that are not exact count as absent.
     """
-    spans = measure.quoted_spans(explanation)
+    spans = measure.quoted_spans(measure.split_predictions(explanation)[0])
     ctx = " ".join(context.casefold().split())
     ctx_words = _words(context)
     exact = near = 0

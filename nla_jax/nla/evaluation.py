@@ -81,7 +81,7 @@ def heldout_stage(run: Run, pairs: Sequence[tuple[str, dict, dict]], workdir: st
         m_real, m_shuf = measure.score(run, ar, real, acts, batch), measure.score(run, ar, shuf, acts, batch)
         t_real, t_zero, t_shuf = (measure.decode_explanations(run.tokenizer, e) for e in (real, zero, shuf))
         tok, toks, pos = run.tokenizer, got["tokens"], got["position"]
-        named = [claims.current_token_match(t_real[i], tok.decode([int(toks[i][pos[i]])])) for i in range(len(rows))]
+        named = [claims.names_current_token(t_real[i], tok.decode([int(toks[i][pos[i]])])) for i in range(len(rows))]
         qc = np.array([claims.quote_claims(t_real[i], measure.context_text(tok, toks[i], int(pos[i]), E.quote_window))
                        for i in range(len(rows))], np.float64).reshape(len(rows), 3)         # spans, exact, near
         res["checkpoints"][name] = {

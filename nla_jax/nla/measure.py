@@ -267,6 +267,21 @@ def quoted_spans(text: str) -> list[str]:
     return out
 
 
+_NEXT = re.compile(r"(?<!\w)next(?!\w)", re.IGNORECASE)
+
+
+def split_predictions(text: str) -> tuple[str, str]:
+    """(what the text says about the context, its stated predictions): split at the first whole word
+    "next" (any case) outside a quoted span ("Next: «to» 93%", "the next word is likely to"). The
+    predictions are about a token that is not in the context yet, so quote and current-token checks
+    read only the first part; a text without such a "next" is all context claims."""
+    quoted = [m.span() for m in _QUOTE_RE.finditer(text)]
+    for m in _NEXT.finditer(text):
+        if not any(a <= m.start() < b for a, b in quoted):
+            return text[:m.start()], text[m.end():]
+    return text, ""
+
+
 def quote_check(explanation: str, context: str) -> tuple[int, int]:
     """(spans, absent): how many quoted spans the explanation has, and how many of them are not in
     the context window.
@@ -276,8 +291,8 @@ def quote_check(explanation: str, context: str) -> tuple[int, int]:
     count. Anything else is *absent* (hallucinated), including a span only partly in the context
     (its first words there, the rest not) and a span that quotes the token after the position.
     The quote hallucination rate of a set of explanations = absent spans / spans (span-level,
-    pooled over rows)."""
-    spans = quoted_spans(explanation)
+    pooled over rows). Spans among the stated predictions (split_predictions) are not quotes."""
+    spans = quoted_spans(split_predictions(explanation)[0])
     ctx = _norm_text(context)
     return len(spans), sum(1 for s in spans if s not in ctx)
 
