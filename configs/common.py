@@ -84,7 +84,8 @@ def summarize(**kw) -> ml_collections.ConfigDict:
         append_final_tokens=4,       # quote the context's last N tokens after the summary (0: off)
         quote_tokens=8,              # teacher="quote": how many final tokens the text quotes
         predict_k=3,                 # teacher="predict": the target's top next tokens named, with probabilities
-        before_tokens=3,             # teacher="predict": tokens before the current one quoted last
+        before_tokens=3,             # teacher="predict": tokens before the current one quoted
+        predict_style="token",       # teacher="predict": "token" (Token «x» after «...») | "quote" (in reading order)
         max_new_tokens=96,
         temperature=0.7,
         top_p=0.9,

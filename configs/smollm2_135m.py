@@ -5,9 +5,16 @@
     python -m nla_jax.train --config configs/smollm2_135m.py           # the full default (hours on CPU)
 
 Block K=20 of 30 (about 2/3 of depth) is the residual stream the NLA explains.
-Variants (`:name`, comma-separated, e.g. `:quick,add`): quick (sized for a 2-core CPU), predict
-(the warm start written from the target's own forward pass, nla/selftext.py, with a cap it fits) and
-the ablations add (additive injection after block 1), beta0 / beta0.1 (KL coefficient), g8 (group
+Warm start (summarize): the target's own text (nla/selftext.py), written from one forward pass per
+document, so nothing in it can be invented: the last 8 context tokens in reading order, then the
+target's 3 most likely next tokens with their probabilities,
+    The text ends with: «, and do you want something light or». Next: «dark» 39%, «heavy» 20%, «light» 8%.
+(~38 SmolLM2 tokens; the 48-token quick cap fits the 99th percentile, 42, with the closing tag).
+
+Variants (`:name`, comma-separated, e.g. `:quick,add`): quick (sized for a 2-core CPU); the warm-start
+ablations quote (only the 8-token quote, no predictions, 24-token quick cap: the earlier default)
+and tokenfirst ("Token «or» after «want something light». Next: ...": current token first, 3 tokens
+before it); and the ablations add (additive injection after block 1), beta0 / beta0.1 (KL coefficient), g8 (group
 size 8), len16 / len32 (explanation cap), seqmean / drgrpo (loss aggregation), center (centred targets),
 proj (learned input projection), ridgehead / rawhead (AR head: ridge init / no input norm),
 scale80 (injection norm 80 instead of ~1.1x the mean norm), lastblocks (AV trains only its last
@@ -17,7 +24,7 @@ import ml_collections
 
 from configs import common
 
-VARIANTS = ("quick", "predict", "add", "beta0", "beta0.1", "g8", "len16", "len32", "seqmean", "drgrpo", "center", "proj", "ridgehead",
+VARIANTS = ("quick", "quote", "tokenfirst", "add", "beta0", "beta0.1", "g8", "len16", "len32", "seqmean", "drgrpo", "center", "proj", "ridgehead",
             "rawhead", "scale80", "lastblocks")
 
 
@@ -38,10 +45,11 @@ def get_config(arg=None):
     cfg.mesh = common.mesh((-1, 1, 1))
     cfg.rules = common.rules()
     cfg.data = common.data(store="runs/smollm2_135m/acts")
-    cfg.summarize = common.summarize()
+    cfg.summarize = common.summarize(teacher="predict", predict_style="quote", before_tokens=7,
+                                     splits=("av_sft", "ar_sft", "eval"))   # eval too: the teacher baseline
     cfg.sample = common.sample()
     common.nla(cfg, workdir="runs/smollm2_135m/train")
-    cfg.av.max_len = 96
+    cfg.av.max_len = 64      # the ~38-token warm start (p99 42) + closing tag, with room for RL to say more
     cfg.sft_av.update(steps=1500, batch=16)
     cfg.sft_ar.update(steps=1500, batch=32)
     cfg.rl.update(steps=300, batch=8, group_size=4)
@@ -52,9 +60,8 @@ def get_config(arg=None):
         cfg.data.sources = [{"kind": "jsonl", "path": "runs/quick_corpus/chat.jsonl", "name": "chat"},
                             {"kind": "jsonl", "path": "runs/quick_corpus/prose.jsonl", "name": "prose"}]
         cfg.data.store = "runs/smollm2_135m_quick/acts"
-        cfg.summarize.teacher = "quote"
         cfg.train.workdir = "runs/smollm2_135m_quick/train"
-        cfg.av.max_len = 24
+        cfg.av.max_len = 48
         cfg.sft_av.update(steps=150, batch=8, eval_every=50, val_rows=64)
         cfg.sft_ar.update(steps=150, batch=16, eval_every=50, val_rows=128, ridge_rows=512)
         cfg.rl.update(steps=20, batch=4, group_size=4)
@@ -64,13 +71,14 @@ def get_config(arg=None):
         # ~55 documents: CIs over documents need documents more than rows per document
         cfg.data.splits = (("av_sft", 0.25), ("ar_sft", 0.25), ("rl", 0.30), ("eval", 0.20))
         cfg.eval.update(rows=128, n_examples=4)
-    if "predict" in variants:
-        # the target's own current token + top next-token predictions (nla/selftext.py); ~33 tokens
-        # (99th percentile 37 on the quick corpus) + closing tag + EOS: a 44-token cap fits it whole.
-        # The eval split is summarised too (one cheap forward per document) for the teacher baseline.
-        cfg.summarize.teacher = "predict"
-        cfg.summarize.splits = ("av_sft", "ar_sft", "eval")
-        cfg.av.max_len = max(cfg.av.max_len, 44)
+    if "quote" in variants:
+        cfg.summarize.teacher = "quote"
+        if "quick" in variants:
+            cfg.av.max_len = 24
+    if "tokenfirst" in variants:
+        cfg.summarize.predict_style, cfg.summarize.before_tokens = "token", 3
+        if "quick" in variants:
+            cfg.av.max_len = 44      # ~33 tokens, 99th percentile 37
     # -- ablations: each one lever
     if "add" in variants:
         cfg.av.inject, cfg.av.add_after = "add", 1

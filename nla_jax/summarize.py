@@ -13,8 +13,9 @@ summary: a small model's summaries rarely name them, the reconstructor needs the
 `quote_tokens` tokens (a cheap warm start, and the ablation that isolates the final-token signal).
 `summarize.teacher="predict"` runs the target once over each row's context (no sampling) and
 writes what it computed there: the current token, its `predict_k` most likely next tokens with
-probabilities, and the `before_tokens` tokens before it (nla/selftext.py); the record also keeps
-the prediction ids and probabilities ("top_ids", "top_probs").
+probabilities, and the `before_tokens` tokens before it (nla/selftext.py; `predict_style` "token":
+current token first, "quote": the tokens in reading order); the record also keeps the prediction
+ids and probabilities ("top_ids", "top_probs").
 
 Output: STORE/summaries.jsonl, one {"row", "doc_id", "position", "text"} per line, append-only;
 a rerun skips rows already written and drops a half-written last line. `--import` validates
@@ -186,6 +187,8 @@ def predict_rows(store, tok, mcfg, params, todo: list[int], sc, out: str, mesh, 
     process 0 appends (a document's rows in row order)."""
     if int(sc.predict_k) < 1:
         raise UserError(f"config key summarize.predict_k={sc.predict_k} must be >= 1")
+    if sc.predict_style not in ("token", "quote"):
+        raise UserError(f"config key summarize.predict_style={sc.predict_style!r}: expected 'token' or 'quote'")
     lead = jax.process_index() == 0
     mine = sharding.batch_layout(mesh, rules).local_positions(batch)
     todo_a = np.asarray(todo, np.int64)
@@ -216,7 +219,7 @@ def predict_rows(store, tok, mcfg, params, todo: list[int], sc, out: str, mesh, 
                 p = int(got["position"][r])
                 recs.append({"row": int(rows[r]), "doc_id": int(got["doc_id"][r]), "position": p,
                              "text": selftext.self_text(tok, got["tokens"][r], p, ids[j, slot], probs[j, slot],
-                                                        int(sc.before_tokens)),
+                                                        int(sc.before_tokens), sc.predict_style),
                              "top_ids": ids[j, slot].tolist(),
                              "top_probs": [round(float(q), 6) for q in probs[j, slot]]})
         if lead:

@@ -59,3 +59,16 @@ def test_top_next_equals_the_forward_softmax():
         one = selftext.top_next(params, mcfg, row, np.array([[p]], np.int32), 4, None)
         np.testing.assert_array_equal(np.asarray(multi["ids"])[0, j], np.asarray(one["ids"])[0, 0])
         np.testing.assert_allclose(np.asarray(multi["probs"])[0, j], np.asarray(one["probs"])[0, 0], rtol=1e-5)
+
+
+def test_quote_style_reads_in_order_and_ends_with_the_current_token():
+    ctx = np.array([0, 1, 2, 3, -1, -1])
+    text = selftext.self_text(_Tok(), ctx, 3, np.array([4, 5]), np.array([0.93, 0.031]), before=2, style="quote")
+    assert text == "The text ends with: \u00abhave the ability\u00bb. Next: \u00abto\u00bb 93%, \u00abof\u00bb 3%."
+    # the quote names the current token (its end) and is in the context; the predictions are not quotes
+    assert claims.names_current_token(text, " ability") == "exact"
+    assert claims.quote_claims(text, "We have the ability") == (1, 1, 0)
+    assert claims.names_prediction(text, " to") and not claims.names_prediction(text, " ability")
+    # at the document's start the quote holds what there is
+    assert selftext.self_text(_Tok(), ctx, 0, np.array([4]), np.array([1.0]), before=7, style="quote") == \
+        "The text ends with: \u00abWe\u00bb. Next: \u00abto\u00bb 100%."

@@ -32,11 +32,14 @@ def small_store(tmp_path_factory, real):
     return root
 
 
-def _run(store, *extra, env=None):
+def _run(store, *extra, env=None, teacher="target", splits="('av_sft','ar_sft')"):
+    """summarize on the smollm2 config; by default with the sampled teacher (the model writing prose)
+    over the SFT splits, which the config's own default (teacher="predict") replaced."""
     env = dict(os.environ, PYTHONPATH=REPO, NLA_COMPILE_CACHE=os.path.join(REPO, "build", "jax_cache"), **(env or {}))
     return subprocess.run([sys.executable, "-m", "nla_jax.summarize", "--config",
                            os.path.join(REPO, "configs", "smollm2_135m.py"), f"--config.data.store={store}",
-                           "--config.summarize.batch=2", "--config.summarize.max_new_tokens=8", *extra],
+                           "--config.summarize.batch=2", "--config.summarize.max_new_tokens=8",
+                           f"--config.summarize.teacher={teacher}", f"--config.summarize.splits={splits}", *extra],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -103,7 +106,8 @@ def test_predict_teacher_writes_the_targets_own_predictions(small_store, real, t
     from nla_jax.models import transformer
     store = str(tmp_path / "store")
     shutil.copytree(small_store, store, ignore=shutil.ignore_patterns("summaries.jsonl"))
-    r = _run(store, "--config.summarize.teacher=predict", "--config.summarize.predict_k=3")
+    r = _run(store, "--config.summarize.predict_k=3", "--config.summarize.predict_style=token",
+             "--config.summarize.before_tokens=3", teacher="predict")
     assert r.returncode == 0, r.stderr[-3000:]
     recs = _records(store)
     s = store_lib.open_store(store)
@@ -119,3 +123,33 @@ def test_predict_teacher_writes_the_targets_own_predictions(small_store, real, t
         cur = real.tok.decode([int(ctx[-1])]).strip()
         assert x["text"].startswith(f"Token \u00ab{cur}\u00bb") and "Next: \u00ab" in x["text"]
         assert x["text"].index("Next:") > x["text"].index(cur)
+
+
+def test_the_configs_default_warm_start_quotes_in_order_then_predicts(small_store, real, tmp_path):
+    """smollm2's default: teacher="predict", style "quote", 7 tokens before the current one, eval rows
+    summarised too: the text quotes the context's last 8 tokens (ending with the current token) and then
+    the target's predictions; every quoted span before "Next" is in the context."""
+    import shutil
+
+    from nla_jax.nla import claims
+    store = str(tmp_path / "store")
+    shutil.copytree(small_store, store, ignore=shutil.ignore_patterns("summaries.jsonl"))
+    env = dict(os.environ, PYTHONPATH=REPO, NLA_COMPILE_CACHE=os.path.join(REPO, "build", "jax_cache"))
+    r = subprocess.run([sys.executable, "-m", "nla_jax.summarize", "--config",
+                        os.path.join(REPO, "configs", "smollm2_135m.py"), f"--config.data.store={store}",
+                        "--config.summarize.batch=2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = _records(store)
+    s = store_lib.open_store(store)
+    assert sorted(x["row"] for x in recs) == sorted(np.concatenate(
+        [s.rows_of_split(k) for k in ("av_sft", "ar_sft", "eval")]).tolist())
+    for x in recs:
+        got = s.read(None, np.array([x["row"]]))
+        p = int(got["position"][0])
+        ctx = got["tokens"][0][:p + 1]
+        quote = " ".join(real.tok.decode(ctx[-8:].tolist()).split())
+        assert x["text"].startswith(f"The text ends with: \u00ab{quote}\u00bb. Next: \u00ab"), (x["text"], quote)
+        assert len(x["top_ids"]) == 3
+        assert claims.names_current_token(x["text"], real.tok.decode([int(ctx[-1])])) is not None
+        spans, exact, near = claims.quote_claims(x["text"], real.tok.decode(ctx.tolist()))
+        assert spans == exact == 1

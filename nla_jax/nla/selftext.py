@@ -8,7 +8,8 @@ is about to do: the NLA's purpose), last so that everything after "Next" is a pr
 (claims.names_prediction reads it so). Every claim in it is checkable against the context and
 the target's logits, so it cannot hallucinate by construction:
 
-    Token «ability» after «have the». Next: «to» 93%, «of» 3%, «,» 1%.
+    Token «ability» after «have the». Next: «to» 93%, «of» 3%, «,» 1%.                 (style "token")
+    The text ends with: «We have the ability». Next: «to» 93%, «of» 3%, «,» 1%.        (style "quote")
 
 The probabilities come from a full forward pass of the frozen target over the row's stored
 context (the same model, dtype and tokens as extraction; the pass is causal, so the tokens the
@@ -63,13 +64,20 @@ def percent(p: float) -> str:
     return "<1%" if p < 0.005 else f"{round(100 * p)}%"
 
 
-def self_text(tok, context: np.ndarray, position: int, ids: np.ndarray, probs: np.ndarray, before: int) -> str:
-    """The warm-start text of one row: the current token, the `before` tokens preceding it, then
-    the target's predictions (ids [k] with probs [k], most likely first)."""
+def self_text(tok, context: np.ndarray, position: int, ids: np.ndarray, probs: np.ndarray, before: int,
+              style: str = "token") -> str:
+    """The warm-start text of one row, then the target's predictions (ids [k] with probs [k], most
+    likely first). style="token": the current token, then the `before` tokens preceding it;
+    style="quote": the last `before` + 1 tokens in reading order, ending with the current token
+    (the reconstructor reads context the way the target did: on the quick corpus the AR recovers
+    far more from an in-order quote than from the token-first form, benchmarks/results)."""
+    preds = ", ".join(f"\u00ab{show(tok.decode([int(i)]))}\u00bb {percent(float(p))}" for i, p in zip(ids, probs))
+    if style == "quote":
+        last = tok.decode(np.asarray(context[max(0, position - before):position + 1]).tolist())
+        return f"The text ends with: \u00ab{' '.join(last.split()) or show(last)}\u00bb. Next: {preds}."
     text = f"Token \u00ab{show(tok.decode([int(context[position])]))}\u00bb"
     if before > 0 and position > 0:
         prev = tok.decode(np.asarray(context[max(0, position - before):position]).tolist()).strip()
         if prev:
             text += f" after \u00ab{' '.join(prev.split())}\u00bb"
-    preds = ", ".join(f"\u00ab{show(tok.decode([int(i)]))}\u00bb {percent(float(p))}" for i, p in zip(ids, probs))
     return f"{text}. Next: {preds}."
