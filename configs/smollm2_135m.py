@@ -55,8 +55,8 @@ def get_config(arg=None):
     cfg.rl.update(steps=300, batch=8, group_size=4)
 
     if "quick" in variants:
-        # 2-core CPU, ~30 min for the whole pipeline: the quick corpus, quote warm-start texts (no teacher
-        # sampling), short explanations, few steps.
+        # 2-core CPU: the quick corpus, the default's self-text warm start (one forward pass per document,
+        # no sampling), a 48-token explanation cap, few steps.
         cfg.data.sources = [{"kind": "jsonl", "path": "runs/quick_corpus/chat.jsonl", "name": "chat"},
                             {"kind": "jsonl", "path": "runs/quick_corpus/prose.jsonl", "name": "prose"}]
         cfg.data.store = "runs/smollm2_135m_quick/acts"
