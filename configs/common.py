@@ -86,6 +86,7 @@ def summarize(**kw) -> ml_collections.ConfigDict:
         predict_k=3,                 # teacher="predict": the target's top next tokens named, with probabilities
         before_tokens=3,             # teacher="predict": tokens before the current one quoted
         predict_style="token",       # teacher="predict": "token" (Token «x» after «...») | "quote" (in reading order)
+                                     # | "next_first" (the predictions, then the quote: ends with the current token)
         max_new_tokens=96,
         temperature=0.7,
         top_p=0.9,

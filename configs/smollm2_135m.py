@@ -14,7 +14,8 @@ target's 3 most likely next tokens with their probabilities,
 Variants (`:name`, comma-separated, e.g. `:quick,add`): quick (sized for a 2-core CPU); the warm-start
 ablations quote (only the 8-token quote, no predictions, 24-token quick cap: the earlier default)
 and tokenfirst ("Token «or» after «want something light». Next: ...": current token first, 3 tokens
-before it); and the ablations add (additive injection after block 1), beta0 / beta0.1 (KL coefficient), g8 (group
+before it) and nextfirst (the predictions, then the quote: "Next: «dark» 39%, ... The text ends
+with: «...»."); and the ablations add (additive injection after block 1), beta0 / beta0.1 (KL coefficient), g8 (group
 size 8), len16 / len32 (explanation cap), seqmean / drgrpo (loss aggregation), center (centred targets),
 proj (learned input projection), ridgehead / rawhead (AR head: ridge init / no input norm),
 scale80 (injection norm 80 instead of ~1.1x the mean norm), lastblocks (AV trains only its last
@@ -24,7 +25,7 @@ import ml_collections
 
 from configs import common
 
-VARIANTS = ("quick", "quote", "tokenfirst", "add", "beta0", "beta0.1", "g8", "len16", "len32", "seqmean", "drgrpo", "center", "proj", "ridgehead",
+VARIANTS = ("quick", "quote", "tokenfirst", "nextfirst", "add", "beta0", "beta0.1", "g8", "len16", "len32", "seqmean", "drgrpo", "center", "proj", "ridgehead",
             "rawhead", "scale80", "lastblocks")
 
 
@@ -79,6 +80,8 @@ def get_config(arg=None):
         cfg.summarize.teacher = "quote"
         if "quick" in variants:
             cfg.av.max_len = 24
+    if "nextfirst" in variants:
+        cfg.summarize.predict_style = "next_first"
     if "tokenfirst" in variants:
         cfg.summarize.predict_style, cfg.summarize.before_tokens = "token", 3
         if "quick" in variants:

@@ -76,6 +76,11 @@ def test_names_prediction(expl, token, want):
     ("The text ends with: \u00abthe next\u00bb", ("The text ends with: \u00abthe next\u00bb", "")),  # "next" quoted
     ("Ends \u00abthe next\u00bb. NEXT: \u00abday\u00bb", ("Ends \u00abthe next\u00bb. ", ": \u00abday\u00bb")),
     ("nothing predicted", ("nothing predicted", "")),
+    # the predictions are the sentence "next" starts; what follows it is about the context again
+    ("Next: \u00abto\u00bb 93%, \u00ab.\u00bb 2%. The text ends with: \u00abthe ability\u00bb.",
+     ("The text ends with: \u00abthe ability\u00bb.", ": \u00abto\u00bb 93%, \u00ab.\u00bb 2%.")),
+    ("The next word is \u00abto\u00bb! It follows \u00abability\u00bb", ("The It follows \u00abability\u00bb",
+                                                                        " word is \u00abto\u00bb!")),
 ])
 def test_split_predictions(expl, want):
     assert measure.split_predictions(expl) == want

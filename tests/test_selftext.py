@@ -69,6 +69,12 @@ def test_quote_style_reads_in_order_and_ends_with_the_current_token():
     assert claims.names_current_token(text, " ability") == "exact"
     assert claims.quote_claims(text, "We have the ability") == (1, 1, 0)
     assert claims.names_prediction(text, " to") and not claims.names_prediction(text, " ability")
+    # next_first: the predictions, then the same quote, so the text ends with the current token
+    nf = selftext.self_text(_Tok(), ctx, 3, np.array([4, 5]), np.array([0.93, 0.031]), before=2, style="next_first")
+    assert nf == "Next: \u00abto\u00bb 93%, \u00abof\u00bb 3%. The text ends with: \u00abhave the ability\u00bb."
+    assert claims.names_current_token(nf, " ability") == "exact"
+    assert claims.quote_claims(nf, "We have the ability") == (1, 1, 0)
+    assert claims.names_prediction(nf, " of") and not claims.names_prediction(nf, " ability")
     # at the document's start the quote holds what there is
     assert selftext.self_text(_Tok(), ctx, 0, np.array([4]), np.array([1.0]), before=7, style="quote") == \
         "The text ends with: \u00abWe\u00bb. Next: \u00abto\u00bb 100%."

@@ -101,7 +101,10 @@ def heldout_stage(run: Run, pairs: Sequence[tuple[str, dict, dict]], workdir: st
         c = res["checkpoints"][name]
         per_row[name] = {"own": fve(m_real)}
         if judge is not None:
-            j_real, j_shuf = fve(measure.score(run, judge[1], real, acts, batch)), fve(measure.score(run, judge[1], shuf, acts, batch))
+            if judge[1] is ar:      # the judge is this pair's own AR (the SFT pair): the same scores
+                j_real, j_shuf = fve(m_real), fve(m_shuf)
+            else:
+                j_real, j_shuf = fve(measure.score(run, judge[1], real, acts, batch)), fve(measure.score(run, judge[1], shuf, acts, batch))
             per_row[name]["judge"] = j_real
             c.update({"judge_real": ci(j_real), "judge_shuffled": ci(j_shuf),
                       "judge_real_minus_shuffled": ci(j_real - j_shuf),

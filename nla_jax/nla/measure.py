@@ -268,16 +268,26 @@ def quoted_spans(text: str) -> list[str]:
 
 
 _NEXT = re.compile(r"(?<!\w)next(?!\w)", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"[.!?]\s+")
 
 
 def split_predictions(text: str) -> tuple[str, str]:
-    """(what the text says about the context, its stated predictions): split at the first whole word
-    "next" (any case) outside a quoted span ("Next: «to» 93%", "the next word is likely to"). The
-    predictions are about a token that is not in the context yet, so quote and current-token checks
-    read only the first part; a text without such a "next" is all context claims."""
+    """(what the text says about the context, its stated predictions): the predictions run from the
+    first whole word "next" (any case) outside a quoted span ("Next: «to» 93%", "the next word is
+    likely to") to the end of its sentence (".", "!" or "?" outside a quote, then whitespace); what
+    follows that sentence is about the context again ("Next: «to» 93%. The text ends with: «…»").
+    The predictions are about a token that is not in the context yet, so quote and current-token
+    checks read only the context part; a text without such a "next" is all context claims."""
     quoted = [m.span() for m in _QUOTE_RE.finditer(text)]
+
+    def in_quote(i: int) -> bool:
+        return any(a <= i < b for a, b in quoted)
+
     for m in _NEXT.finditer(text):
-        if not any(a <= m.start() < b for a, b in quoted):
+        if not in_quote(m.start()):
+            for e in _SENTENCE_END.finditer(text, m.end()):
+                if not in_quote(e.start()):
+                    return text[:m.start()] + text[e.end():], text[m.end():e.start() + 1]
             return text[:m.start()], text[m.end():]
     return text, ""
 

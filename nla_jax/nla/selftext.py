@@ -10,6 +10,11 @@ the target's logits, so it cannot hallucinate by construction:
 
     Token «ability» after «have the». Next: «to» 93%, «of» 3%, «,» 1%.                 (style "token")
     The text ends with: «We have the ability». Next: «to» 93%, «of» 3%, «,» 1%.        (style "quote")
+    Next: «to» 93%, «of» 3%, «,» 1%. The text ends with: «We have the ability».        (style "next_first")
+
+"next_first" ends the text with the current token because the reconstructor reads the explanation
+at its last token: with the predictions last it recovers much less of the vector (WORKSPACE.md,
+"Warm starts compared").
 
 The probabilities come from a full forward pass of the frozen target over the row's stored
 context (the same model, dtype and tokens as extraction; the pass is causal, so the tokens the
@@ -70,11 +75,13 @@ def self_text(tok, context: np.ndarray, position: int, ids: np.ndarray, probs: n
     likely first). style="token": the current token, then the `before` tokens preceding it;
     style="quote": the last `before` + 1 tokens in reading order, ending with the current token
     (the reconstructor reads context the way the target did: on the quick corpus the AR recovers
-    far more from an in-order quote than from the token-first form, benchmarks/results)."""
+    far more from an in-order quote than from the token-first form); style="next_first": the
+    predictions, then that quote (the text ends with the current token, where the AR reads)."""
     preds = ", ".join(f"\u00ab{show(tok.decode([int(i)]))}\u00bb {percent(float(p))}" for i, p in zip(ids, probs))
-    if style == "quote":
+    if style in ("quote", "next_first"):
         last = tok.decode(np.asarray(context[max(0, position - before):position + 1]).tolist())
-        return f"The text ends with: \u00ab{' '.join(last.split()) or show(last)}\u00bb. Next: {preds}."
+        quote = f"The text ends with: \u00ab{' '.join(last.split()) or show(last)}\u00bb."
+        return f"{quote} Next: {preds}." if style == "quote" else f"Next: {preds}. {quote}"
     text = f"Token \u00ab{show(tok.decode([int(context[position])]))}\u00bb"
     if before > 0 and position > 0:
         prev = tok.decode(np.asarray(context[max(0, position - before):position]).tolist()).strip()
