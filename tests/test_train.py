@@ -163,7 +163,8 @@ def store(tmp_path_factory):
 
 
 def _build_store(tmp):
-    """The tiny store of these tests in directory tmp (80 documents, layer 0, quote summaries)."""
+    """The tiny store of these tests in directory tmp (80 documents, layer 0, quote summaries; the
+    eval rows' texts from the target's predictions)."""
     _corpus(tmp / "c.jsonl")
     root = str(tmp / "store")
     common = ["--config", TINY, f"--config.data.store={root}"]
@@ -174,6 +175,11 @@ def _build_store(tmp):
                        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     r = subprocess.run([sys.executable, "-m", "nla_jax.summarize", *common, "--config.summarize.teacher=quote"],
+                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # the eval rows get the target's own predictions (what the eval stage's top-1 claim check reads)
+    r = subprocess.run([sys.executable, "-m", "nla_jax.summarize", *common, "--config.summarize.teacher=predict",
+                        "--config.summarize.splits=('eval',)"],
                        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return root
@@ -244,6 +250,8 @@ def test_all_stages_finish_with_metrics_and_eval(e2e):
     assert set(ev["checkpoints"]) == {"after_sft", "after_rl"}
     for c in ev["checkpoints"].values():
         assert 0 <= c["names_current_token"]["mean"] <= 1 and "quotes_absent" in c
+        # the store recorded the target's predictions at the eval rows: its top-1 is looked for
+        assert 0 <= c["names_top1_prediction"]["mean"] <= 1
         for k in ("real", "shuffled", "real_minus_shuffled", "real_minus_floor", "judge_real",
                   "judge_real_minus_shuffled"):
             assert c[k]["lo"] <= c[k]["mean"] <= c[k]["hi"], (k, c[k])
@@ -257,6 +265,7 @@ def test_all_stages_finish_with_metrics_and_eval(e2e):
     # KL of the RL AV to the SFT AV along its own explanations; none for the SFT pair (it is the reference)
     assert rl["kl_to_ref_per_token"]["mean"] >= 0 and "kl_to_ref_per_token" not in sft
     assert _records(wd, "eval", "eval")
+    assert "names the top-1 next token" in e2e["first"].stdout + e2e["first"].stderr
 
 
 @pytest.mark.timeout(600)

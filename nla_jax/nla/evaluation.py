@@ -8,6 +8,8 @@ read by the live RL AR) it explains every evaluation activation (greedy unless e
             document), scored against the true activation: what the AR gets from the text
             alone when the text says nothing about this activation;
   zero      explanations of a zero vector: if these equal the real ones, injection failed.
+Claims (nla/claims.py): the current token named, quoted spans absent from the context and, where
+the store's warm-start texts recorded the target's predictions, its top-1 next token named.
 With a fixed judge (the trainer passes the SFT AR: trained once, on teacher text only, never on an
 AV's own explanations) every pair's explanations are also scored by that one frozen reader, and
 after RL - after SFT is reported paired by row under both readers. The live RL AR recalibrates to
@@ -29,6 +31,7 @@ import jax
 import numpy as np
 
 from nla_jax import fileio, paths, sampling
+from nla_jax.data import summaries as summaries_lib
 from nla_jax.nla import claims, measure
 from nla_jax.nla.run import Run
 
@@ -73,6 +76,11 @@ def heldout_stage(run: Run, pairs: Sequence[tuple[str, dict, dict]], workdir: st
     res = {"rows": int(len(rows)), "documents": int(len(np.unique(docs))), "var_nrm": var, "center": center,
            "floor": ci(fve(floor_mse)), "checkpoints": {}}
     examples = []
+    # the target's own top-1 next token at each row, where the store's warm-start texts recorded it
+    # (summarize.teacher="predict" with the eval split: smollm2's default); else no prediction claim
+    recs = summaries_lib.read_records(summaries_lib.path_in(run.cfg.data.store))
+    top1 = [recs[int(r)]["top_ids"][0] if recs.get(int(r), {}).get("top_ids") else None for r in rows]
+    top1 = None if any(t is None for t in top1) else [run.tokenizer.decode([int(t)]) for t in top1]
     per_row = {}                                                  # name -> {"own": fve [n], "judge": fve [n]}
     for name, av, ar in pairs:
         real = measure.explain_rows(run, av, acts, batch, sc, E.seed)
@@ -99,6 +107,9 @@ def heldout_stage(run: Run, pairs: Sequence[tuple[str, dict, dict]], workdir: st
             "quotes_absent": measure.ratio_ci(qc[:, 0] - qc[:, 1] - qc[:, 2], qc[:, 0], docs, E.n_boot, E.seed),
         }
         c = res["checkpoints"][name]
+        if top1 is not None:    # the target's top-1 next token among the explanation's stated predictions
+            c["names_top1_prediction"] = ci(np.array([claims.names_prediction(t_real[i], top1[i])
+                                                      for i in range(len(rows))], np.float64))
         per_row[name] = {"own": fve(m_real)}
         if judge is not None:
             if judge[1] is ar:      # the judge is this pair's own AR (the SFT pair): the same scores
@@ -145,6 +156,8 @@ def report(res: dict) -> str:
                   f"  {name + ': names the current token':34s} {f(c['names_current_token'])}",
                   f"  {name + ': quoted spans not in context':34s} "
                   + (f(c["quotes_absent"]) if c["quotes_absent"]["mean"] is not None else "n/a (no quotes)"),
+                  *([f"  {name + ': names the top-1 next token':34s} {f(c['names_top1_prediction'])}"]
+                    if "names_top1_prediction" in c else []),
                   f"  {name + ': extraction failures':34s} {c['extract_fail']:.2f}   mean length {c['expl_len']:.1f} tok"
                   f"   differs from zero-vector text {c['differs_from_zero']:.2f}"]
         if "judge_real" in c:
