@@ -6,16 +6,17 @@
 
 Block K=20 of 30 (about 2/3 of depth) is the residual stream the NLA explains.
 Warm start (summarize): the target's own text (nla/selftext.py), written from one forward pass per
-document, so nothing in it can be invented: the last 8 context tokens in reading order, then the
+document, so nothing in it can be invented: the current token, the 3 tokens before it, then the
 target's 3 most likely next tokens with their probabilities,
-    The text ends with: «, and do you want something light or». Next: «dark» 39%, «heavy» 20%, «light» 8%.
-(~38 SmolLM2 tokens; the 48-token quick cap fits the 99th percentile, 42, with the closing tag).
+    Token «or» after «want something light». Next: «dark» 39%, «heavy» 20%, «light» 8%.
+(~33 SmolLM2 tokens; the 44-token quick cap fits the 99th percentile, 37, with the closing tag).
+Chosen over the in-order forms by the quickstart comparison in WORKSPACE.md ("Warm starts compared").
 
 Variants (`:name`, comma-separated, e.g. `:quick,add`): quick (sized for a 2-core CPU); the warm-start
-ablations quote (only the 8-token quote, no predictions, 24-token quick cap: the earlier default)
-and tokenfirst ("Token «or» after «want something light». Next: ...": current token first, 3 tokens
-before it) and nextfirst (the predictions, then the quote: "Next: «dark» 39%, ... The text ends
-with: «...»."); and the ablations add (additive injection after block 1), beta0 / beta0.1 (KL coefficient), g8 (group
+ablations quote (only the 8-token quote, no predictions, 24-token quick cap), quotepredict (the last
+8 tokens in reading order, then the predictions: "The text ends with: «…». Next: …"; 48-token quick
+cap) and nextfirst (the predictions, then that quote: "Next: … The text ends with: «…»."; 48); and
+the ablations add (additive injection after block 1), beta0 / beta0.1 (KL coefficient), g8 (group
 size 8), len16 / len32 (explanation cap), seqmean / drgrpo (loss aggregation), center (centred targets),
 proj (learned input projection), ridgehead / rawhead (AR head: ridge init / no input norm),
 scale80 (injection norm 80 instead of ~1.1x the mean norm), lastblocks (AV trains only its last
@@ -25,7 +26,7 @@ import ml_collections
 
 from configs import common
 
-VARIANTS = ("quick", "quote", "tokenfirst", "nextfirst", "add", "beta0", "beta0.1", "g8", "len16", "len32", "seqmean", "drgrpo", "center", "proj", "ridgehead",
+VARIANTS = ("quick", "quote", "quotepredict", "nextfirst", "add", "beta0", "beta0.1", "g8", "len16", "len32", "seqmean", "drgrpo", "center", "proj", "ridgehead",
             "rawhead", "scale80", "lastblocks")
 
 
@@ -46,11 +47,11 @@ def get_config(arg=None):
     cfg.mesh = common.mesh((-1, 1, 1))
     cfg.rules = common.rules()
     cfg.data = common.data(store="runs/smollm2_135m/acts")
-    cfg.summarize = common.summarize(teacher="predict", predict_style="quote", before_tokens=7,
+    cfg.summarize = common.summarize(teacher="predict", predict_style="token", before_tokens=3,
                                      splits=("av_sft", "ar_sft", "eval"))   # eval too: the teacher baseline
     cfg.sample = common.sample()
     common.nla(cfg, workdir="runs/smollm2_135m/train")
-    cfg.av.max_len = 64      # the ~38-token warm start (p99 42) + closing tag, with room for RL to say more
+    cfg.av.max_len = 64      # the ~33-token warm start (p99 37) + closing tag, with room for RL to say more
     cfg.sft_av.update(steps=1500, batch=16)
     cfg.sft_ar.update(steps=1500, batch=32)
     cfg.rl.update(steps=300, batch=8, group_size=4)
@@ -62,7 +63,7 @@ def get_config(arg=None):
                             {"kind": "jsonl", "path": "runs/quick_corpus/prose.jsonl", "name": "prose"}]
         cfg.data.store = "runs/smollm2_135m_quick/acts"
         cfg.train.workdir = "runs/smollm2_135m_quick/train"
-        cfg.av.max_len = 48
+        cfg.av.max_len = 44      # the warm start's 99th percentile (37) + closing tag, a little room
         cfg.sft_av.update(steps=150, batch=8, eval_every=50, val_rows=64)
         cfg.sft_ar.update(steps=150, batch=16, eval_every=50, val_rows=128, ridge_rows=512)
         # failure reward -1 (not the release's -2): with a -2 failure the advantage contrast of one failed
@@ -80,12 +81,11 @@ def get_config(arg=None):
         cfg.summarize.teacher = "quote"
         if "quick" in variants:
             cfg.av.max_len = 24
-    if "nextfirst" in variants:
-        cfg.summarize.predict_style = "next_first"
-    if "tokenfirst" in variants:
-        cfg.summarize.predict_style, cfg.summarize.before_tokens = "token", 3
-        if "quick" in variants:
-            cfg.av.max_len = 44      # ~33 tokens, 99th percentile 37
+    for name, style in (("quotepredict", "quote"), ("nextfirst", "next_first")):
+        if name in variants:
+            cfg.summarize.predict_style, cfg.summarize.before_tokens = style, 7
+            if "quick" in variants:
+                cfg.av.max_len = 48      # ~38 tokens, 99th percentile 42
     # -- ablations: each one lever
     if "add" in variants:
         cfg.av.inject, cfg.av.add_after = "add", 1

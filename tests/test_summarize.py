@@ -125,13 +125,13 @@ def test_predict_teacher_writes_the_targets_own_predictions(small_store, real, t
         assert x["text"].index("Next:") > x["text"].index(cur)
 
 
-def test_the_configs_default_warm_start_quotes_in_order_then_predicts(small_store, real, tmp_path):
-    """smollm2's default: teacher="predict", style "quote", 7 tokens before the current one, eval rows
-    summarised too: the text quotes the context's last 8 tokens (ending with the current token) and then
-    the target's predictions; every quoted span before "Next" is in the context."""
+def test_the_configs_default_warm_start_names_the_token_then_predicts(small_store, real, tmp_path):
+    """smollm2's default: teacher="predict", style "token", 3 tokens before the current one, eval rows
+    summarised too: "Token «x» after «the three before». Next: «…» p%, …" with the target's 3
+    predictions; every quoted span before "Next" is in the context."""
     import shutil
 
-    from nla_jax.nla import claims
+    from nla_jax.nla import claims, selftext
     store = str(tmp_path / "store")
     shutil.copytree(small_store, store, ignore=shutil.ignore_patterns("summaries.jsonl"))
     env = dict(os.environ, PYTHONPATH=REPO, NLA_COMPILE_CACHE=os.path.join(REPO, "build", "jax_cache"))
@@ -147,9 +147,12 @@ def test_the_configs_default_warm_start_quotes_in_order_then_predicts(small_stor
         got = s.read(None, np.array([x["row"]]))
         p = int(got["position"][0])
         ctx = got["tokens"][0][:p + 1]
-        quote = " ".join(real.tok.decode(ctx[-8:].tolist()).split())
-        assert x["text"].startswith(f"The text ends with: \u00ab{quote}\u00bb. Next: \u00ab"), (x["text"], quote)
+        cur = real.tok.decode([int(ctx[-1])])
+        prev = " ".join(real.tok.decode(ctx[-4:-1].tolist()).split())
+        head = f"Token \u00ab{selftext.show(cur)}\u00bb" + (f" after \u00ab{prev}\u00bb" if prev else "")
+        assert x["text"].startswith(head + ". Next: \u00ab"), (x["text"], head)
         assert len(x["top_ids"]) == 3
-        assert claims.names_current_token(x["text"], real.tok.decode([int(ctx[-1])])) is not None
-        spans, exact, near = claims.quote_claims(x["text"], real.tok.decode(ctx.tolist()))
-        assert spans == exact == 1
+        if cur.strip():     # a whitespace token is written escaped ("\\n"), so it is not a quote of the context
+            assert claims.names_current_token(x["text"], cur) == "exact"
+            spans, exact, near = claims.quote_claims(x["text"], real.tok.decode(ctx.tolist()))
+            assert spans == exact == 1 + bool(prev)
