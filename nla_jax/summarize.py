@@ -15,8 +15,8 @@ summary: a small model's summaries rarely name them, the reconstructor needs the
 writes what it computed there: the current token, its `predict_k` most likely next tokens with
 probabilities, and the `before_tokens` tokens before it (nla/selftext.py; `predict_style` "token":
 current token first, "quote": the tokens in reading order, "next_first": the predictions, then the
-tokens in reading order); the record also keeps the prediction
-ids and probabilities ("top_ids", "top_probs").
+tokens in reading order); the record also keeps the prediction ids and probabilities ("top_ids",
+"top_probs").
 
 Output: STORE/summaries.jsonl, one {"row", "doc_id", "position", "text"} per line, append-only;
 a rerun skips rows already written and drops a half-written last line. `--import` validates
@@ -188,9 +188,9 @@ def predict_rows(store, tok, mcfg, params, todo: list[int], sc, out: str, mesh, 
     process 0 appends (a document's rows in row order)."""
     if int(sc.predict_k) < 1:
         raise UserError(f"config key summarize.predict_k={sc.predict_k} must be >= 1")
-    if sc.predict_style not in ("token", "quote", "next_first"):
-        raise UserError(f"config key summarize.predict_style={sc.predict_style!r}: expected 'token', 'quote' "
-                        f"or 'next_first'")
+    if sc.predict_style not in selftext.STYLES:
+        raise UserError(f"config key summarize.predict_style={sc.predict_style!r}: expected one of "
+                        f"{', '.join(map(repr, selftext.STYLES))}")
     lead = jax.process_index() == 0
     mine = sharding.batch_layout(mesh, rules).local_positions(batch)
     todo_a = np.asarray(todo, np.int64)

@@ -34,12 +34,14 @@ def small_store(tmp_path_factory, real):
 
 def _run(store, *extra, env=None, teacher="target", splits="('av_sft','ar_sft')"):
     """summarize on the smollm2 config; by default with the sampled teacher (the model writing prose)
-    over the SFT splits, which the config's own default (teacher="predict") replaced."""
+    over the SFT splits, which the config's own default (teacher="predict") replaced; teacher=None /
+    splits=None keep the config's own."""
     env = dict(os.environ, PYTHONPATH=REPO, NLA_COMPILE_CACHE=os.path.join(REPO, "build", "jax_cache"), **(env or {}))
+    chosen = ([f"--config.summarize.teacher={teacher}"] if teacher is not None else []) + \
+        ([f"--config.summarize.splits={splits}"] if splits is not None else [])
     return subprocess.run([sys.executable, "-m", "nla_jax.summarize", "--config",
                            os.path.join(REPO, "configs", "smollm2_135m.py"), f"--config.data.store={store}",
-                           "--config.summarize.batch=2", "--config.summarize.max_new_tokens=8",
-                           f"--config.summarize.teacher={teacher}", f"--config.summarize.splits={splits}", *extra],
+                           "--config.summarize.batch=2", "--config.summarize.max_new_tokens=8", *chosen, *extra],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -134,10 +136,7 @@ def test_the_configs_default_warm_start_names_the_token_then_predicts(small_stor
     from nla_jax.nla import claims, selftext
     store = str(tmp_path / "store")
     shutil.copytree(small_store, store, ignore=shutil.ignore_patterns("summaries.jsonl"))
-    env = dict(os.environ, PYTHONPATH=REPO, NLA_COMPILE_CACHE=os.path.join(REPO, "build", "jax_cache"))
-    r = subprocess.run([sys.executable, "-m", "nla_jax.summarize", "--config",
-                        os.path.join(REPO, "configs", "smollm2_135m.py"), f"--config.data.store={store}",
-                        "--config.summarize.batch=2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    r = _run(store, teacher=None, splits=None)     # the config's own warm start (max_new_tokens: sampling only)
     assert r.returncode == 0, r.stderr[-3000:]
     recs = _records(store)
     s = store_lib.open_store(store)
@@ -156,3 +155,13 @@ def test_the_configs_default_warm_start_names_the_token_then_predicts(small_stor
             assert claims.names_current_token(x["text"], cur) == "exact"
             spans, exact, near = claims.quote_claims(x["text"], real.tok.decode(ctx.tolist()))
             assert spans == exact == 1 + bool(prev)
+
+
+def test_an_unknown_predict_style_is_one_line_and_writes_nothing(small_store, tmp_path):
+    import shutil
+    store = str(tmp_path / "store")
+    shutil.copytree(small_store, store, ignore=shutil.ignore_patterns("summaries.jsonl"))
+    r = _run(store, "--config.summarize.predict_style=prose", teacher="predict")
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "config key summarize.predict_style='prose': expected one of 'token', 'quote', 'next_first'" in r.stderr
+    assert "Traceback" not in r.stderr and not os.path.exists(os.path.join(store, "summaries.jsonl"))

@@ -32,6 +32,9 @@ from nla_jax.models import transformer
 from nla_jax.nla import steps
 
 
+STYLES = ("token", "quote", "next_first")   # summarize.predict_style: the text forms self_text writes
+
+
 @functools.lru_cache(maxsize=8)
 def _top_fn(cfg, k: int, compute_dtype):
     def f(params, tokens, pos):
