@@ -165,8 +165,9 @@ def nla(cfg: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDi
     ))
     cfg.eval = ml_collections.ConfigDict(dict(
         rows=128, split="eval", temperature=0.0, n_examples=4, n_boot=1000, seed=0,
+        batch=16,                   # rows per compiled batch (explain, AR, KL; downstream in evaluate)
+        zero_rows=32,               # eval stage: zero-vector explanations (the injection check) on this many rows; 0 = all
         # -- `python -m nla_jax.evaluate` only (the trainer's eval stage ignores these)
-        batch=16,                   # rows per compiled batch (explain, AR, KL, downstream)
         context_tokens=16,          # raw-context baseline: the last N tokens up to the position, read by the AR
         quote_window=0,             # quote hallucinations: tokens up to the position that count as context; 0 = all
         position_bins=4,            # fve by token position: equal-count bins of the evaluated positions

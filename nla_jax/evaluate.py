@@ -18,7 +18,7 @@ explanation - floor and explanation - shuffled (per-row differences on the same 
 bootstrap (eval.n_boot) for ratios of totals (loss recovered, quote rate, KL per token):
   fve_nrm and cosine of the AR reading the AV's explanation (greedy unless eval.temperature > 0),
     beside: the renormalised-mean floor; the unnormalised training mean (fve ~0: a check);
-    shuffled activations (explanations of other documents' rows, same AR); the empty explanation;
+    shuffled activations (explanations of other documents' rows, reordered, same AR); the empty explanation;
     the raw context (last eval.context_tokens tokens, decoded, read by the AR as an explanation);
     the teacher summary (rows that have one in the summaries file), with the explanation on the
     same rows;
@@ -162,8 +162,7 @@ def evaluate_pair(p, D: dict, E, bar) -> dict:
     with sharding.use_mesh(run.mesh, run.rules):
         bar.set_postfix_str("explain")
         real = measure.explain_rows(run, p.av, acts, B, sc, E.seed, tick)
-        bar.set_postfix_str("explain shuffled")
-        shuf = measure.explain_rows(run, p.av, acts[perm], B, sc, E.seed, tick)
+        shuf = measure.permuted(real, perm)          # explanations of other documents' rows
         bar.set_postfix_str("reconstruct")
         pred = measure.reconstruct(run, p.ar, real["tokens"], real["expl_len"], B, tick)
         pred_shuf = measure.reconstruct(run, p.ar, shuf["tokens"], shuf["expl_len"], B, tick)
@@ -326,7 +325,7 @@ def compare_to_first(results: list[dict], docs: np.ndarray) -> None:
 
 def total_batches(n: int, n_teacher: int, E) -> int:
     nb = measure.n_batches(n, int(E.batch))
-    return 5 * nb + 1 + (measure.n_batches(n_teacher, int(E.batch)) if n_teacher else 0) + nb * bool(E.kl_ref) \
+    return 4 * nb + 1 + (measure.n_batches(n_teacher, int(E.batch)) if n_teacher else 0) + nb * bool(E.kl_ref) \
         + nb * bool(E.downstream)
 
 

@@ -90,7 +90,36 @@ def test_av_logprobs_grouped_equal_repeated(tiny_llama):
     extra = av_lib.init_extra(cfg.d_model, True)
     for mode in ("replace", "add"):
         spec = dataclasses.replace(base, mode=mode)
-        want = av_lib.logprobs(params, extra, cfg, spec, jnp.repeat(acts, G, 0), targets)
+        want = av_lib.logprobs(params, extra, cfg, spec, jnp.repeat(acts, G, 0), targets, share_prefix=False)
         got = av_lib.logprobs(params, extra, cfg, spec, acts, targets, group=G)
         assert got.shape == want.shape == (B * G, 6)
         assert np.abs(np.asarray(got) - np.asarray(want)).max() <= 1e-4, mode  # log-probs ~ -6: TOL relative
+
+
+def test_av_logprobs_shared_prefix_equal_per_row(tiny_llama):
+    """SFT's teacher forcing runs the prompt's tokens before the marker once for the whole batch
+    (they cannot see the injected vector): log-probs and gradients (model and input projection)
+    equal the per-row pass, in both injection modes, with a prefix of one token or several."""
+    from nla_jax.nla import av as av_lib
+    cfg, params, _ = tiny_llama
+    B, L = 4, 7
+    acts = jax.random.normal(jax.random.key(5), (B, cfg.d_model))
+    targets = jax.random.randint(jax.random.key(6), (B, L), 3, cfg.vocab_size)
+    w = jax.random.normal(jax.random.key(7), (B, L))
+    extra = jax.tree.map(lambda a: a + 0.01 * jax.random.normal(jax.random.key(8), a.shape),
+                         av_lib.init_extra(cfg.d_model, True))
+    for prompt, marker_pos in (((1, 40, 41, 300, 42, 43), 3), ((300, 42, 43, 44), 0), ((1, 300, 42), 1)):
+        for mode in ("replace", "add"):
+            spec = av_lib.AVSpec(prompt=prompt, marker_pos=marker_pos, marker_id=300, closer=(50,), eos=2, mode=mode,
+                                 add_after=0, inject_norm=4.0, center=False, max_len=L)
+
+            def loss(p, e, share):
+                lp = av_lib.logprobs(p, e, cfg, spec, acts, targets, remat=True, share_prefix=share)
+                return jnp.sum(lp * w), lp
+
+            (_, got), g1 = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, extra, True)
+            (_, want), g0 = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, extra, False)
+            assert got.shape == want.shape == (B, L)
+            assert np.abs(np.asarray(got) - np.asarray(want)).max() <= 1e-4, (marker_pos, mode)  # log-probs ~ -6
+            for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(g1)[0], jax.tree.leaves(g0)):
+                assert rel_err(a, b) <= TOL, (marker_pos, mode, jax.tree_util.keystr(path))

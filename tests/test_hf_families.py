@@ -100,6 +100,21 @@ def test_grouped_forward_equals_plain(fam):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
 
 
+def test_av_logprobs_shared_prefix_equals_per_row(fam):
+    """The SFT pass that runs the prompt before the marker once for the batch equals the per-row
+    pass on every family (Gemma-3: embedding scale, sliding layers, four norms per block)."""
+    from nla_jax.nla import av as av_lib
+    cfg, params, _ = fam
+    prompt = tuple(_ids(cfg, 9, 3))
+    spec = av_lib.AVSpec(prompt=prompt, marker_pos=5, marker_id=prompt[5], closer=(prompt[0],), eos=prompt[1],
+                         mode="replace", add_after=0, inject_norm=4.0, center=False, max_len=6)
+    acts = jax.random.normal(jax.random.key(1), (3, cfg.d_model))
+    targets = jnp.asarray([_ids(cfg, 6, 20 + i) for i in range(3)], jnp.int32)
+    got = av_lib.logprobs(params, {}, cfg, spec, acts, targets, share_prefix=True)
+    want = av_lib.logprobs(params, {}, cfg, spec, acts, targets, share_prefix=False)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
 def test_injected_row_is_in_residual_units(tiny_gemma3):
     """Gemma multiplies looked-up rows by sqrt(d); an injected vector replaces the row after that."""
     cfg, params, _ = tiny_gemma3

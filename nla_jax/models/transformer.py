@@ -504,7 +504,7 @@ def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, *, valid: jax.A
 
 def forward_grouped(params: Params, prompt: jax.Array, valid: jax.Array, completion: jax.Array, cfg: ModelConfig,
                     *, group: int, override: Override | None = None, add_after: int | None = None,
-                    remat: bool = False) -> jax.Array:
+                    remat: bool = False, override_in: str = "prompt", logits_from: int = 0) -> jax.Array:
     """Logits of G continuations per prompt, running each shared prompt once.
 
     prompt, valid: [B, P] (left-padded); completion: [B*G, C] int, rows b*G..b*G+G-1 continuing
@@ -513,8 +513,14 @@ def forward_grouped(params: Params, prompt: jax.Array, valid: jax.Array, complet
     rows with logits_from=P-1, but the prompt's blocks run for B rows instead of B*G: the
     completions attend to the prompt's keys/values repeated over the group (the gradient sums
     back through the repeat). A GRPO step's forward+backward shrinks by the prompt's share.
-    `override` / `add_after` act on the prompt, as in `forward`.
+    `override` / `add_after` act on the prompt, as in `forward`; with override_in="completion" they
+    act on the completion rows instead (their positions counted from the completion's start: a
+    prefix shared by the whole batch, then each row's own injected vector). logits_from=j returns
+    only [N, 1 + C - j, V], from output position j (no unembedding where no logits are wanted).
     """
+    if override_in not in ("prompt", "completion"):
+        raise ValueError(f"override_in={override_in!r}: expected 'prompt' or 'completion'")
+    on_prompt = override_in == "prompt"
     B, P = prompt.shape
     N, C = completion.shape
     positions_p = positions_from_mask(valid)                          # [B, P]
@@ -551,19 +557,20 @@ def forward_grouped(params: Params, prompt: jax.Array, valid: jax.Array, complet
         return _scan_layers(body, carry, _with_kinds(cfg, layers, a, b, tab_p))[0]
 
     n = cfg.n_layers
-    xp = embed(params, prompt, None if add_after is not None else override, cfg)
-    carry = (xp, embed(params, completion, cfg=cfg))
+    embed_ov = None if add_after is not None else override
+    xp = embed(params, prompt, embed_ov if on_prompt else None, cfg)
+    carry = (xp, embed(params, completion, None if on_prompt else embed_ov, cfg))
     if add_after is not None:
         if override is None:
             raise ValueError("add_after needs an override")
         xp, xc = run(carry, 0, add_after + 1)
-        carry = (add_at(xp, override), xc)
+        carry = (add_at(xp, override), xc) if on_prompt else (xp, add_at(xc, override))
         carry = run(carry, add_after + 1, n)
     else:
         carry = run(carry, 0, n)
     xp, xc = carry
     h = jnp.concatenate([jnp.repeat(xp[:, -1:], group, axis=0), xc], axis=1)   # [N, 1 + C, d]
-    return unembed(cfg, params, h)
+    return unembed(cfg, params, h[:, logits_from:])
 
 
 # ----------------------------------------------------------------------------- compile boundary

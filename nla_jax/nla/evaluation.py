@@ -5,9 +5,11 @@ read by the live RL AR) it explains every evaluation activation (greedy unless e
 > 0) and scores the text by the AR. Beside it, always:
   floor     the renormalised mean of the training vectors as a constant prediction;
   shuffled  explanations of *other rows'* activations (a permutation that never keeps a
-            document), scored against the true activation: what the AR gets from the text
-            alone when the text says nothing about this activation;
-  zero      explanations of a zero vector: if these equal the real ones, injection failed.
+            document; the real explanations reordered, no second decode), scored against the
+            true activation: what the AR gets from the text alone when the text says nothing
+            about this activation;
+  zero      explanations of a zero vector on eval.zero_rows of the rows (a check, not a
+            measurement): if these equal the real ones, injection failed.
 Claims (nla/claims.py): the current token named, quoted spans absent from the context and, where
 the store's warm-start texts recorded the target's predictions, its top-1 next token named.
 With a fixed judge (the trainer passes the SFT AR: trained once, on teacher text only, never on an
@@ -72,7 +74,7 @@ def heldout_stage(run: Run, pairs: Sequence[tuple[str, dict, dict]], workdir: st
     perm = measure.derangement_by_doc(docs, E.seed)
     sc = sampling.SampleConfig(max_new_tokens=run.ctx.av.max_len, temperature=max(E.temperature, 1e-6),
                                greedy=E.temperature <= 0)
-    batch = eval_batch(len(rows), run.cfg.rl.batch * run.cfg.rl.group_size, run.batch_shards)
+    batch = eval_batch(len(rows), int(E.batch), run.batch_shards)
     res = {"rows": int(len(rows)), "documents": int(len(np.unique(docs))), "var_nrm": var, "center": center,
            "floor": ci(fve(floor_mse)), "checkpoints": {}}
     examples = []
@@ -82,12 +84,18 @@ def heldout_stage(run: Run, pairs: Sequence[tuple[str, dict, dict]], workdir: st
     top1 = [recs[int(r)]["top_ids"][0] if recs.get(int(r), {}).get("top_ids") else None for r in rows]
     top1 = None if any(t is None for t in top1) else [run.tokenizer.decode([int(t)]) for t in top1]
     per_row = {}                                                  # name -> {"own": fve [n], "judge": fve [n]}
+    first_of_doc = np.unique(docs, return_index=True)[1]
+    example_idx = sorted(first_of_doc)[:E.n_examples]                     # one example per document
+    # the zero-vector check on the examples' rows and the first rows up to eval.zero_rows (0: all)
+    zero_idx = np.arange(len(rows)) if E.zero_rows <= 0 else \
+        np.union1d(example_idx, np.arange(min(E.zero_rows, len(rows)))).astype(np.int64)
     for name, av, ar in pairs:
         real = measure.explain_rows(run, av, acts, batch, sc, E.seed)
-        shuf = measure.explain_rows(run, av, acts[perm], batch, sc, E.seed)
-        zero = measure.explain_rows(run, av, np.zeros_like(acts), batch, sc, E.seed)
+        shuf = measure.permuted(real, perm)
+        zero = measure.explain_rows(run, av, np.zeros_like(acts[zero_idx]), batch, sc, E.seed)
         m_real, m_shuf = measure.score(run, ar, real, acts, batch), measure.score(run, ar, shuf, acts, batch)
-        t_real, t_zero, t_shuf = (measure.decode_explanations(run.tokenizer, e) for e in (real, zero, shuf))
+        t_real, t_shuf = (measure.decode_explanations(run.tokenizer, e) for e in (real, shuf))
+        t_zero = dict(zip(zero_idx.tolist(), measure.decode_explanations(run.tokenizer, zero)))   # row index -> text
         tok, toks, pos = run.tokenizer, got["tokens"], got["position"]
         named = [claims.names_current_token(t_real[i], tok.decode([int(toks[i][pos[i]])])) for i in range(len(rows))]
         qc = np.array([claims.quote_claims(t_real[i], measure.context_text(tok, toks[i], int(pos[i]), E.quote_window))
@@ -99,7 +107,8 @@ def heldout_stage(run: Run, pairs: Sequence[tuple[str, dict, dict]], workdir: st
             "real_minus_floor": ci(fve(m_real) - fve(floor_mse)),
             "extract_fail": float(1 - real["ok"].mean()),
             "expl_len": float(real["expl_len"][real["ok"]].mean()) if real["ok"].any() else 0.0,
-            "differs_from_zero": float(np.mean([a != b for a, b in zip(t_real, t_zero)])),
+            "differs_from_zero": float(np.mean([t_real[i] != t for i, t in t_zero.items()])),
+            "zero_rows": int(len(zero_idx)),
             "differs_from_shuffled": float(np.mean([a != b for a, b in zip(t_real, t_shuf)])),
             "distinct_explanations": int(len(set(t_real))),
             # claim accuracy (nla/claims.py): the current token named (exact or near), quoted spans not in context
@@ -123,8 +132,7 @@ def heldout_stage(run: Run, pairs: Sequence[tuple[str, dict, dict]], workdir: st
         if ref_av is not None and av is not ref_av:
             kl = measure.av_kl_rows(run, av, ref_av, acts, real, batch)
             c["kl_to_ref_per_token"] = measure.ratio_ci(kl["kl_sum"], kl["tokens"], docs, E.n_boot, E.seed)
-        first_of_doc = np.unique(docs, return_index=True)[1]
-        for i in sorted(first_of_doc)[:E.n_examples]:  # one example per document
+        for i in example_idx:
             ctx_text = measure.context_text(run.tokenizer, got["tokens"][i], int(got["position"][i]), CONTEXT_TOKENS)
             examples.append({"checkpoint": name, "row": int(rows[i]), "context": ctx_text, "explanation": t_real[i],
                              "fve": float(fve(m_real[i])), "zero_vector_explanation": t_zero[i]})

@@ -122,6 +122,13 @@ def explain_rows(run: Run, av: dict, acts: np.ndarray, batch: int, sc: sampling.
                    progress, with_offset=True)
 
 
+def permuted(out: dict[str, np.ndarray], perm: np.ndarray) -> dict[str, np.ndarray]:
+    """explain_rows' per-row arrays reordered: row i gets row perm[i]'s explanation. The shuffled
+    control is "the explanation of another row's activation", which the real decode already wrote
+    (greedy: exactly what decoding acts[perm] would give), so it costs no second decode."""
+    return {k: np.asarray(v)[perm] for k, v in out.items()}
+
+
 @functools.lru_cache(maxsize=16)
 def _predict_wrapped_fn(ctx: steps.Ctx):
     def f(ar, tokens, valid, read_at):
@@ -315,16 +322,11 @@ def _av_kl_fn(ctx: steps.Ctx):
         """Exact per-token KL(av || ref) over the vocabulary along given explanation tokens (teacher
         forced): per-row sum over the first `lengths` generated tokens, and that count."""
         b, L = tokens.shape
-        P = len(ctx.av.prompt)
-        prompt = jnp.broadcast_to(jnp.asarray(ctx.av.prompt, jnp.int32), (b, P))
-        inp = jnp.concatenate([prompt, tokens[:, :-1].astype(jnp.int32)], axis=1)
 
         def logp(p):
             p = steps.for_compute(p, ctx)
-            ov = av_lib.override(ctx.av, acts, p["extra"], mean)
-            out = transformer.forward(p["model"], inp, ctx.cfg, override=ov, add_after=av_lib.add_after(ctx.av),
-                            logits_from=P - 1)
-            return jax.nn.log_softmax(out["logits"].astype(jnp.float32), axis=-1)  # [b, L, V]
+            logits = av_lib.teacher_logits(p["model"], p["extra"], ctx.cfg, ctx.av, acts, tokens, mean)
+            return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)           # [b, L, V]
 
         lp, lq = logp(av), logp(ref)
         kl = jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1)                           # [b, L]
