@@ -76,8 +76,8 @@ def main(argv=None) -> int:
     perm = measure.derangement_by_doc(docs, E.seed)
     res = {"config": args.config, "store": cfg.data.store, "layer": int(cfg.model.layer), "rows": int(len(rows)),
            "documents": int(len(np.unique(docs))),
-           "command": f".venv/bin/python benchmarks/lens_top1.py --config {args.config}"
-                      + (f" --name {args.name}" if args.name else "")}
+           "command": " ".join([".venv/bin/python benchmarks/lens_top1.py", f"--config {args.config}",
+                                *(f"--config.{o}" for o in overrides), *([f"--name {args.name}"] if args.name else [])])}
     ids = lens_topk(run, acts, max(KS))                                       # [n, 10]
     ids_shuf = ids[perm]
     for k in KS:

@@ -195,8 +195,8 @@ def teacher_logits(params, extra, cfg: ModelConfig, spec: AVSpec, acts: jax.Arra
     prompt runs once for its group (`transformer.forward_grouped`; same values, fewer FLOPs).
     group=1 with share_prefix: the prompt's tokens before the marker are the same in every row and
     cannot see the injected vector (causal), so they run once for the whole batch and each row
-    runs only from the marker on (same values; SmolLM2's chat template puts 30 of the prompt's 48
-    tokens there: an SFT step at the quick cap takes ~20% less time, benchmarks in WORKSPACE).
+    runs only from the marker on (same values; SmolLM2's chat template puts 27 of the prompt's 50
+    tokens there: forward + backward 1.28x faster at the quick shapes, benchmarks/sft_speed.py).
     """
     b, L = targets.shape
     P = len(spec.prompt)
