@@ -61,6 +61,8 @@ def data(**kw) -> ml_collections.ConfigDict:
         batch=8,             # documents per global extraction batch (rounded up to whole batch shards)
         seq_multiple=64,     # pad batches to a multiple of this length (few compiled shapes)
         chunk_rows=256,
+        top_k=0,             # store the target's top_k next tokens (ids + probabilities) per row, from the same
+                             # forward pass (the blocks after K run too); summarize's "predict" warm start reads them
     )
     base.update(kw)
     return ml_collections.ConfigDict(base)

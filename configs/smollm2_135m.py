@@ -46,7 +46,9 @@ def get_config(arg=None):
     ))
     cfg.mesh = common.mesh((-1, 1, 1))
     cfg.rules = common.rules()
-    cfg.data = common.data(store="runs/smollm2_135m/acts")
+    # top_k: extraction stores the target's 5 most likely next tokens per row from its own forward pass,
+    # and the warm start (summarize.predict_k=3) is written from them without a second pass
+    cfg.data = common.data(store="runs/smollm2_135m/acts", top_k=5)
     cfg.summarize = common.summarize(teacher="predict", predict_style="token", before_tokens=3,
                                      splits=("av_sft", "ar_sft", "eval"))   # eval too: the teacher baseline
     cfg.sample = common.sample()

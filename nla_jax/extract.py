@@ -34,6 +34,7 @@ from nla_jax.data import store as store_lib
 from nla_jax.data.store import ledger as ledger_lib
 from nla_jax.errors import UserError
 from nla_jax.models import transformer as T
+from nla_jax.nla import selftext
 
 CODE_VERSION = "extract-v1"
 
@@ -59,6 +60,8 @@ def data_meta(cfg, mcfg, checksum: str) -> dict:
         "splits": [[n, float(f)] for n, f in d.splits], "split_names": [n for n, _ in d.splits],
         "code_version": CODE_VERSION,
     }
+    if int(d.get("top_k", 0)):   # absent when 0: a store without predictions keeps its fingerprint
+        meta["top_k"] = int(d.top_k)
     meta["fingerprint"] = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
     return meta
 
@@ -87,6 +90,9 @@ def extract(cfg, args) -> int:
     positions.check_fractions([(n, f) for n, f in d.splits])
     if d.dtype not in store_lib.DTYPES:
         raise UserError(f"config key data.dtype={d.dtype!r}: expected one of {', '.join(sorted(store_lib.DTYPES))}")
+    top_k = int(d.get("top_k", 0))
+    if top_k < 0:
+        raise UserError(f"config key data.top_k={top_k}: expected >= 0 (0: store no next-token predictions)")
     if d.k < 1 or d.min_position < 1 or d.max_len <= d.min_position:
         raise UserError(f"config data: need k >= 1 and 1 <= min_position < max_len, got k={d.k}, "
                         f"min_position={d.min_position}, max_len={d.max_len}")
@@ -94,6 +100,8 @@ def extract(cfg, args) -> int:
     mcfg, params, tok = weights.load_from_config(cfg.model, mesh, cfg.rules)
     if tok is None:
         raise UserError(f"model source {cfg.model.source!r} has no tokenizer; extraction needs one")
+    if top_k > mcfg.vocab_size:
+        raise UserError(f"config key data.top_k={top_k}: more than the model's vocabulary ({mcfg.vocab_size})")
     meta = data_meta(cfg, mcfg, weights.model_checksum(cfg.model.source))
 
     docs, stats = corpus.load_corpus([dict(s) for s in d.sources])
@@ -112,7 +120,7 @@ def extract(cfg, args) -> int:
     _check_part_layout(d.store, pid, want_layout)
     writer = store_lib.PartWriter.create_or_resume(d.store, pid, d=mcfg.d_model, dtype=d.dtype,
                                                    capacity=max(1, own.rows), ctx_len=d.max_len,
-                                                   chunk_rows=d.chunk_rows, meta=meta)
+                                                   chunk_rows=d.chunk_rows, meta=meta, top_k=top_k)
     mine_next = int(writer.cursor.get("next_step", 0))
     # every process runs the same steps (SPMD): from the slowest part's cursor on; a part that is
     # further along skips the writes it has already committed
@@ -130,12 +138,20 @@ def extract(cfg, args) -> int:
     pos_sh = sharding.named_sharding(("batch", None), None, mesh, cfg.rules)
     acts_sh = sharding.named_sharding(("batch", None, None), None, mesh, cfg.rules)
 
-    def gather_acts(params, tokens, valid, pos):
+    def gather_rows(params, tokens, valid, pos):
+        """Block K's residual at each document's k positions ({"acts": [b, k, d]}) and, with
+        data.top_k > 0, the target's top next tokens there from the same pass (the blocks after K
+        run on; {"ids", "probs": [b, k, top_k]})."""
         with sharding.use_mesh(mesh, cfg.rules):
-            h = T.forward(params, tokens, mcfg, valid=valid, capture_layer=K, logits=False)["hidden"]
-        return jnp.take_along_axis(h, pos[..., None], axis=1).astype(jnp.float32)  # [b, k, d]
+            h = T.forward(params, tokens, mcfg, valid=valid, capture_layer=K, logits=False)["hidden"]  # [b, s, d]
+            out = {"acts": jnp.take_along_axis(h, pos[..., None], axis=1).astype(jnp.float32)}     # [b, k, d]
+            if top_k:
+                x = T.run_blocks(mcfg, params["layers"], h, T.positions_from_mask(valid), T.causal_mask(valid),
+                                 K + 1, mcfg.n_layers, False, valid)                                # [b, s, d]
+                out.update(selftext.top_at(params, mcfg, x, pos, top_k))
+        return out
 
-    step_fn = jax.jit(gather_acts, out_shardings=acts_sh)
+    step_fn = jax.jit(gather_rows, out_shardings={"acts": acts_sh, **({"ids": acts_sh, "probs": acts_sh} if top_k else {})})
     per = B // layout.shards
     owned_at = [layout.held.index(s) for s in layout.owned]   # owned shards among the held ones
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # writes overlap the next forward
@@ -152,14 +168,18 @@ def extract(cfg, args) -> int:
         toks, valid, pos, pos_valid = plan_lib.pad_batch(fed, len(layout.held) * per, d.seq_multiple, d.k, longest)
         g = [distributed.global_batch(x, sh, B) for x, sh in
              ((toks, batch_sh), (valid, batch_sh), (pos, pos_sh))]
-        acts = distributed.local_rows(step_fn(params, *g))  # [held * per, k, d] the held shards' rows
+        got = {name: distributed.local_rows(x) for name, x in step_fn(params, *g).items()}  # the held shards' rows
+        acts = got["acts"]                                                                  # [held * per, k, d]
         if pending is not None:
             pending.result()
         written = plan_lib.block_docs(docs, layout.owned, B, layout.shards)
         if written and step >= mine_next:
             sel = np.concatenate([np.arange(i * per, (i + 1) * per) for i in owned_at])[:len(written)]
             rows = _rows(written, acts[sel], pos_valid[sel], d.max_len)
-            pending = pool.submit(writer.append, *rows, cursor=dict(want_layout, next_step=step + 1))
+            top = {}
+            if top_k:   # [rows, top_k] each, in _rows' order (document, then position)
+                top = {f"top_{name}": got[name][sel][pos_valid[sel]] for name in ("ids", "probs")}
+            pending = pool.submit(writer.append, *rows, cursor=dict(want_layout, next_step=step + 1), **top)
             rows_done += len(rows[1])
         bar.update(1)
         bar.set_postfix(rows_s=f"{rows_done / (time.perf_counter() - t0):.1f}")

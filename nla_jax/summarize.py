@@ -16,7 +16,8 @@ writes what it computed there: the current token, its `predict_k` most likely ne
 probabilities, and the `before_tokens` tokens before it (nla/selftext.py; `predict_style` "token":
 current token first, "quote": the tokens in reading order, "next_first": the predictions, then the
 tokens in reading order); the record also keeps the prediction ids and probabilities ("top_ids",
-"top_probs").
+"top_probs"). When the store holds extraction's own predictions (data.top_k >= predict_k) the texts
+are written from them with the tokenizer alone; otherwise the target runs once more over the rows.
 
 Output: STORE/summaries.jsonl, one {"row", "doc_id", "position", "text"} per line, append-only;
 a rerun skips rows already written and drops a half-written last line. `--import` validates
@@ -93,11 +94,20 @@ def main(argv=None) -> int:
     teacher_model = ml_collections.ConfigDict(cfg.model.to_dict())
     if sc.teacher not in ("target", "quote", "predict"):
         teacher_model.source = sc.teacher
-    if sc.teacher == "quote":   # no model: the tokenizer is all it needs
+    if sc.teacher == "predict":
+        check_predict(sc)
+    stored = sc.teacher == "predict" and store.top_k >= int(sc.predict_k)
+    if sc.teacher == "quote" or stored:   # no model: the tokenizer is all it needs
         _, tok = weights.config_and_tokenizer(teacher_model)
         if tok is None:
             raise UserError(f"teacher {sc.teacher!r} has no tokenizer")
-        return quote_rows(store, tok, todo, sc, out) if lead else 0
+        if not lead:
+            return 0
+        return stored_predict_rows(store, tok, todo, sc, out) if stored else quote_rows(store, tok, todo, sc, out)
+    if sc.teacher == "predict" and lead:
+        print(f"store {cfg.data.store} holds {store.top_k} next-token predictions per row, summarize.predict_k="
+              f"{sc.predict_k}: running the target over the rows (extract with data.top_k >= {sc.predict_k} "
+              f"to skip this pass)", file=sys.stderr)
     # The teacher runs sharded on the config's mesh (a 70B teacher does not fit one device): its
     # weights are read shard by shard, each batch is fed by data shard (sharding.BatchLayout) and
     # the texts are gathered back; process 0 writes them.
@@ -180,17 +190,45 @@ def quote_rows(store, tok, todo: list[int], sc, out: str) -> int:
     return 0
 
 
-def predict_rows(store, tok, mcfg, params, todo: list[int], sc, out: str, mesh, rules, batch: int,
-                 compute_dtype) -> int:
-    """Warm-start texts from the target's own forward pass (nla/selftext.py). Rows of one document
-    share its tokens up to their positions, so one pass over the document's longest row reads
-    every row of it: `sc.batch` documents at a time, padded to `batch`; every process computes,
-    process 0 appends (a document's rows in row order)."""
+def check_predict(sc) -> None:
     if int(sc.predict_k) < 1:
         raise UserError(f"config key summarize.predict_k={sc.predict_k} must be >= 1")
     if sc.predict_style not in selftext.STYLES:
         raise UserError(f"config key summarize.predict_style={sc.predict_style!r}: expected one of "
                         f"{', '.join(map(repr, selftext.STYLES))}")
+
+
+def predict_record(tok, row: int, doc_id: int, position: int, tokens: np.ndarray, ids: np.ndarray,
+                   probs: np.ndarray, sc) -> dict:
+    """One summaries.jsonl record of the "predict" warm start: the text and the predictions it names."""
+    return {"row": int(row), "doc_id": int(doc_id), "position": int(position),
+            "text": selftext.self_text(tok, tokens, int(position), ids, probs, int(sc.before_tokens), sc.predict_style),
+            "top_ids": [int(i) for i in ids], "top_probs": [round(float(q), 6) for q in probs]}
+
+
+def stored_predict_rows(store, tok, todo: list[int], sc, out: str) -> int:
+    """The "predict" warm start from the predictions extraction stored with each row (its own
+    forward pass, data.top_k >= predict_k): no model, no second pass."""
+    k = int(sc.predict_k)
+    bar = tqdm(total=len(todo), desc="predict (stored)", unit="row")
+    for i in range(0, len(todo), 256):
+        chunk = todo[i:i + 256]
+        got = store.read(None, np.asarray(chunk), fields=("doc_id", "position", "tokens", "top_ids", "top_probs"))
+        fileio.append_jsonl(out, [predict_record(tok, r, got["doc_id"][j], got["position"][j], got["tokens"][j],
+                                                 got["top_ids"][j, :k], got["top_probs"][j, :k], sc)
+                                  for j, r in enumerate(chunk)])
+        bar.update(len(chunk))
+    bar.close()
+    return 0
+
+
+def predict_rows(store, tok, mcfg, params, todo: list[int], sc, out: str, mesh, rules, batch: int,
+                 compute_dtype) -> int:
+    """Warm-start texts from a forward pass of the target over the stored rows (nla/selftext.py),
+    for a store without extraction's predictions. Rows of one document share its tokens up to
+    their positions, so one pass over the document's longest row reads every row of it:
+    `sc.batch` documents at a time, padded to `batch`; every process computes, process 0 appends
+    (a document's rows in row order)."""
     lead = jax.process_index() == 0
     mine = sharding.batch_layout(mesh, rules).local_positions(batch)
     todo_a = np.asarray(todo, np.int64)
@@ -218,12 +256,8 @@ def predict_rows(store, tok, mcfg, params, todo: list[int], sc, out: str, mesh, 
         recs = []
         for j in range(len(chunk)):
             for slot, r in enumerate(range(at[j], at[j + 1])):
-                p = int(got["position"][r])
-                recs.append({"row": int(rows[r]), "doc_id": int(got["doc_id"][r]), "position": p,
-                             "text": selftext.self_text(tok, got["tokens"][r], p, ids[j, slot], probs[j, slot],
-                                                        int(sc.before_tokens), sc.predict_style),
-                             "top_ids": ids[j, slot].tolist(),
-                             "top_probs": [round(float(q), 6) for q in probs[j, slot]]})
+                recs.append(predict_record(tok, rows[r], got["doc_id"][r], got["position"][r], got["tokens"][r],
+                                           ids[j, slot], probs[j, slot], sc))
         if lead:
             fileio.append_jsonl(out, recs)
         bar.update(len(recs))

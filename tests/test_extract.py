@@ -1,8 +1,10 @@
 """python -m nla_jax.extract end to end on the real SmolLM2 with a small corpus.
 
-Covers: stored rows equal a direct model call; kill -9 mid-run then rerun equals a clean run
-bit for bit and verifies; two processes on 127.0.0.1 (jax.distributed, gloo) give the same
-rows as one; a store made by another layer is refused; verify reports corruption.
+Covers: stored rows equal a direct model call (activations and, with data.top_k, the target's top
+next tokens); kill -9 mid-run then rerun equals a clean run bit for bit and verifies; two processes
+on 127.0.0.1 (jax.distributed, gloo) give the same rows as one; a store made by another layer or
+another data.top_k is refused; verify reports corruption; the warm start written from the stored
+predictions equals the one a second forward pass writes.
 """
 import json
 import os
@@ -72,8 +74,15 @@ def test_rows_equal_direct_model_call(clean_store, real):
         p = int(rows["position"][i])
         ctx = rows["tokens"][i][:p + 1]
         assert (rows["tokens"][i][p + 1:] == -1).all() and (ctx >= 0).all()
-        h = T.forward(real.params, jnp.asarray(ctx[None]), real.cfg, capture_layer=20, logits=False)["hidden"]
-        np.testing.assert_allclose(rows["acts"][i], np.asarray(h[0, p]), rtol=2e-4, atol=2e-3)
+        out = T.forward(real.params, jnp.asarray(ctx[None]), real.cfg, capture_layer=20)
+        np.testing.assert_allclose(rows["acts"][i], np.asarray(out["hidden"][0, p]), rtol=2e-4, atol=2e-3)
+        # the config stores the target's 5 most likely next tokens from the same pass (data.top_k=5)
+        lp = np.asarray(out["logits"][0, p], np.float64)
+        lp = lp - lp.max() - np.log(np.exp(lp - lp.max()).sum())
+        top = np.argsort(-lp)[:5]
+        np.testing.assert_array_equal(rows["top_ids"][i], top)
+        np.testing.assert_allclose(rows["top_probs"][i], np.exp(lp[top]), rtol=1e-4, atol=1e-6)
+    assert s.top_k == 5 and s.manifest["meta"]["top_k"] == 5
 
 
 def test_rerun_is_noop_and_verify_ok(clean_store):
@@ -175,6 +184,8 @@ def test_two_processes_same_rows_as_one(clean_store):
         np.testing.assert_array_equal(a[k][ia], b[k][ib], err_msg=k)
     # Different batch-mates change padded lengths, hence XLA's blocking: equal up to float error.
     np.testing.assert_allclose(a["acts"][ia], b["acts"][ib], rtol=1e-4, atol=1e-3)
+    np.testing.assert_array_equal(a["top_ids"][ia], b["top_ids"][ib])
+    np.testing.assert_allclose(a["top_probs"][ia], b["top_probs"][ib], rtol=1e-4, atol=1e-6)
     assert sa.manifest["splits"].keys() == sb.manifest["splits"].keys()
 
 
@@ -188,3 +199,53 @@ def test_other_batch_layout_refused_and_untouched(clean_store):
     assert "Traceback" not in r.stderr
     after, _ = _all_rows(store)
     np.testing.assert_array_equal(before["acts"], after["acts"])
+
+
+def test_other_top_k_refused_and_untouched(clean_store):
+    """The store holds 5 predictions per row; resuming with data.top_k=0 is one line, nothing changes."""
+    tmp, store = clean_store
+    before, _ = _all_rows(store)
+    r = _run(_args(tmp, store, "--config.data.top_k=0"))
+    assert r.returncode == 2 and "stores 5 next-token predictions per row, this run 0" in r.stderr, r.stderr
+    assert "data.top_k must stay" in r.stderr and "Traceback" not in r.stderr
+    after, _ = _all_rows(store)
+    for k in before:
+        np.testing.assert_array_equal(before[k], after[k], err_msg=k)
+
+
+def _summaries(store):
+    e = dict(os.environ, PYTHONPATH=REPO, NLA_COMPILE_CACHE=os.path.join(REPO, "build", "jax_cache"))
+    r = subprocess.run([sys.executable, "-m", "nla_jax.summarize", "--config",
+                        os.path.join(REPO, "configs", "smollm2_135m.py"), f"--config.data.store={store}"],
+                       cwd=REPO, env=e, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(os.path.join(store, "summaries.jsonl")) as f:
+        return sorted((json.loads(line) for line in f if line.strip()), key=lambda x: x["row"]), r.stderr
+
+
+def test_stored_predictions_write_the_warm_start_a_second_pass_writes(clean_store):
+    """The default warm start (summarize.teacher="predict") from extraction's stored predictions, with
+    no model loaded, equals the texts a second forward pass writes over a store extracted without them
+    (data.top_k=0: the same rows, its own fingerprint)."""
+    import shutil
+    tmp, clean = clean_store
+    bare = str(tmp / "bare")
+    r = _run(_args(tmp, bare, "--config.data.top_k=0"))
+    assert r.returncode == 0, r.stderr
+    a, sa = _all_rows(clean)
+    b, sb = _all_rows(bare)
+    assert sb.top_k == 0 and set(b) == {"acts", "doc_id", "position", "split", "tokens"}
+    assert "top_k" not in sb.manifest["meta"] and sb.manifest["meta"]["fingerprint"] != sa.manifest["meta"]["fingerprint"]
+    for k in ("doc_id", "position", "split", "tokens"):
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    np.testing.assert_allclose(a["acts"], b["acts"], rtol=1e-5, atol=1e-5)   # the same blocks 0..K, another program
+    stored_dir = str(tmp / "stored")
+    shutil.copytree(clean, stored_dir)
+    stored, err_stored = _summaries(stored_dir)
+    second, err_second = _summaries(bare)
+    assert "running the target over the rows" in err_second and "running the target" not in err_stored
+    assert len(stored) == len(second) > 10
+    for x, y in zip(stored, second):
+        assert {k: x[k] for k in ("row", "doc_id", "position", "top_ids", "text")} == \
+            {k: y[k] for k in ("row", "doc_id", "position", "top_ids", "text")}
+        np.testing.assert_allclose(x["top_probs"], y["top_probs"], rtol=1e-4, atol=2e-6)

@@ -321,3 +321,102 @@ def test_a_deleted_shard_with_data_is_refused(tmp_path, monkeypatch, old_writer,
     msg = str(e.value)
     assert "\n" not in msg and f"part-00000 {arr} rows {rows}: shard file {key} is missing" in msg, msg
     assert f"part-00000 {arr} rows {rows}: shard file {key} missing" in verify(root)
+
+
+# ----------------------------------------------------------------------------- stored predictions
+
+K_TOP = 3
+
+
+def _predictions(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Top-K_TOP ids [n, K] and probabilities [n, K] (descending) as a function of the row index."""
+    idx = np.asarray(idx, np.int64)
+    ids = (idx[:, None] * 7 + np.arange(K_TOP) * 13) % 500                      # [n, K]
+    raw = 1.0 / (2.0 + idx[:, None] % 5 + np.arange(K_TOP))                    # [n, K], decreasing
+    return ids.astype(np.int32), (raw / raw.sum(1, keepdims=True) * 0.9).astype(np.float32)
+
+
+def _write_with_predictions(root: str, n: int, batch: int, top_k: int = K_TOP) -> None:
+    meta = dict(META, top_k=top_k)
+    w = PartWriter.create_or_resume(root, 0, d=D, dtype="float32", capacity=n, ctx_len=CTX, chunk_rows=16,
+                                    shard_chunks=4, meta=meta, top_k=top_k)
+    for lo in range(w.committed, n, batch):
+        idx = np.arange(lo, min(n, lo + batch))
+        r = make_rows(idx)
+        ids, probs = _predictions(idx)
+        w.append(*(r[k] for k in store.ARRAYS), cursor={"next_row": int(idx[-1]) + 1}, top_ids=ids, top_probs=probs)
+    w.close()
+    finalize_manifest(root, meta)
+
+
+def test_predictions_round_trip_beside_the_rows(tmp_path):
+    """A part created with top_k stores each row's top_ids/top_probs beside the five arrays: they read
+    back exactly, in any row order, verify checks them, and the manifest says how many per row."""
+    root = str(tmp_path)
+    _write_with_predictions(root, 90, 40)
+    s = open_store(root)
+    assert s.top_k == K_TOP and s.fields == store.ARRAYS + store.PREDICTIONS
+    assert s.manifest["top_k"] == K_TOP
+    rows = np.array([89, 0, 45, 45, 17])
+    got = s.read(None, rows)
+    ids, probs = _predictions(rows)
+    assert got["top_ids"].dtype == np.int32 and got["top_probs"].dtype == np.float32
+    np.testing.assert_array_equal(got["top_ids"], ids)
+    np.testing.assert_array_equal(got["top_probs"], probs)
+    np.testing.assert_array_equal(got["acts"], make_rows(rows)["acts"])
+    assert set(s.read(None, rows, fields=("top_ids",))) == {"top_ids"}
+    assert verify(root) == []
+    # a value the writer would refuse (not probabilities, most likely first) is one line in verify
+    arr = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": os.path.join(root, "part-00000",
+                                                                                          "top_probs")}},
+                  open=True).result()
+    arr[50, 2].write(0.99).result()
+    problems = verify(root)
+    assert any(p.startswith("part-00000 top_probs rows 40:80: 1 rows not probabilities in [0, 1], most likely first "
+                            "(first at row 50)") for p in problems), problems
+    assert any(p.startswith("part-00000 top_probs rows 40:80: sha256 differs") for p in problems), problems
+
+
+def test_a_store_without_predictions_reads_as_before(tmp_path):
+    """A part written without top_k (every store before data.top_k) has the five arrays only; asking
+    for predictions is a KeyError naming what the store has."""
+    root = str(tmp_path)
+    write_store(root, 50, 25)
+    s = open_store(root)
+    assert s.top_k == 0 and s.fields == store.ARRAYS
+    assert sorted(os.listdir(os.path.join(root, "part-00000"))) == sorted(
+        list(store.ARRAYS) + [".lock", "ledger.json"] + [f for f in os.listdir(os.path.join(root, "part-00000"))
+                                                          if f.startswith("stats-")])
+    with pytest.raises(KeyError, match="top_ids"):
+        s.read(None, np.arange(3), fields=("top_ids",))
+
+
+def test_predictions_must_match_the_part(tmp_path):
+    """Resuming with another top_k is one line and leaves the part as it was; appending rows without
+    the predictions a part stores (or with them to a part that stores none) is refused."""
+    root = str(tmp_path)
+    _write_with_predictions(root, 60, 30)
+    before = snapshot(root)
+    for k in (0, 5):
+        with pytest.raises(UserError) as e:
+            PartWriter.create_or_resume(root, 0, d=D, dtype="float32", capacity=60, ctx_len=CTX,
+                                        meta=dict(META, top_k=K_TOP), top_k=k)
+        assert str(e.value) == (f"store part {os.path.join(root, 'part-00000')} stores {K_TOP} next-token "
+                                f"predictions per row, this run {k} (config key data.top_k must stay as it was "
+                                f"to resume; or extract into a fresh data.store)")
+    assert snapshot(root) == before
+    r = make_rows(np.arange(2))
+    ids, probs = _predictions(np.arange(2))
+    w = PartWriter.create_or_resume(root, 1, d=D, dtype="float32", capacity=10, ctx_len=CTX, meta=META, top_k=K_TOP)
+    with pytest.raises(ValueError, match="top_k=3"):
+        w.append(*(r[k] for k in store.ARRAYS), cursor={})
+    with pytest.raises(ValueError, match="top_probs has shape"):
+        w.append(*(r[k] for k in store.ARRAYS), cursor={}, top_ids=ids, top_probs=probs[:, :2])
+    with pytest.raises(ValueError, match="top_probs"):
+        w.append(*(r[k] for k in store.ARRAYS), cursor={}, top_ids=ids, top_probs=probs[:, ::-1])
+    assert w.committed == 0
+    w.close()
+    w = PartWriter.create_or_resume(root, 2, d=D, dtype="float32", capacity=10, ctx_len=CTX, meta=META)
+    with pytest.raises(ValueError, match="top_k=0"):
+        w.append(*(r[k] for k in store.ARRAYS), cursor={}, top_ids=ids, top_probs=probs)
+    w.close()

@@ -163,23 +163,19 @@ def store(tmp_path_factory):
 
 
 def _build_store(tmp):
-    """The tiny store of these tests in directory tmp (80 documents, layer 0, quote summaries; the
-    eval rows' texts from the target's predictions)."""
+    """The tiny store of these tests in directory tmp (80 documents, layer 0, quote summaries, and the
+    target's top 3 next tokens stored by extraction: what the eval stage's top-1 claim check reads)."""
     _corpus(tmp / "c.jsonl")
     root = str(tmp / "store")
     common = ["--config", TINY, f"--config.data.store={root}"]
     r = subprocess.run([sys.executable, "-m", "nla_jax.extract", *common,
                         f"--config.data.sources=[{{'kind':'jsonl','path':'{tmp / 'c.jsonl'}','name':'t'}}]",
                         "--config.data.max_len=128", "--config.data.min_position=16", "--config.data.k=4",
+                        "--config.data.top_k=3",
                         "--config.data.splits=(('av_sft',0.3),('ar_sft',0.3),('rl',0.25),('eval',0.15))"],
                        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     r = subprocess.run([sys.executable, "-m", "nla_jax.summarize", *common, "--config.summarize.teacher=quote"],
-                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    # the eval rows get the target's own predictions (what the eval stage's top-1 claim check reads)
-    r = subprocess.run([sys.executable, "-m", "nla_jax.summarize", *common, "--config.summarize.teacher=predict",
-                        "--config.summarize.splits=('eval',)"],
                        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return root
@@ -250,7 +246,7 @@ def test_all_stages_finish_with_metrics_and_eval(e2e):
     assert set(ev["checkpoints"]) == {"after_sft", "after_rl"}
     for c in ev["checkpoints"].values():
         assert 0 <= c["names_current_token"]["mean"] <= 1 and "quotes_absent" in c
-        # the store recorded the target's predictions at the eval rows: its top-1 is looked for
+        # the store holds the target's predictions (data.top_k): its top-1 is looked for
         assert 0 <= c["names_top1_prediction"]["mean"] <= 1
         for k in ("real", "shuffled", "real_minus_shuffled", "real_minus_floor", "judge_real",
                   "judge_real_minus_shuffled"):

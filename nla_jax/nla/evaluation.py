@@ -78,10 +78,14 @@ def heldout_stage(run: Run, pairs: Sequence[tuple[str, dict, dict]], workdir: st
     res = {"rows": int(len(rows)), "documents": int(len(np.unique(docs))), "var_nrm": var, "center": center,
            "floor": ci(fve(floor_mse)), "checkpoints": {}}
     examples = []
-    # the target's own top-1 next token at each row, where the store's warm-start texts recorded it
-    # (summarize.teacher="predict" with the eval split: smollm2's default); else no prediction claim
-    recs = summaries_lib.read_records(summaries_lib.path_in(run.cfg.data.store))
-    top1 = [recs[int(r)]["top_ids"][0] if recs.get(int(r), {}).get("top_ids") else None for r in rows]
+    # the target's own top-1 next token at each row: stored by extraction (data.top_k > 0, any corpus),
+    # else where the store's warm-start texts recorded it (summarize.teacher="predict" with the eval
+    # split); else no prediction claim
+    if run.store.top_k:
+        top1 = run.store.read(None, rows, fields=("top_ids",))["top_ids"][:, 0].tolist()
+    else:
+        recs = summaries_lib.read_records(summaries_lib.path_in(run.cfg.data.store))
+        top1 = [recs[int(r)]["top_ids"][0] if recs.get(int(r), {}).get("top_ids") else None for r in rows]
     top1 = None if any(t is None for t in top1) else [run.tokenizer.decode([int(t)]) for t in top1]
     per_row = {}                                                  # name -> {"own": fve [n], "judge": fve [n]}
     first_of_doc = np.unique(docs, return_index=True)[1]

@@ -16,9 +16,11 @@ the target's logits, so it cannot hallucinate by construction:
 at its last token: with the predictions last it recovers much less of the vector (WORKSPACE.md,
 "Warm starts compared").
 
-The probabilities come from a full forward pass of the frozen target over the row's stored
-context (the same model, dtype and tokens as extraction; the pass is causal, so the tokens the
-store holds up to the position are all it reads).
+The probabilities come from the frozen target's forward pass over the row's context: extraction's
+own pass when the store holds them (data.top_k >= summarize.predict_k: the blocks after K run in
+the same pass that captures block K, `top_at`), else a separate pass over the stored tokens (the
+same model and tokens; the pass is causal, so the tokens the store holds up to the position are
+all it reads).
 """
 from __future__ import annotations
 
@@ -35,26 +37,34 @@ from nla_jax.nla import steps
 STYLES = ("token", "quote", "next_first")   # summarize.predict_style: the text forms self_text writes
 
 
+def top_at(params, cfg, x: jax.Array, pos: jax.Array, k: int) -> dict:
+    """x [b, s, d] the residual stream after the last block, pos [b, P] -> the k most likely next
+    tokens {"ids": [b, P, k] int32, "probs": [b, P, k] float32} at each of the P positions. Only
+    the P positions are unembedded (a [b, s, V] logits tensor would dwarf the pass)."""
+    at = jnp.take_along_axis(x, pos[:, :, None], axis=1)                                   # [b, P, d]
+    lp = jax.nn.log_softmax(transformer.unembed(cfg, params, at).astype(jnp.float32), -1)   # [b, P, V]
+    top_lp, top_ids = jax.lax.top_k(lp, k)                                                 # [b, P, k]
+    return {"ids": top_ids.astype(jnp.int32), "probs": jnp.exp(top_lp)}
+
+
 @functools.lru_cache(maxsize=8)
 def _top_fn(cfg, k: int, compute_dtype):
     def f(params, tokens, pos):
-        """tokens [b, s] (pad after the last position read), pos [b, P] -> top-k next-token ids
-        [b, P, k] and probabilities [b, P, k] (float32) at each of a sequence's P positions."""
+        """tokens [b, s] (pad after the last position read), pos [b, P] -> top_at's ids and probs."""
         params = steps.cast_floating(params, compute_dtype)
         valid = jnp.ones(tokens.shape, bool)
         x = transformer.embed(params, tokens, cfg=cfg)
         x = transformer.run_blocks(cfg, params["layers"], x, transformer.positions_from_mask(valid),
                                    transformer.causal_mask(valid), 0, cfg.n_layers)         # [b, s, d]
-        at = jnp.take_along_axis(x, pos[:, :, None], axis=1)                              # [b, P, d]
-        lp = jax.nn.log_softmax(transformer.unembed(cfg, params, at).astype(jnp.float32), -1)   # [b, P, V]
-        top_lp, top_ids = jax.lax.top_k(lp, k)                                            # [b, P, k]
-        return {"ids": top_ids.astype(jnp.int32), "probs": jnp.exp(top_lp)}
+        return top_at(params, cfg, x, pos, k)
     return jax.jit(f)
 
 
 def top_next(params, cfg, tokens: jax.Array, positions: jax.Array, k: int, compute_dtype) -> dict:
     """{"ids": [b, P, k], "probs": [b, P, k]}: the target's k most likely next tokens at each of the
-    positions [b, P] of each sequence (one pass per document serves all its rows)."""
+    positions [b, P] of each sequence (one pass per document serves all its rows). For a store
+    extracted without predictions (data.top_k = 0 or < summarize.predict_k); extraction with
+    data.top_k > 0 stores the same numbers from its own forward pass."""
     return _top_fn(cfg, int(k), compute_dtype)(params, tokens, positions)
 
 

@@ -1,4 +1,8 @@
-"""The five row arrays of a store part on disk: names, dtypes, zarr3 specs, shard files, row checks.
+"""The row arrays of a store part on disk: names, dtypes, zarr3 specs, shard files, row checks.
+
+Every part has the five arrays of ARRAYS; a part created with `top_k` > 0 in its ledger config also
+holds PREDICTIONS: the target's top_k most likely next tokens at each row (ids, most likely first)
+and their probabilities, from extraction's own forward pass (data.top_k).
 
 Everything here is about the array data alone; which rows of it count (the ledger) and what
 they sum to (the norm statistics) live in their own modules. The writer creates arrays with
@@ -19,9 +23,11 @@ from nla_jax import paths
 from nla_jax.errors import UserError
 
 ARRAYS = ("acts", "doc_id", "position", "split", "tokens")
+PREDICTIONS = ("top_ids", "top_probs")   # [rows, top_k] each, only in a part whose config has top_k > 0
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 INT_DTYPES = {"doc_id": np.dtype("<i8"), "position": np.dtype("<i4"), "split": np.dtype("u1"),
-              "tokens": np.dtype("<i4")}
+              "tokens": np.dtype("<i4"), "top_ids": np.dtype("<i4")}
+PROB_DTYPE = np.dtype("<f4")             # top_probs
 PAD = -1  # tokens after the position
 PART_RE = re.compile(r"^part-(\d{5})$")
 # zarr skips writing a chunk whose values all equal the fill value (a single-split store's split
@@ -31,6 +37,16 @@ WRITE_FILL = {"store_data_equal_to_fill_value": True}
 
 def part_name(part: int) -> str:
     return f"part-{part:05d}"
+
+
+def top_k_of(cfg: dict) -> int:
+    """How many next-token predictions a part stores per row (0: none; older parts have no key)."""
+    return int(cfg.get("top_k", 0))
+
+
+def array_names(cfg: dict) -> tuple[str, ...]:
+    """The arrays of a part with ledger config `cfg`, in commit order."""
+    return ARRAYS + (PREDICTIONS if top_k_of(cfg) else ())
 
 
 def part_dirs(root: str) -> list[str]:
@@ -69,23 +85,27 @@ def _spec(path: str, shape: list[int], dtype: str, chunk_rows: int, shard_rows: 
 def _shapes(cfg: dict) -> dict[str, list[int]]:
     """{array: full shape} of a part with the ledger config `cfg` (capacity rows each)."""
     c = cfg["capacity"]
-    return {"acts": [c, cfg["d"]], "doc_id": [c], "position": [c], "split": [c],
-            "tokens": [c, cfg["ctx_len"]]}
+    out = {"acts": [c, cfg["d"]], "doc_id": [c], "position": [c], "split": [c], "tokens": [c, cfg["ctx_len"]]}
+    if top_k_of(cfg):
+        out.update({name: [c, top_k_of(cfg)] for name in PREDICTIONS})
+    return out
 
 
 def _dtype_name(cfg: dict, name: str) -> str:
-    return cfg["dtype"] if name == "acts" else INT_DTYPES[name].name
+    if name == "acts":
+        return cfg["dtype"]
+    return PROB_DTYPE.name if name == "top_probs" else INT_DTYPES[name].name
 
 
 def create_arrays(part_dir: str, cfg: dict) -> None:
-    """(Re)create the five empty arrays of a part, replacing any left by an uncommitted attempt."""
+    """(Re)create the empty arrays of a part, replacing any left by an uncommitted attempt."""
     for name, shape in _shapes(cfg).items():
         ts.open(_spec(paths.join(part_dir, name), shape, _dtype_name(cfg, name), cfg["chunk_rows"],
                       cfg["shard_rows"], compress=name != "acts"), create=True, delete_existing=True).result()
 
 
 def open_arrays(part_dir: str, cfg: dict) -> dict[str, ts.TensorStore]:
-    """Open the five existing arrays and check their shapes/dtypes against the ledger config."""
+    """Open the existing arrays and check their shapes/dtypes against the ledger config."""
     out = {}
     for name, shape in _shapes(cfg).items():
         path = paths.join(part_dir, name)
@@ -104,7 +124,7 @@ def open_arrays(part_dir: str, cfg: dict) -> dict[str, ts.TensorStore]:
 
 def shard_keys(cfg: dict, name: str, rows: int) -> list[str]:
     """Relative paths of the shard files that hold rows [0, rows) (default chunk key encoding)."""
-    extra = "/0" if name in ("acts", "tokens") else ""
+    extra = "/0" if name in ("acts", "tokens") + PREDICTIONS else ""   # 2-D arrays
     return [f"c/{i}{extra}" for i in range(-(-rows // cfg["shard_rows"]))]
 
 
@@ -115,7 +135,7 @@ def missing_shards(part_dir: str, cfg: dict, rows: int) -> list[tuple[str, str, 
     trust the ledger's row count.
     """
     out = []
-    for arr in ARRAYS:
+    for arr in array_names(cfg):
         for i, key in enumerate(shard_keys(cfg, arr, rows)):
             if not paths.exists(paths.join(part_dir, arr, key)):
                 out.append((arr, key, i * cfg["shard_rows"], min((i + 1) * cfg["shard_rows"], rows)))
@@ -186,4 +206,10 @@ def row_problems(rows: dict[str, np.ndarray | None], ctx_len: int, num_splits: i
             tok = rows["tokens"]                                      # [n, ctx_len]
             report("tokens", ((col <= p) & (tok == PAD)).any(axis=1), "with -1 at or before the position")
             report("tokens", ((col > p) & (tok != PAD)).any(axis=1), "not -1 after the position")
+    if rows.get("top_ids") is not None:
+        report("top_ids", (rows["top_ids"] < 0).any(axis=1), "with a negative id")
+    if rows.get("top_probs") is not None:
+        q = rows["top_probs"]                                         # [n, top_k]
+        report("top_probs", ~((q >= 0) & (q <= 1)).all(axis=1) | (np.diff(q, axis=1) > 0).any(axis=1),
+               "not probabilities in [0, 1], most likely first")
     return out

@@ -15,7 +15,6 @@ from nla_jax import fileio, paths
 from nla_jax.data.store import arrays as arrays_lib
 from nla_jax.data.store import ledger as ledger_lib
 from nla_jax.data.store import normstats
-from nla_jax.data.store.arrays import ARRAYS
 from nla_jax.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -49,13 +48,16 @@ def finalize_manifest(root: str, meta: dict, *, num_parts: int | None = None) ->
             if cfg[key] != ref[key]:
                 raise UserError(f"store part {pdir} was written by another model/layer: {key} is "
                                 f"{cfg[key]!r} there, {ref[key]!r} expected")
+        if arrays_lib.top_k_of(cfg) != arrays_lib.top_k_of(ref):
+            raise UserError(f"store part {pdir} stores {arrays_lib.top_k_of(cfg)} next-token predictions per row, "
+                            f"{arrays_lib.part_name(0)} {arrays_lib.top_k_of(ref)}")
         stats = normstats.load_sidecar(paths.join(pdir, ledger["stats"]["file"]), ledger["stats"]["sha256"])
         total = normstats.add_together(total, stats)
         parts.append({"name": name, "rows": ledger["committed"], "capacity": cfg["capacity"],
                       "commits": len(ledger["commits"]), "sha256": ledger_lib.commits_sha(ledger["commits"])})
     stats_sha = normstats.write_file(paths.join(root, STATS_FILE), total)
     manifest = {"format": FORMAT, "meta": meta, "d": first["d"], "dtype": first["dtype"],
-                "ctx_len": first["ctx_len"], "split_names": list(meta["split_names"]),
+                "ctx_len": first["ctx_len"], "top_k": arrays_lib.top_k_of(first), "split_names": list(meta["split_names"]),
                 "parts": parts, "num_rows": sum(p["rows"] for p in parts),
                 "splits": normstats.summarize_stats(total, meta["split_names"]),
                 "stats": {"file": STATS_FILE, "sha256": stats_sha}}
@@ -134,7 +136,7 @@ def _commit_problems(name: str, arrays: dict, cfg: dict, commits: list[dict],
             problems.append(f"{name}: commit {a}:{b} does not start at {prev}")
         prev = b
         rows: dict[str, np.ndarray | None] = {}
-        for arr in ARRAYS:
+        for arr in arrays_lib.array_names(cfg):
             try:
                 rows[arr] = arrays[arr][a:b].read().result()
             except Exception as e:  # noqa: BLE001 - corrupt shard (crc32c, index) errors

@@ -14,7 +14,7 @@ import numpy as np
 from nla_jax import fileio, paths
 from nla_jax.data.store import arrays as arrays_lib
 from nla_jax.data.store import ledger as ledger_lib
-from nla_jax.data.store.arrays import ARRAYS, DTYPES, INT_DTYPES
+from nla_jax.data.store.arrays import ARRAYS, DTYPES, INT_DTYPES, PREDICTIONS, PROB_DTYPE
 from nla_jax.data.store.manifest import MANIFEST
 from nla_jax.errors import UserError
 
@@ -33,15 +33,23 @@ class Store:
         self._rows = np.array([p["rows"] for p in m["parts"]], np.int64)           # [P]
         self._offsets = np.concatenate([[0], np.cumsum(self._rows)])               # [P+1]
         self._arrays = []
+        self.top_k = 0   # next-token predictions stored per row (arrays.PREDICTIONS), set below from the parts
         if m.get("num_rows") != int(self._rows.sum()):
             raise UserError(f"store {root}: manifest.json says {m.get('num_rows')} rows but its parts list "
                             f"{int(self._rows.sum())}; {VERIFY_HINT}")
+        ks = set()
         for p in m["parts"]:
             pdir = paths.join(root, p["name"])
             ledger = ledger_lib.read(pdir)
             arrays = arrays_lib.open_arrays(pdir, ledger["config"])
             _check_part(root, p, ledger, arrays)
             self._arrays.append(arrays)
+            ks.add(arrays_lib.top_k_of(ledger["config"]))
+        if len(ks) > 1:
+            raise UserError(f"store {root}: its parts store different numbers of predictions per row {sorted(ks)}; "
+                            f"{VERIFY_HINT}")
+        self.top_k = ks.pop() if ks else 0
+        self.fields: tuple[str, ...] = ARRAYS + (PREDICTIONS if self.top_k else ())
         self._split_rows: dict[str, np.ndarray] = {}
 
     def _result(self, fut, part: int, name: str, local: np.ndarray) -> np.ndarray:
@@ -86,16 +94,17 @@ class Store:
         return self._split_rows[name]
 
     def read(self, split: str | None, rows: np.ndarray,
-             fields: Sequence[str] = ARRAYS) -> dict[str, np.ndarray]:
+             fields: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Arrays for `rows` (global row ids if split is None, else indices into that split).
 
-        Returns {acts [n, d], doc_id [n], position [n], split [n], tokens [n, ctx_len]} (or just
-        `fields` of them: only those are read from disk), in the order of `rows` (duplicates
-        allowed).
+        Returns {acts [n, d], doc_id [n], position [n], split [n], tokens [n, ctx_len]} and, in a
+        store with predictions, {top_ids [n, top_k], top_probs [n, top_k]} (or just `fields` of
+        them: only those are read from disk; default all), in the order of `rows` (duplicates allowed).
         """
-        unknown = set(fields) - set(ARRAYS)
+        fields = self.fields if fields is None else fields
+        unknown = set(fields) - set(self.fields)
         if unknown:
-            raise KeyError(f"unknown store fields {sorted(unknown)}; expected some of {ARRAYS}")
+            raise KeyError(f"unknown store fields {sorted(unknown)}; this store has {self.fields}")
         rows = np.asarray(rows, np.int64).reshape(-1)                                # [n]
         if split is not None:
             rows = self.rows_of_split(split)[rows]
@@ -104,6 +113,7 @@ class Store:
         n = len(rows)
         shapes = {"acts": ((n, self.d), DTYPES[self.dtype]), "tokens": ((n, self.ctx_len), np.int32)}
         shapes.update({k: ((n,), INT_DTYPES[k]) for k in ("doc_id", "position", "split")})
+        shapes.update({"top_ids": ((n, self.top_k), INT_DTYPES["top_ids"]), "top_probs": ((n, self.top_k), PROB_DTYPE)})
         out = {k: np.empty(*shapes[k]) for k in fields}
         part = np.searchsorted(self._offsets, rows, side="right") - 1                # [n]
         pending = []

@@ -17,7 +17,7 @@ from nla_jax import faults, locks, paths
 from nla_jax.data.store import arrays as arrays_lib
 from nla_jax.data.store import ledger as ledger_lib
 from nla_jax.data.store import normstats
-from nla_jax.data.store.arrays import ARRAYS, DTYPES, INT_DTYPES
+from nla_jax.data.store.arrays import ARRAYS, DTYPES, INT_DTYPES, PREDICTIONS, PROB_DTYPE
 from nla_jax.errors import UserError, disk_full, disk_full_error
 
 # what a crash while writing a part can leave beside its ledger: stats sidecars (current or not)
@@ -45,14 +45,15 @@ class PartWriter:
     @classmethod
     def create_or_resume(cls, root: str, part: int, *, d: int, dtype: str, capacity: int,
                          ctx_len: int, chunk_rows: int = 256, shard_chunks: int = 8,
-                         meta: dict) -> "PartWriter":
+                         meta: dict, top_k: int = 0) -> "PartWriter":
         """Open part `part` of store `root`, creating it if new; refuse one made for other data.
 
         meta (JSON) must hold "fingerprint" (a string naming model, weights and layer) and
         "split_names"; a resumed part must match (d, dtype, ctx_len, capacity, fingerprint,
-        split_names) exactly. chunk_rows (rows per inner chunk) and shard_chunks (inner chunks
+        split_names, top_k) exactly. chunk_rows (rows per inner chunk) and shard_chunks (inner chunks
         per shard file) only apply at creation: an append rewrites the shard files it touches, so
-        append in batches that are large next to chunk_rows * shard_chunks.
+        append in batches that are large next to chunk_rows * shard_chunks. top_k > 0 adds the
+        arrays of the target's top_k next-token predictions per row (arrays.PREDICTIONS).
         """
         if dtype not in DTYPES:
             raise UserError(f"store dtype {dtype!r} not supported; expected one of {sorted(DTYPES)}")
@@ -66,6 +67,8 @@ class PartWriter:
                        ("chunk_rows", chunk_rows), ("shard_chunks", shard_chunks)):
             if int(v) <= 0:
                 raise UserError(f"store {key} must be > 0, got {v}")
+        if int(top_k) < 0:
+            raise UserError(f"store top_k must be >= 0, got {top_k}")
         part_dir = paths.join(root, arrays_lib.part_name(part))
         paths.makedirs(part_dir)
         lock = locks.Lock(paths.join(part_dir, ".lock"))
@@ -76,6 +79,8 @@ class PartWriter:
         try:
             want = {"d": int(d), "dtype": dtype, "ctx_len": int(ctx_len), "capacity": int(capacity),
                     "fingerprint": meta["fingerprint"], "split_names": names}
+            if int(top_k):   # absent when 0, so parts without predictions keep their old ledger config
+                want["top_k"] = int(top_k)
             if paths.exists(ledger_lib.path_in(part_dir)):
                 ledger, arrays, stats = cls._resume(part_dir, want)
             else:
@@ -96,6 +101,11 @@ class PartWriter:
         """Ledger, arrays and running sums of an existing part, once its config matches `want`."""
         ledger = ledger_lib.read(part_dir)
         cfg = ledger.get("config", {})
+        have, k = arrays_lib.top_k_of(cfg), arrays_lib.top_k_of(want)
+        if have != k:
+            raise UserError(f"store part {part_dir} stores {have} next-token predictions per row, this run "
+                            f"{k} (config key data.top_k must stay as it was to resume; or extract into a "
+                            f"fresh data.store)")
         for key in ledger_lib.CHECKED_KEYS:
             if cfg.get(key) != want[key]:
                 raise UserError(
@@ -114,7 +124,7 @@ class PartWriter:
         With no ledger nothing was ever committed, so (re)creating is safe, but only over our
         own leftovers, never over a directory holding something else.
         """
-        ours = set(ARRAYS) | {".lock"}
+        ours = set(ARRAYS + PREDICTIONS) | {".lock"}
         alien = [f for f in paths.listdir(part_dir) if f not in ours and not f.startswith(_OWN_FILE_PREFIXES)]
         if alien:
             raise UserError(f"{part_dir} has no {ledger_lib.LEDGER} but holds {sorted(alien)[:5]}; "
@@ -162,21 +172,30 @@ class PartWriter:
         ledger_lib.write(self.part_dir, ledger)
 
     def append(self, acts: np.ndarray, doc_id: np.ndarray, position: np.ndarray,
-               split: np.ndarray, tokens: np.ndarray, cursor: dict) -> None:
+               split: np.ndarray, tokens: np.ndarray, cursor: dict, top_ids: np.ndarray | None = None,
+               top_probs: np.ndarray | None = None) -> None:
         """Write rows [committed, committed + n) of all arrays, then commit them with `cursor`.
 
         acts [n, d] (cast to the store dtype; stats use the cast values), doc_id [n] >= 0,
         position [n] in [0, ctx_len), split [n] index into split_names, tokens [n, ctx_len]
-        (tokens[:position+1] real ids, then -1).
+        (tokens[:position+1] real ids, then -1); in a part with top_k > 0 also top_ids [n, top_k]
+        and top_probs [n, top_k] (the target's most likely next tokens, most likely first).
         """
         cfg = self.config
-        d, ctx_len, S = cfg["d"], cfg["ctx_len"], len(cfg["split_names"])
+        d, ctx_len, S, k = cfg["d"], cfg["ctx_len"], len(cfg["split_names"]), arrays_lib.top_k_of(cfg)
         acts = np.asarray(acts)
         n = acts.shape[0] if acts.ndim == 2 else -1
         rows = {"acts": np.ascontiguousarray(acts.astype(DTYPES[cfg["dtype"]]))}       # [n, d]
         for name, x in (("doc_id", doc_id), ("position", position), ("split", split), ("tokens", tokens)):
             rows[name] = np.ascontiguousarray(np.asarray(x).astype(INT_DTYPES[name]))
         want = {"acts": (n, d), "doc_id": (n,), "position": (n,), "split": (n,), "tokens": (n, ctx_len)}
+        if (top_ids is None) != (top_probs is None) or (top_ids is not None) != bool(k):
+            raise ValueError(f"append: part {self.part_dir} stores top_k={k} predictions per row; "
+                             f"top_ids and top_probs must be given exactly when top_k > 0")
+        if k:
+            rows["top_ids"] = np.ascontiguousarray(np.asarray(top_ids).astype(INT_DTYPES["top_ids"]))
+            rows["top_probs"] = np.ascontiguousarray(np.asarray(top_probs).astype(PROB_DTYPE))
+            want.update(top_ids=(n, k), top_probs=(n, k))
         for name, shape in want.items():
             if rows[name].shape != shape or n < 0:
                 raise ValueError(f"append: {name} has shape {rows[name].shape}, expected {shape}")
@@ -194,14 +213,15 @@ class PartWriter:
             return
         json.dumps(cursor)  # fail before writing anything if the cursor is not JSON
         try:
-            futures = [self._arrays[name][start:stop].write(rows[name]) for name in ARRAYS]
+            names = arrays_lib.array_names(cfg)
+            futures = [self._arrays[name][start:stop].write(rows[name]) for name in names]
             for f in futures:
                 f.result()
             faults.point("store.append.data")
             stats = {k: v.copy() for k, v in self._stats.items()}
             normstats.add_stats(stats, rows["acts"], rows["split"])
             commits = self._ledger["commits"] + [
-                {"start": start, "stop": stop, "sha256": {name: arrays_lib.rows_sha(rows[name]) for name in ARRAYS}}]
+                {"start": start, "stop": stop, "sha256": {name: arrays_lib.rows_sha(rows[name]) for name in names}}]
             ledger = dict(self._ledger, committed=stop, cursor=dict(cursor), commits=commits)
             ledger["stats"] = normstats.write_sidecar(self.part_dir, len(commits), stats)
             faults.point("store.append.stats")
