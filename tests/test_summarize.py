@@ -128,8 +128,8 @@ def test_predict_teacher_writes_the_targets_own_predictions(small_store, real, t
 
 
 def test_the_configs_default_warm_start_names_the_token_then_predicts(small_store, real, tmp_path):
-    """smollm2's default: teacher="predict", style "token", 3 tokens before the current one, eval rows
-    summarised too: "Token «x» after «the three before». Next: «…» p%, …" with the target's 3
+    """smollm2's default: teacher="predict", style "token", 1 token before the current one, eval rows
+    summarised too: "Token «x» after «the one before». Next: «…» p%, …" with the target's 3
     predictions; every quoted span before "Next" is in the context."""
     import shutil
 
@@ -147,7 +147,7 @@ def test_the_configs_default_warm_start_names_the_token_then_predicts(small_stor
         p = int(got["position"][0])
         ctx = got["tokens"][0][:p + 1]
         cur = real.tok.decode([int(ctx[-1])])
-        prev = " ".join(real.tok.decode(ctx[-4:-1].tolist()).split())
+        prev = " ".join(real.tok.decode(ctx[-2:-1].tolist()).split())
         head = f"Token \u00ab{selftext.show(cur)}\u00bb" + (f" after \u00ab{prev}\u00bb" if prev else "")
         assert x["text"].startswith(head + ". Next: \u00ab"), (x["text"], head)
         assert len(x["top_ids"]) == 3
