@@ -64,7 +64,8 @@ def heldout_stage(run: Run, pairs: Sequence[tuple[str, dict, dict]], workdir: st
     ref_av: the verbalizer each pair's KL is measured against (pairs whose AV is not it)."""
     E = run.cfg.eval
     rows = heldout_rows(run, E.split, E.rows, E.seed)
-    got = run.store.read(None, rows, fields=("acts", "doc_id", "position", "tokens"))
+    stored_top = ("top_ids",) if run.store.top_k else ()      # the target's predictions, where extraction stored them
+    got = run.store.read(None, rows, fields=("acts", "doc_id", "position", "tokens") + stored_top)
     acts, docs = got["acts"], got["doc_id"]                     # [n, d], [n]
     center = run.ctx.center
     var = run.stats.var(center)
@@ -82,7 +83,7 @@ def heldout_stage(run: Run, pairs: Sequence[tuple[str, dict, dict]], workdir: st
     # else where the store's warm-start texts recorded it (summarize.teacher="predict" with the eval
     # split); else no prediction claim
     if run.store.top_k:
-        top1 = run.store.read(None, rows, fields=("top_ids",))["top_ids"][:, 0].tolist()
+        top1 = got["top_ids"][:, 0].tolist()
     else:
         recs = summaries_lib.read_records(summaries_lib.path_in(run.cfg.data.store))
         top1 = [recs[int(r)]["top_ids"][0] if recs.get(int(r), {}).get("top_ids") else None for r in rows]
