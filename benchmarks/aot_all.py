@@ -18,10 +18,11 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
+
+from record import write_result
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -116,10 +117,7 @@ def main() -> int:
                   f"{'XLA:TPU' if t.get('topology') else 'XLA:CPU (estimate)'}")
     for note in dict.fromkeys(rep["note"] for rep in results):
         print(f"note: {note}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                   "configs": results, "failed": failed, "skipped": skipped}, f, indent=1)
+    write_result(args.out, {"configs": results, "failed": failed, "skipped": skipped}, quiet=True)
     print(f"wrote {args.out}", file=sys.stderr)
     if failed:
         print(f"error: did not compile or fit: {', '.join(failed)}", file=sys.stderr)

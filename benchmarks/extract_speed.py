@@ -20,6 +20,8 @@ import sys
 import tempfile
 import time
 
+from record import write_result
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 WORDS = ("the a of river city music because said night window garden letter people quietly ancient "
@@ -87,10 +89,7 @@ def main() -> int:
     print(f"{'nla_jax.extract':22s} {res['extract']['rows_s']:9.1f} {res['extract']['tokens_s']:10.1f}")
     print(f"{'bare jitted forward':22s} {res['forward']['rows_s']:9.1f} {res['forward']['tokens_s']:10.1f}")
     print(f"ratio {res['ratio']:.2f} (goal >= 0.9)  {'ok' if res['ratio'] >= 0.9 else 'MISSED'}")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(res, f, indent=1)
-    print(f"wrote {args.out}")
+    write_result(args.out, res)
     return 0
 
 

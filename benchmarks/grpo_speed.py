@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import platform
 import resource
@@ -42,6 +41,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
 from model_speed import PROMPTS, find_peer_python, run_peer_rss  # noqa: E402
+from record import write_result  # noqa: E402
 
 PEERS = os.path.join(REPO, "..", "shared", "peers")
 
@@ -244,10 +244,7 @@ def main() -> int:
     print(f"\n{'metric':44s} {'nla_jax':>10s} {'TRL':>10s} {'ratio':>8s} {'Tunix':>10s} {'ratio':>8s}")
     for r in rows:
         print(f"{r[0]:44s} {r[1]:>10s} {r[2]:>10s} {r[3]:>8s} {r[4]:>10s} {r[5]:>8s}")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(res, f, indent=1)
-    print(f"\nwrote {args.out}")
+    write_result(args.out, res)
     return 0
 
 

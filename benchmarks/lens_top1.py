@@ -20,7 +20,6 @@ Prints a table and writes benchmarks/results/lens_top1[_NAME].json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -37,6 +36,7 @@ from nla_jax.data import summaries as summaries_lib  # noqa: E402
 from nla_jax.models import transformer  # noqa: E402
 from nla_jax.nla import measure  # noqa: E402
 from nla_jax.nla import run as run_lib  # noqa: E402
+from record import write_result  # noqa: E402
 
 KS = (1, 3, 10)
 
@@ -95,9 +95,7 @@ def main(argv=None) -> int:
         print(f"  {'the lens top-' + str(k):24s} {f(r['real']):26s} {f(r['shuffled']):26s}")
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"lens_top1{'_' + args.name if args.name else ''}.json")
-    with open(path, "w") as fh:
-        json.dump(res, fh, indent=1)
-    print(f"wrote {path}")
+    write_result(path, res)
     return 0
 
 

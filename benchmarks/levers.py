@@ -21,6 +21,8 @@ import subprocess
 import sys
 import time
 
+from record import write_result
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -69,10 +71,7 @@ def main() -> int:
             print(f"{r['variant']:12s} {l['ce_real']:>9.3f} {l['ce_shuffled']:>12.3f} "
                   f"{l['ce_gap']:>+12.3f} [{l['ce_gap_lo']:+.3f}, {l['ce_gap_hi']:+.3f}]")
     out = args.out or os.path.join(REPO, "benchmarks", "results", f"levers-{args.stage}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump({"stage": args.stage, "steps": args.steps, "results": res}, f, indent=1)
-    print(f"\nwrote {out}")
+    write_result(out, {"stage": args.stage, "steps": args.steps, "results": res})
     return 0
 
 

@@ -38,6 +38,8 @@ import sys
 import tempfile
 import time
 
+from record import write_result
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
@@ -345,10 +347,7 @@ def main() -> int:
               "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "args": vars(args), "nla_jax": ours, "peer": peer,
               "rounds": {"nla_jax": our_runs, "peer": peer_runs}, "table": table, "matmul_only_programs": mm_table,
               "forward_fraction_of_ceiling": frac}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"\nwrote {args.out}")
+    write_result(args.out, result)
     return 0
 
 

@@ -29,6 +29,8 @@ import subprocess
 import sys
 import time
 
+from record import write_result
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "configs/smollm2_135m.py:quick"
 
@@ -124,10 +126,7 @@ def main() -> int:
     if ok:
         print(f"\n{ok[0]['rows']} held-out rows from {ok[0]['documents']} documents; 95% cluster-robust t-intervals "
               f"over documents, paired by row; fail = extraction failures of greedy explanations after RL")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"sft": os.path.abspath(args.sft), "store": store, "command": sys.argv, "results": res}, f, indent=1)
-    print(f"\nwrote {args.out}")
+    write_result(args.out, {"sft": os.path.abspath(args.sft), "store": store, "results": res})
     return 0
 
 

@@ -14,7 +14,6 @@ another summation order). Prints a table and writes benchmarks/results/sft_speed
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -30,6 +29,7 @@ from nla_jax import configlib, sharding  # noqa: E402
 from nla_jax import weights as weights_lib  # noqa: E402
 from nla_jax.nla import av as av_lib  # noqa: E402
 from nla_jax.nla import run as run_lib  # noqa: E402
+from record import write_result  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -78,10 +78,7 @@ def main(argv=None) -> int:
     for k, v in med.items():
         print(f"  {k:24s} {v:9.3f} {base / v:9.2f}x")
     print(f"  largest log-prob difference {res['max_abs_logprob_diff']:.2e}")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(res, fh, indent=1)
-    print(f"wrote {args.out}")
+    write_result(args.out, res)
     return 0
 
 

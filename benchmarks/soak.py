@@ -31,6 +31,8 @@ import sys
 import tempfile
 import time
 
+from record import write_result
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 TINY = os.path.join(REPO, "configs", "tiny.py")
@@ -245,9 +247,7 @@ def soak(args, steps: tuple[int, int, int], tmp: str) -> int:
                          "seed": args.seed, "steps": dict(zip(STAGES, steps)), "ckpt_every": args.ckpt_every,
                          "async_checkpoint": True, "model": "configs/tiny.py"},
               "restarts": rows, "summary": summary}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    write_result(args.out, result)
 
     print(f"\n{'restart':>7} {'alive s':>8} {'stage':>7} {'reached':>8} {'committed':>9} {'lost':>5} {'next resumed at':>16}")
     for r in rows:

@@ -22,6 +22,8 @@ import sys
 import tempfile
 import time
 
+from record import write_result
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -75,10 +77,7 @@ def main() -> int:
         m = res["median"][a]
         print(f"{a:14s} {m['extract']:10.1f} {m['summarize']:12.1f} {m['total']:9.1f}")
     print(f"saved {res['saved_s']:.1f} s; texts equal in {same['equal_texts']} of {same['rows']} rows")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(res, f, indent=1)
-    print(f"wrote {args.out}")
+    write_result(args.out, res)
     return 0
 
 

@@ -45,13 +45,16 @@ separated from its own AR's recalibration (an RL AR learns to read its AV's habi
 after the first gets its paired per-row difference from the first, under its own AR and under the
 judge.
 
-Writes OUTDIR/evaluate.json and OUTDIR/report.html (self-contained: inline SVG, no external
-resources) only once everything is computed, through temporary files renamed into place, and
-prints the side-by-side table. OUTDIR defaults to FIRST_CHECKPOINT_WORKDIR/evaluate.
+Writes OUTDIR/evaluate.json, OUTDIR/report.html (self-contained: inline SVG, no external
+resources) and OUTDIR/rows.jsonl (one record per row: each checkpoint's explanation and per-row
+scores, for paired analyses across evaluations: benchmarks/paired_rows.py) only once everything is
+computed, through temporary files renamed into place, and prints the side-by-side table. OUTDIR
+defaults to FIRST_CHECKPOINT_WORKDIR/evaluate.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import time
 
@@ -218,8 +221,9 @@ def evaluate_pair(p, D: dict, E, bar) -> dict:
         # -- claim accuracy (nla/claims.py), every row (a failed extraction is read up to its cap)
         cur = [tok.decode([int(toks[i][pos[i]])]) for i in range(n)]
         res["claims"] = {}
+        named_real = [claims.names_current_token(texts[i], cur[i]) for i in range(n)]     # "exact" / "near" / None
         for suffix, tx in (("", texts), ("_shuffled", texts_shuf)):
-            named = [claims.names_current_token(tx[i], cur[i]) for i in range(n)]
+            named = named_real if not suffix else [claims.names_current_token(tx[i], cur[i]) for i in range(n)]
             qc = np.array([claims.quote_claims(tx[i], windows[i]) for i in range(n)], np.float64).reshape(n, 3)
             res["claims"].update({
                 "current_token_exact" + suffix: ci(np.array([m == "exact" for m in named], np.float64)),
@@ -267,9 +271,11 @@ def evaluate_pair(p, D: dict, E, bar) -> dict:
                 "recompute_rel_err_max": float(rel.max()), "recompute_rel_err_median": float(np.median(rel))}
             # claim accuracy: the target's own top-1 next token among the explanation's stated predictions
             nxt = [tok.decode([int(x)]) for x in top1]
-            for suffix, tx in (("", texts), ("_shuffled", texts_shuf)):
-                res["claims"]["names_top1_prediction" + suffix] = ci(
-                    np.array([claims.names_prediction(tx[i], nxt[i]) for i in range(n)], np.float64))
+            hits = {suffix: np.array([claims.names_prediction(tx[i], nxt[i]) for i in range(n)], np.float64)
+                    for suffix, tx in (("", texts), ("_shuffled", texts_shuf))}
+            for suffix, hit in hits.items():
+                res["claims"]["names_top1_prediction" + suffix] = ci(hit)
+            top1_named = hits[""]
 
     # -- fve by token position (equal-count bins of the evaluated positions)
     edges = np.unique(np.quantile(pos, np.linspace(0, 1, int(E.position_bins) + 1)).round().astype(np.int64))
@@ -292,6 +298,14 @@ def evaluate_pair(p, D: dict, E, bar) -> dict:
                        "fve_shuffled": float(f["shuffled"][i])} for i in first]
     # for the judge and the paired comparisons between columns (main drops them before writing)
     res["_texts"], res["_fve_real"], res["_fve_floor"] = (texts, texts_shuf), f["real"], f["floor"]
+    # one record per row for rows.jsonl: what a later analysis pairs by row (across checkpoints, seeds, runs)
+    res["_rows"] = [{"explanation": texts[i], "ok": bool(ok[i]), "fve": float(f["real"][i]),
+                     "fve_floor": float(f["floor"][i]), "fve_shuffled": float(f["shuffled"][i]),
+                     "current_token": named_real[i], "quote_spans": int(q[i, 0]), "quotes_absent": int(q[i, 1])}
+                    for i in range(n)]
+    if res["downstream"] is not None:
+        for i in range(n):
+            res["_rows"][i]["names_top1"] = bool(top1_named[i])
     return res
 
 
@@ -309,6 +323,8 @@ def judge_scores(judge, results: list[dict], acts: np.ndarray, docs: np.ndarray,
                     run, judge.ar, *measure.texts_to_expl(run.tokenizer, tx, run.ctx.ar), batch), t), var)
                  for tx in res["_texts"]]
             res["_fve_judge"] = f[0]
+            for i, r in enumerate(res["_rows"]):
+                r["fve_judge"] = float(f[0][i])
             res["judge"] = {"real": measure.ci(f[0], docs), "shuffled": measure.ci(f[1], docs),
                             "real_minus_floor": measure.ci(f[0] - floor, docs),
                             "real_minus_shuffled": measure.ci(f[0] - f[1], docs)}
@@ -446,11 +462,23 @@ def _plain(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def write_outputs(out: str, doc: dict, html: str) -> None:
-    """evaluate.json and report.html, both renamed into place only after both are written."""
+def row_records(D: dict, results: list[dict]) -> list[dict]:
+    """rows.jsonl: per evaluated row its ids and, per checkpoint label, the explanation and its per-row
+    scores (fve under its own AR, the floor, the shuffled control, the judge's fve with --judge) and
+    claims. The JSON's means are these rows' means; paired analyses across checkpoints, seeds or
+    separate evaluations of the same rows (benchmarks/paired_rows.py) start here."""
+    return [{"row": int(D["rows"][i]), "doc_id": str(D["doc_id"][i]), "position": int(D["position"][i]),
+             "checkpoints": {res["label"]: res["_rows"][i] for res in results}} for i in range(len(D["rows"]))]
+
+
+def write_outputs(out: str, doc: dict, html: str, rows: list[dict] | None = None) -> None:
+    """evaluate.json, report.html and (given) rows.jsonl, all renamed into place only after all are written."""
     paths.makedirs(out)
-    fileio.replace_together({paths.join(out, "evaluate.json"): fileio.json_text(doc, default=_plain, allow_nan=True),
-                             paths.join(out, "report.html"): html})
+    files = {paths.join(out, "evaluate.json"): fileio.json_text(doc, default=_plain, allow_nan=True),
+             paths.join(out, "report.html"): html}
+    if rows is not None:
+        files[paths.join(out, "rows.jsonl")] = "".join(json.dumps(r) + "\n" for r in rows)
+    fileio.replace_together(files)
 
 
 # ============================================================================= main
@@ -498,6 +526,7 @@ def main(argv=None) -> int:
         judge_scores(judge, results, D["acts"], docs, int(E.batch))
         del judge
     compare_to_first(results, docs)
+    rows_out = row_records(D, results)
     for res in results:
         for k in [k for k in res if k.startswith("_")]:
             del res[k]
@@ -505,6 +534,7 @@ def main(argv=None) -> int:
     doc = {"format": FORMAT, "command": ["python", "-m", "nla_jax.evaluate", *argv],
            "config": args.config, "store": paths.absolute(cfg.data.store), "split": E.split,
            "rows": int(len(rows)), "documents": int(len(np.unique(docs))), "row_ids": D["rows"],
+           "row_records": "rows.jsonl",
            "teacher_summaries": summ_path, "teacher_rows": len(D["summaries"]), "judge": args.judge,
            "settings": E.to_dict(), "devices": jax.device_count(), "elapsed_s": None,
            "ci": {"level": 0.95, "means": "cluster-robust (CR1) t-interval over documents, documents - 1 df "
@@ -516,9 +546,9 @@ def main(argv=None) -> int:
     if jax.process_index() != 0:      # every process computed the same numbers; one writes them
         return 0
     html = report.render(doc, ROWS, fmt, lookup)
-    write_outputs(out, doc, html)
+    write_outputs(out, doc, html, rows_out)
     print(table(doc), flush=True)
-    print(f"\nwrote {paths.join(out, 'evaluate.json')} and report.html in {doc['elapsed_s']:.0f}s", file=sys.stderr)
+    print(f"\nwrote {paths.join(out, 'evaluate.json')}, report.html and rows.jsonl in {doc['elapsed_s']:.0f}s", file=sys.stderr)
     return 0
 
 

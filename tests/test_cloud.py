@@ -171,6 +171,8 @@ def test_pipeline_on_a_bucket_equals_local_disk(gcs, tmp_path, monkeypatch):
     roots_a, roots_b = (local_wd, local_store), (f"gs://{BUCKET}/e2e/wd", f"gs://{BUCKET}/e2e/store")
     assert ev_a["checkpoints"] and _located(ev_a, roots_a) == _located(ev_b, roots_b)
     assert (wd / "evaluate" / "report.html").stat().st_size > 0
+    # its per-row records too (both work directories are named wd: the labels agree)
+    assert (wd / "evaluate" / "rows.jsonl").read_text() == open(os.path.join(local_wd, "evaluate", "rows.jsonl")).read()
 
     # a second trainer on the bucket work directory while its lease is held: refused in one line
     holder = _holder(url, f"gs://{BUCKET}/e2e/wd/.lock", 120)

@@ -367,12 +367,47 @@ def test_report_is_self_contained_with_stable_ids(run_two):
 def test_outputs_are_replaced_only_when_complete(tmp_path):
     from nla_jax import evaluate
     out = str(tmp_path)
-    evaluate.write_outputs(out, {"a": 1}, "<html>old</html>")
-    before = {n: open(os.path.join(out, n), "rb").read() for n in ("evaluate.json", "report.html")}
+    names = ("evaluate.json", "report.html", "rows.jsonl")
+    evaluate.write_outputs(out, {"a": 1}, "<html>old</html>", [{"row": 0}])
+    before = {n: open(os.path.join(out, n), "rb").read() for n in names}
     with pytest.raises(UnicodeEncodeError):
-        evaluate.write_outputs(out, {"a": 2}, "<html>\ud800</html>")      # the report fails to write
-    after = {n: open(os.path.join(out, n), "rb").read() for n in ("evaluate.json", "report.html")}
-    assert after == before and sorted(os.listdir(out)) == ["evaluate.json", "report.html"]
+        evaluate.write_outputs(out, {"a": 2}, "<html>\ud800</html>", [{"row": 1}])   # the report fails to write
+    after = {n: open(os.path.join(out, n), "rb").read() for n in names}
+    assert after == before and sorted(os.listdir(out)) == sorted(names)
+
+
+@pytest.mark.timeout(900)
+def test_rows_jsonl_holds_the_numbers_behind_the_json(run_two):
+    """rows.jsonl is what paired analyses across evaluations start from: each checkpoint's per-row
+    scores must be exactly the rows behind evaluate.json's means and paired differences."""
+    assert run_two.r.returncode == 0, run_two.r.stderr[-3000:]
+    with open(os.path.join(run_two.out, "evaluate.json")) as f:
+        doc = json.load(f)
+    with open(os.path.join(run_two.out, doc["row_records"])) as f:
+        recs = [json.loads(line) for line in f]
+    assert [r["row"] for r in recs] == doc["row_ids"]
+    assert len({r["doc_id"] for r in recs}) == doc["documents"]
+    labels = [c["label"] for c in doc["checkpoints"]]
+    col = lambda lab, k: np.array([r["checkpoints"][lab][k] for r in recs], np.float64)
+    for c in doc["checkpoints"]:
+        lab = c["label"]
+        assert set(recs[0]["checkpoints"]) == set(labels)
+        for k, key in (("fve", "real"), ("fve_floor", "floor"), ("fve_shuffled", "shuffled")):
+            assert col(lab, k).mean() == pytest.approx(c["fve"][key]["mean"], abs=1e-9), (lab, k)
+        assert col(lab, "fve_judge").mean() == pytest.approx(c["judge"]["real"]["mean"], abs=1e-9)
+        named = [r["checkpoints"][lab]["current_token"] for r in recs]
+        assert np.mean([m is not None for m in named]) == pytest.approx(c["claims"]["current_token_named"]["mean"])
+        assert np.mean([m == "exact" for m in named]) == pytest.approx(c["claims"]["current_token_exact"]["mean"])
+        assert col(lab, "names_top1").mean() == pytest.approx(c["claims"]["names_top1_prediction"]["mean"])
+        assert int(col(lab, "quotes_absent").sum()) == c["quotes"]["absent"]
+        assert [r["checkpoints"][lab]["ok"] for r in recs].count(False) == c["length"]["failed"]
+    # the paired column difference is the mean of the per-row differences, CI over documents
+    from nla_jax.nla import stats as stats_lib
+    diff = col(labels[1], "fve") - col(labels[0], "fve")
+    docs = np.array([r["doc_id"] for r in recs])
+    m, lo, hi = stats_lib.cluster_t_ci(diff, docs)
+    vs = doc["checkpoints"][1]["vs_first"]["own"]
+    assert (vs["mean"], vs["lo"], vs["hi"]) == pytest.approx((m, lo, hi), abs=1e-9)
 
 
 # ----------------------------------------------------------------------------- bad inputs

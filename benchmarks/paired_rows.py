@@ -1,0 +1,143 @@
+"""Paired per-row comparisons across evaluations: pooled seeds, two recipes on the same rows.
+
+    .venv/bin/python benchmarks/paired_rows.py \\
+        --base  runs/ev/evaluate:sft_av \\
+        --versus runs/ev/evaluate:rl-seed0 --versus runs/ev/evaluate:rl-seed1 --versus runs/ev/evaluate:rl-seed2 \\
+        --name rl_seeds_pooled
+
+Each COLUMN is EVALDIR:LABEL, a column of `python -m nla_jax.evaluate`'s OUTDIR/rows.jsonl (LABEL: the
+checkpoint's label there, or any substring naming exactly one). Every column must hold the same rows
+(row ids and documents; evaluate picks them from eval.rows and eval.seed, so two evaluations of
+one store with the same settings do). For each score, per row: mean over the --versus columns
+minus the --base column, and each --versus column alone minus the base; the mean of those per-row
+differences with a 95% cluster-robust t-interval over documents (nla_jax/nla/stats.py
+cluster_t_ci, the intervals evaluate itself reports). Pooling seeds this way averages their noise
+per row before the interval is taken, so the interval is the one for "RL with a random seed"
+against the one base, on these documents.
+
+Scores: fve (each column's own AR), fve_judge (the fixed judge's, where the evaluation had
+--judge), fve - floor, and the claims as 0/1 per row: the current token named (exact or near), the
+target's top-1 next token named. (Quoted-span rates are ratios of totals; evaluate reports those
+with a document bootstrap and they are not paired here.)
+
+Prints a table and writes benchmarks/results/paired_<NAME>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from nla_jax.nla import stats as stats_lib  # noqa: E402
+from record import write_result  # noqa: E402
+
+SCORES = {                      # name -> per-row value from one column's record (None: not available)
+    "fve": lambda c: c.get("fve"),
+    "fve_judge": lambda c: c.get("fve_judge"),
+    "fve_minus_floor": lambda c: c["fve"] - c["fve_floor"] if "fve_floor" in c else None,
+    "current_token_named": lambda c: None if "current_token" not in c else float(c["current_token"] is not None),
+    "names_top1": lambda c: None if "names_top1" not in c else float(c["names_top1"]),
+}
+
+
+class Bad(Exception):
+    """A user mistake: one line, exit 2."""
+
+
+def read_rows(evaldir: str) -> list[dict]:
+    path = os.path.join(evaldir, "rows.jsonl")
+    if not os.path.isfile(path):
+        raise Bad(f"{path}: not found (evaluate writes rows.jsonl beside evaluate.json; rerun evaluate)")
+    with open(path) as f:
+        try:
+            return [json.loads(line) for line in f if line.strip()]
+        except json.JSONDecodeError as e:
+            raise Bad(f"{path}: not JSON lines ({e})") from None
+
+
+def column(spec: str, cache: dict) -> tuple[str, str, list[dict]]:
+    """EVALDIR:LABEL -> (display name, the label in rows.jsonl, the evaluation's records in row order)."""
+    evaldir, sep, want = spec.rpartition(":")
+    if not sep or not evaldir or not want:
+        raise Bad(f"column {spec!r}: expected EVALDIR:LABEL")
+    if evaldir not in cache:
+        cache[evaldir] = read_rows(evaldir)
+    recs = cache[evaldir]
+    labels = list(recs[0]["checkpoints"]) if recs else []
+    hits = [lab for lab in labels if lab == want] or [lab for lab in labels if want in lab]
+    if len(hits) != 1:
+        raise Bad(f"column {spec!r}: {'no' if not hits else 'more than one'} label of {evaldir}/rows.jsonl matches "
+                  f"{want!r} (labels: {', '.join(labels)})")
+    return f"{os.path.basename(os.path.normpath(evaldir))}:{hits[0]}", hits[0], recs
+
+
+def ci(values: np.ndarray, docs: np.ndarray) -> dict:
+    m, lo, hi = stats_lib.cluster_t_ci(values, docs)
+    return {"mean": m, "lo": None if np.isnan(lo) else lo, "hi": None if np.isnan(hi) else hi, "n": int(len(values))}
+
+
+def compare(base: str, versus: list[str]) -> dict:
+    cache: dict = {}
+    cols = [column(s, cache) for s in [base, *versus]]
+    ids = [(r["row"], r["doc_id"]) for r in cols[0][2]]
+    for spec, (_, _, recs) in zip([base, *versus], cols):
+        if [(r["row"], r["doc_id"]) for r in recs] != ids:
+            raise Bad(f"column {spec!r}: its rows differ from {base!r}'s (evaluate both on the same store with the "
+                      f"same eval.rows, eval.seed and eval.split)")
+    docs = np.array([d for _, d in ids])
+    labels = [shown for shown, _, _ in cols]
+    out = {"base": labels[0], "versus": labels[1:], "rows": len(ids), "documents": int(len(np.unique(docs))),
+           "scores": {}}
+    for name, get in SCORES.items():
+        vals = []
+        for _, key, recs in cols:
+            v = [get(r["checkpoints"][key]) for r in recs]
+            vals.append(None if any(x is None for x in v) else np.array(v, np.float64))
+        if any(v is None for v in vals):
+            continue                      # a score some column lacks (no judge, no downstream claim)
+        b, vs = vals[0], np.stack(vals[1:])                  # [n], [k, n]
+        out["scores"][name] = {"base": ci(b, docs), "versus_mean": ci(vs.mean(0), docs),
+                               "pooled_minus_base": ci(vs.mean(0) - b, docs),
+                               "each_minus_base": {lab: ci(v - b, docs) for lab, v in zip(labels[1:], vs)}}
+    return out
+
+
+def fmt(d: dict) -> str:
+    if d["lo"] is None:
+        return f"{d['mean']:+.3f} [n/a]"
+    return f"{d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", required=True, metavar="EVALDIR:LABEL")
+    p.add_argument("--versus", action="append", required=True, metavar="EVALDIR:LABEL",
+                   help="repeatable; several are pooled (mean per row) and also shown one by one")
+    p.add_argument("--name", default="comparison", help="names the result file paired_NAME.json")
+    p.add_argument("--out", default=None, help="result JSON (default benchmarks/results/paired_NAME.json)")
+    args = p.parse_args(argv)
+    try:
+        res = compare(args.base, args.versus)
+    except Bad as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{res['rows']} rows from {res['documents']} documents; base {res['base']}; "
+          f"versus {', '.join(res['versus'])} (pooled: their per-row mean); 95% cluster-robust t over documents")
+    print(f"\n{'score':22s} {'base':>26s} {'versus (pooled)':>26s} {'pooled - base (paired)':>26s}")
+    for name, s in res["scores"].items():
+        print(f"{name:22s} {fmt(s['base']):>26s} {fmt(s['versus_mean']):>26s} {fmt(s['pooled_minus_base']):>26s}")
+        if len(res["versus"]) > 1:
+            for lab, d in s["each_minus_base"].items():
+                print(f"  {lab[-40:]:>48s} - base {fmt(d):>26s}")
+    write_result(args.out or os.path.join(REPO, "benchmarks", "results", f"paired_{args.name}.json"), res)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

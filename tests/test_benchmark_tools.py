@@ -1,0 +1,87 @@
+"""The benchmark helpers every result goes through: benchmarks/record.py (provenance, atomic write)
+and benchmarks/paired_rows.py (paired per-row comparisons across evaluations)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+
+import paired_rows  # noqa: E402
+import record  # noqa: E402
+
+from nla_jax.nla import stats as stats_lib  # noqa: E402
+
+
+def test_write_result_adds_provenance_and_replaces_atomically(tmp_path):
+    out = tmp_path / "sub" / "r.json"
+    record.write_result(str(out), {"x": 1}, quiet=True)
+    doc = json.loads(out.read_text())
+    prov = doc.pop("provenance")
+    assert doc == {"x": 1}
+    assert prov["commit"] is None or len(prov["commit"]) == 40
+    assert prov["command"] and prov["cpus"] == os.cpu_count() and prov["utc"].endswith("Z")
+    # a result that cannot be serialised leaves the earlier file as it was, and no temporary beside it
+    with pytest.raises(TypeError):
+        record.write_result(str(out), {"x": object()}, quiet=True)
+    assert json.loads(out.read_text())["x"] == 1
+    assert os.listdir(out.parent) == ["r.json"]
+    with pytest.raises(ValueError):
+        record.write_result(str(out), {"provenance": 1}, quiet=True)
+
+
+def _evaldir(path, labels, values, docs, rows=None):
+    """A rows.jsonl as evaluate writes it: values[label] = (fve, fve_judge) per row."""
+    os.makedirs(path, exist_ok=True)
+    rows = list(range(len(docs))) if rows is None else rows
+    with open(os.path.join(path, "rows.jsonl"), "w") as f:
+        for i, (r, d) in enumerate(zip(rows, docs)):
+            ck = {lab: {"fve": values[lab][0][i], "fve_judge": values[lab][1][i], "fve_floor": -0.2,
+                        "current_token": "exact" if i % 2 else None, "names_top1": bool(i % 3)} for lab in labels}
+            f.write(json.dumps({"row": r, "doc_id": d, "position": 7, "checkpoints": ck}) + "\n")
+    return str(path)
+
+
+def test_pooled_difference_is_the_per_row_mean_with_a_document_interval(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 60
+    docs = [f"d{i // 4}" for i in range(n)]                 # 15 documents of 4 rows
+    base = (rng.normal(size=n), rng.normal(size=n))
+    seeds = {f"w/rl-seed{k}": (base[0] + 0.1 * k + rng.normal(size=n) * 0.1, base[1] + rng.normal(size=n) * 0.1)
+             for k in range(3)}
+    a = _evaldir(tmp_path / "a", ["w/sft@4", *seeds], {"w/sft@4": base, **seeds}, docs)
+    # a second evaluation of the same rows holding another recipe
+    b = _evaldir(tmp_path / "b", ["v/rl@9"], {"v/rl@9": (base[0] + 0.5, base[1])}, docs)
+    res = paired_rows.compare(f"{a}:sft", [f"{a}:seed0", f"{a}:seed1", f"{a}:seed2", f"{b}:v/rl"])
+    assert res["rows"] == n and res["documents"] == 15
+    vs = np.stack([v[0] for v in seeds.values()] + [base[0] + 0.5])
+    want = stats_lib.cluster_t_ci(vs.mean(0) - base[0], np.array(docs))
+    got = res["scores"]["fve"]["pooled_minus_base"]
+    assert (got["mean"], got["lo"], got["hi"]) == pytest.approx(want, abs=1e-12)
+    each = res["scores"]["fve"]["each_minus_base"]
+    assert each["b:v/rl@9"]["mean"] == pytest.approx(0.5) and each["b:v/rl@9"]["hi"] - each["b:v/rl@9"]["lo"] < 1e-9
+    assert res["scores"]["current_token_named"]["pooled_minus_base"]["mean"] == 0.0
+    assert res["scores"]["fve_minus_floor"]["base"]["mean"] == pytest.approx(base[0].mean() + 0.2)
+
+
+@pytest.mark.parametrize("case", ["rows_differ", "ambiguous", "missing", "no_label"])
+def test_bad_columns_are_refused_with_one_line(tmp_path, case):
+    docs = ["a", "a", "b", "b"]
+    v = {lab: (np.zeros(4), np.zeros(4)) for lab in ("x/rl@1", "x/rl@2", "x/sft@1")}
+    a = _evaldir(tmp_path / "a", list(v), v, docs)
+    b = _evaldir(tmp_path / "b", list(v), v, docs, rows=[0, 1, 2, 5] if case == "rows_differ" else None)
+    base, versus = {"rows_differ": (f"{a}:sft", f"{b}:rl@1"), "ambiguous": (f"{a}:sft", f"{a}:rl"),
+                    "missing": (f"{a}:sft", f"{tmp_path}/nothing:rl@1"), "no_label": (f"{a}:sft", f"{a}:ppo")}[case]
+    out = tmp_path / "res.json"
+    r = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "paired_rows.py"), "--base", base,
+                        "--versus", versus, "--out", str(out)], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": REPO})
+    assert r.returncode == 2 and not out.exists()
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert {"rows_differ": "rows differ", "ambiguous": "more than one", "missing": "not found",
+            "no_label": "no label"}[case] in lines[0]
