@@ -95,3 +95,27 @@ def test_predictions_are_not_quotes_nor_the_current_token():
     assert claims.names_current_token("Token \u00abthe\u00bb. Next: \u00abcolour\u00bb 40%.", " colour") is None
     assert claims.names_current_token("Token \u00abcolour\u00bb. Next: \u00abthe\u00bb 40%.", " colour") == "exact"
     assert claims.current_token_match("Token \u00abthe\u00bb. Next: \u00abcolour\u00bb 40%.", " colour") == "exact"
+
+
+def test_target_top1_from_the_store_else_from_the_warm_start_records(tmp_path):
+    """The eval stage's top-1 claim: predictions stored by extraction win; a store without them
+    (data.top_k=0, older stores) falls back to the "predict" warm start's records, and any row
+    without either makes no claim at all (None), never a partial one."""
+    import json
+    import types
+
+    import numpy as np
+
+    from nla_jax.nla import evaluation
+    tok = types.SimpleNamespace(decode=lambda ids: "".join(f"<{i}>" for i in ids))
+    rows = np.array([3, 8, 11])
+    run = lambda top_k: types.SimpleNamespace(store=types.SimpleNamespace(top_k=top_k), tokenizer=tok,
+                                              cfg=types.SimpleNamespace(data=types.SimpleNamespace(store=str(tmp_path))))
+    stored = {"top_ids": np.array([[5, 1], [6, 2], [7, 3]])}
+    assert evaluation.target_top1(run(2), rows, stored) == ["<5>", "<6>", "<7>"]
+    with open(tmp_path / "summaries.jsonl", "w") as f:
+        for r, ids in ((3, [40, 1]), (8, [41]), (11, [42, 9]), (12, [99])):
+            f.write(json.dumps({"row": r, "text": "t", "top_ids": ids}) + "\n")
+    assert evaluation.target_top1(run(0), rows, {}) == ["<40>", "<41>", "<42>"]
+    assert evaluation.target_top1(run(0), np.array([3, 5]), {}) is None      # row 5 has no record
+    assert evaluation.target_top1(run(2), rows, stored) == ["<5>", "<6>", "<7>"]   # the store wins over records

@@ -55,6 +55,19 @@ def eval_batch(n: int, most: int, shards: int) -> int:
     return batch
 
 
+def target_top1(run: Run, rows: np.ndarray, got: dict) -> list[str] | None:
+    """The target's own top-1 next token at each row, as text: stored by extraction (data.top_k > 0,
+    any corpus: got["top_ids"] [n, k]), else where the store's warm-start texts recorded it
+    (summarize.teacher="predict" over the eval split: each record's "top_ids"); None when any row
+    lacks it (then no prediction claim is made)."""
+    if run.store.top_k:
+        ids = got["top_ids"][:, 0].tolist()
+    else:
+        recs = summaries_lib.read_records(summaries_lib.path_in(run.cfg.data.store))
+        ids = [recs[int(r)]["top_ids"][0] if recs.get(int(r), {}).get("top_ids") else None for r in rows]
+    return None if any(t is None for t in ids) else [run.tokenizer.decode([int(t)]) for t in ids]
+
+
 def heldout_stage(run: Run, pairs: Sequence[tuple[str, dict, dict]], workdir: str, writer,
                   judge: tuple[str, dict] | None = None, ref_av: dict | None = None) -> dict:
     """Score each (name, AV params, AR params) on config `eval` rows; write workdir/eval.json and a
@@ -79,15 +92,7 @@ def heldout_stage(run: Run, pairs: Sequence[tuple[str, dict, dict]], workdir: st
     res = {"rows": int(len(rows)), "documents": int(len(np.unique(docs))), "var_nrm": var, "center": center,
            "floor": ci(fve(floor_mse)), "checkpoints": {}}
     examples = []
-    # the target's own top-1 next token at each row: stored by extraction (data.top_k > 0, any corpus),
-    # else where the store's warm-start texts recorded it (summarize.teacher="predict" with the eval
-    # split); else no prediction claim
-    if run.store.top_k:
-        top1 = got["top_ids"][:, 0].tolist()
-    else:
-        recs = summaries_lib.read_records(summaries_lib.path_in(run.cfg.data.store))
-        top1 = [recs[int(r)]["top_ids"][0] if recs.get(int(r), {}).get("top_ids") else None for r in rows]
-    top1 = None if any(t is None for t in top1) else [run.tokenizer.decode([int(t)]) for t in top1]
+    top1 = target_top1(run, rows, got)
     per_row = {}                                                  # name -> {"own": fve [n], "judge": fve [n]}
     first_of_doc = np.unique(docs, return_index=True)[1]
     example_idx = sorted(first_of_doc)[:E.n_examples]                     # one example per document
