@@ -5,7 +5,8 @@
         --versus runs/ev/evaluate:rl-seed0 --versus runs/ev/evaluate:rl-seed1 --versus runs/ev/evaluate:rl-seed2 \\
         --name rl_seeds_pooled
 
-Each COLUMN is EVALDIR:LABEL, a column of `python -m nla_jax.evaluate`'s OUTDIR/rows.jsonl (LABEL: the
+Each COLUMN is EVALDIR:LABEL, a column of `python -m nla_jax.evaluate`'s OUTDIR/rows.jsonl, or of a
+trainer work directory's eval_rows.jsonl (its eval stage: labels after_sft, after_rl) (LABEL: the
 checkpoint's label there, or any substring naming exactly one). Every column must hold the same rows
 (row ids and documents; evaluate picks them from eval.rows and eval.seed, so two evaluations of
 one store with the same settings do). For each score, per row: mean over the --versus columns
@@ -51,9 +52,13 @@ class Bad(Exception):
 
 
 def read_rows(evaldir: str) -> list[dict]:
+    """An evaluate OUTDIR's rows.jsonl, else a trainer work directory's eval_rows.jsonl (its eval stage)."""
     path = os.path.join(evaldir, "rows.jsonl")
+    if not os.path.isfile(path) and os.path.isfile(os.path.join(evaldir, "eval_rows.jsonl")):
+        path = os.path.join(evaldir, "eval_rows.jsonl")
     if not os.path.isfile(path):
-        raise Bad(f"{path}: not found (evaluate writes rows.jsonl beside evaluate.json; rerun evaluate)")
+        raise Bad(f"{path}: not found (evaluate writes rows.jsonl beside evaluate.json, the trainer's eval stage "
+                  f"eval_rows.jsonl beside eval.json; rerun the one that made it)")
     with open(path) as f:
         try:
             return [json.loads(line) for line in f if line.strip()]

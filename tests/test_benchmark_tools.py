@@ -34,11 +34,12 @@ def test_write_result_adds_provenance_and_replaces_atomically(tmp_path):
         record.write_result(str(out), {"provenance": 1}, quiet=True)
 
 
-def _evaldir(path, labels, values, docs, rows=None):
-    """A rows.jsonl as evaluate writes it: values[label] = (fve, fve_judge) per row."""
+def _evaldir(path, labels, values, docs, rows=None, name="rows.jsonl"):
+    """A rows.jsonl as evaluate writes it (name="eval_rows.jsonl": a trainer work directory's eval stage):
+    values[label] = (fve, fve_judge) per row."""
     os.makedirs(path, exist_ok=True)
     rows = list(range(len(docs))) if rows is None else rows
-    with open(os.path.join(path, "rows.jsonl"), "w") as f:
+    with open(os.path.join(path, name), "w") as f:
         for i, (r, d) in enumerate(zip(rows, docs)):
             ck = {lab: {"fve": values[lab][0][i], "fve_judge": values[lab][1][i], "fve_floor": -0.2,
                         "current_token": "exact" if i % 2 else None, "names_top1": bool(i % 3)} for lab in labels}
@@ -55,15 +56,16 @@ def test_pooled_difference_is_the_per_row_mean_with_a_document_interval(tmp_path
              for k in range(3)}
     a = _evaldir(tmp_path / "a", ["w/sft@4", *seeds], {"w/sft@4": base, **seeds}, docs)
     # a second evaluation of the same rows holding another recipe
-    b = _evaldir(tmp_path / "b", ["v/rl@9"], {"v/rl@9": (base[0] + 0.5, base[1])}, docs)
-    res = paired_rows.compare(f"{a}:sft", [f"{a}:seed0", f"{a}:seed1", f"{a}:seed2", f"{b}:v/rl"])
+    # a trainer's eval stage on the same rows, holding another recipe
+    b = _evaldir(tmp_path / "b", ["after_rl"], {"after_rl": (base[0] + 0.5, base[1])}, docs, name="eval_rows.jsonl")
+    res = paired_rows.compare(f"{a}:sft", [f"{a}:seed0", f"{a}:seed1", f"{a}:seed2", f"{b}:after_rl"])
     assert res["rows"] == n and res["documents"] == 15
     vs = np.stack([v[0] for v in seeds.values()] + [base[0] + 0.5])
     want = stats_lib.cluster_t_ci(vs.mean(0) - base[0], np.array(docs))
     got = res["scores"]["fve"]["pooled_minus_base"]
     assert (got["mean"], got["lo"], got["hi"]) == pytest.approx(want, abs=1e-12)
     each = res["scores"]["fve"]["each_minus_base"]
-    assert each["b:v/rl@9"]["mean"] == pytest.approx(0.5) and each["b:v/rl@9"]["hi"] - each["b:v/rl@9"]["lo"] < 1e-9
+    assert each["b:after_rl"]["mean"] == pytest.approx(0.5) and each["b:after_rl"]["hi"] - each["b:after_rl"]["lo"] < 1e-9
     assert res["scores"]["current_token_named"]["pooled_minus_base"]["mean"] == 0.0
     assert res["scores"]["fve_minus_floor"]["base"]["mean"] == pytest.approx(base[0].mean() + 0.2)
 

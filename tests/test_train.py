@@ -260,6 +260,19 @@ def test_all_stages_finish_with_metrics_and_eval(e2e):
     assert d["judge"]["mean"] == pytest.approx(rl["judge_real"]["mean"] - sft["judge_real"]["mean"], abs=1e-9)
     # KL of the RL AV to the SFT AV along its own explanations; none for the SFT pair (it is the reference)
     assert rl["kl_to_ref_per_token"]["mean"] >= 0 and "kl_to_ref_per_token" not in sft
+    # eval_rows.jsonl: the rows behind every mean above, one record per row (paired analyses start here)
+    with open(os.path.join(wd, "eval_rows.jsonl")) as f:
+        recs = [json.loads(line) for line in f]
+    assert len(recs) == ev["rows"] and len({r["doc_id"] for r in recs}) == ev["documents"]
+    for name, c in ev["checkpoints"].items():
+        col = lambda k: np.array([r["checkpoints"][name][k] for r in recs], np.float64)
+        for k, key in (("fve", "real"), ("fve_shuffled", "shuffled"), ("fve_judge", "judge_real")):
+            assert col(k).mean() == pytest.approx(c[key]["mean"], abs=1e-9), (name, k)
+        assert (col("fve") - col("fve_floor")).mean() == pytest.approx(c["real_minus_floor"]["mean"], abs=1e-9)
+        assert col("names_top1").mean() == pytest.approx(c["names_top1_prediction"]["mean"])
+        named = [r["checkpoints"][name]["current_token"] for r in recs]
+        assert np.mean([m is not None for m in named]) == pytest.approx(c["names_current_token"]["mean"])
+        assert 1 - np.mean([r["checkpoints"][name]["ok"] for r in recs]) == pytest.approx(c["extract_fail"])
     assert _records(wd, "eval", "eval")
     assert "names the top-1 next token" in e2e["first"].stdout + e2e["first"].stderr
 

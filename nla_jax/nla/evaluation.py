@@ -17,6 +17,8 @@ AV's own explanations) every pair's explanations are also scored by that one fro
 after RL - after SFT is reported paired by row under both readers. The live RL AR recalibrates to
 the RL AV's text; only the judge's difference says whether the *verbalizer* got better. Beside it,
 the RL AV's exact KL to the SFT AV along its own explanations (how far RL moved it).
+Beside eval.json, WORKDIR/eval_rows.jsonl holds each row's explanation and scores per checkpoint
+(the format of evaluate's rows.jsonl) for paired comparisons across runs (benchmarks/paired_rows.py).
 Every number comes with a 95% cluster-robust t-interval over documents (rows of one document move
 together; measure.ci), and real - shuffled and real - floor with paired intervals. Writes
 WORKDIR/eval.json.
@@ -26,6 +28,7 @@ The measurements themselves (explain, reconstruct, score, intervals) are nla/mea
 """
 from __future__ import annotations
 
+import json
 import sys
 from typing import Sequence
 
@@ -94,6 +97,7 @@ def heldout_stage(run: Run, pairs: Sequence[tuple[str, dict, dict]], workdir: st
     examples = []
     top1 = target_top1(run, rows, got)
     per_row = {}                                                  # name -> {"own": fve [n], "judge": fve [n]}
+    row_recs: dict[str, list[dict]] = {}                          # name -> one record per row (eval_rows.jsonl)
     first_of_doc = np.unique(docs, return_index=True)[1]
     example_idx = sorted(first_of_doc)[:E.n_examples]                     # one example per document
     # the zero-vector check on the examples' rows and the first rows up to eval.zero_rows (0: all)
@@ -130,12 +134,21 @@ def heldout_stage(run: Run, pairs: Sequence[tuple[str, dict, dict]], workdir: st
             c["names_top1_prediction"] = ci(np.array([claims.names_prediction(t_real[i], top1[i])
                                                       for i in range(len(rows))], np.float64))
         per_row[name] = {"own": fve(m_real)}
+        row_recs[name] = [{"explanation": t_real[i], "ok": bool(real["ok"][i]), "fve": float(fve(m_real[i])),
+                           "fve_floor": float(fve(floor_mse[i])), "fve_shuffled": float(fve(m_shuf[i])),
+                           "current_token": named[i], "quote_spans": int(qc[i, 0]),
+                           "quotes_absent": int(qc[i, 0] - qc[i, 1] - qc[i, 2])} for i in range(len(rows))]
+        if top1 is not None:
+            for i, r in enumerate(row_recs[name]):
+                r["names_top1"] = bool(claims.names_prediction(t_real[i], top1[i]))
         if judge is not None:
             if judge[1] is ar:      # the judge is this pair's own AR (the SFT pair): the same scores
                 j_real, j_shuf = fve(m_real), fve(m_shuf)
             else:
                 j_real, j_shuf = fve(measure.score(run, judge[1], real, acts, batch)), fve(measure.score(run, judge[1], shuf, acts, batch))
             per_row[name]["judge"] = j_real
+            for i, r in enumerate(row_recs[name]):
+                r["fve_judge"] = float(j_real[i])
             c.update({"judge_real": ci(j_real), "judge_shuffled": ci(j_shuf),
                       "judge_real_minus_shuffled": ci(j_real - j_shuf),
                       "judge_real_minus_floor": ci(j_real - fve(floor_mse))})
@@ -153,6 +166,11 @@ def heldout_stage(run: Run, pairs: Sequence[tuple[str, dict, dict]], workdir: st
         a, b = per_row["after_rl"], per_row["after_sft"]
         res["rl_minus_sft"] = {k: ci(a[k] - b[k]) for k in a if k in b}
     if jax.process_index() == 0:
+        # per row, as evaluate's rows.jsonl: what benchmarks/paired_rows.py pairs across runs and seeds
+        fileio.write_atomic(paths.join(workdir, "eval_rows.jsonl"), "".join(
+            json.dumps({"row": int(rows[i]), "doc_id": str(docs[i]), "position": int(got["position"][i]),
+                        "checkpoints": {name: recs[i] for name, recs in row_recs.items()}}) + "\n"
+            for i in range(len(rows))))
         fileio.write_atomic(paths.join(workdir, "eval.json"), fileio.json_text(res))
         print(report(res), file=sys.stdout, flush=True)
     writer.write("eval", 0, {"kind": "eval", **{f"{k}_real": v["real"]["mean"] for k, v in res["checkpoints"].items()},
