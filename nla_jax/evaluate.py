@@ -222,10 +222,17 @@ def evaluate_pair(p, D: dict, E, bar) -> dict:
         cur = [tok.decode([int(toks[i][pos[i]])]) for i in range(n)]
         res["claims"] = {}
         named_real = [claims.names_current_token(texts[i], cur[i]) for i in range(n)]     # "exact" / "near" / None
+        before = [claims.preceding_texts(tok, toks[i], int(pos[i])) for i in range(n)]
+        before_real = [claims.preceding_claim(texts[i], before[i]) for i in range(n)]      # True / False / None
         for suffix, tx in (("", texts), ("_shuffled", texts_shuf)):
             named = named_real if not suffix else [claims.names_current_token(tx[i], cur[i]) for i in range(n)]
             qc = np.array([claims.quote_claims(tx[i], windows[i]) for i in range(n)], np.float64).reshape(n, 3)
+            prec = before_real if not suffix else [claims.preceding_claim(tx[i], before[i]) for i in range(n)]
+            stated = np.array([b is not None for b in prec], np.float64)
             res["claims"].update({
+                "states_preceding" + suffix: ci(stated),
+                "preceding_correct" + suffix: measure.ratio_ci(np.array([b is True for b in prec], np.float64), stated,
+                                                               docs, E.n_boot, E.seed),
                 "current_token_exact" + suffix: ci(np.array([m == "exact" for m in named], np.float64)),
                 "current_token_named" + suffix: ci(np.array([m is not None for m in named], np.float64)),
                 "quotes_absent" + suffix: measure.ratio_ci(qc[:, 0] - qc[:, 1] - qc[:, 2], qc[:, 0], docs, E.n_boot,
@@ -301,7 +308,8 @@ def evaluate_pair(p, D: dict, E, bar) -> dict:
     # one record per row for rows.jsonl: what a later analysis pairs by row (across checkpoints, seeds, runs)
     res["_rows"] = [{"explanation": texts[i], "ok": bool(ok[i]), "fve": float(f["real"][i]),
                      "fve_floor": float(f["floor"][i]), "fve_shuffled": float(f["shuffled"][i]),
-                     "current_token": named_real[i], "quote_spans": int(q[i, 0]), "quotes_absent": int(q[i, 1])}
+                     "current_token": named_real[i], "preceding": before_real[i], "quote_spans": int(q[i, 0]),
+                     "quotes_absent": int(q[i, 1])}
                     for i in range(n)]
     if res["downstream"] is not None:
         for i in range(n):
@@ -403,6 +411,9 @@ ROWS = (  # (key path, label); one line per row, one column per checkpoint
     ("claims.current_token_named_shuffled", "claims: names it, shuffled (chance)"),
     ("claims.names_top1_prediction", "claims: names the target's top-1 next token"),
     ("claims.names_top1_prediction_shuffled", "claims: names top-1 next, shuffled (chance)"),
+    ("claims.states_preceding", "claims: states the preceding text (after «…»)"),
+    ("claims.preceding_correct", "claims: preceding text right, of stated"),
+    ("claims.preceding_correct_shuffled", "claims: preceding text right, shuffled (chance)"),
     ("claims.quotes_absent", "claims: quoted spans not in context"),
     ("claims.quotes_near", "claims: quoted spans, near misses"),
     ("claims.quotes_absent_shuffled", "claims: quoted spans not in context, shuffled"),

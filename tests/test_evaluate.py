@@ -400,6 +400,11 @@ def test_rows_jsonl_holds_the_numbers_behind_the_json(run_two):
         assert np.mean([m == "exact" for m in named]) == pytest.approx(c["claims"]["current_token_exact"]["mean"])
         assert col(lab, "names_top1").mean() == pytest.approx(c["claims"]["names_top1_prediction"]["mean"])
         assert int(col(lab, "quotes_absent").sum()) == c["quotes"]["absent"]
+        pre = [r["checkpoints"][lab]["preceding"] for r in recs]
+        assert np.mean([p is not None for p in pre]) == pytest.approx(c["claims"]["states_preceding"]["mean"])
+        if any(p is not None for p in pre):
+            assert pre.count(True) / sum(p is not None for p in pre) == \
+                pytest.approx(c["claims"]["preceding_correct"]["mean"])
         assert [r["checkpoints"][lab]["ok"] for r in recs].count(False) == c["length"]["failed"]
     # the paired column difference is the mean of the per-row differences, CI over documents
     from nla_jax.nla import stats as stats_lib
@@ -466,7 +471,7 @@ def test_bad_inputs_refused_with_one_line_and_old_result_kept(trained, run_two, 
     # an earlier result in OUTDIR must survive a failed run untouched
     out = run_two.out
     assert run_two.r.returncode == 0
-    before = {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in ("evaluate.json", "report.html")}
+    before = {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in ("evaluate.json", "report.html", "rows.jsonl")}
     # the bad checkpoint first: its error comes before any progress output
     r = _evaluate(f"--config.data.store={store}", "--checkpoint", ck, "--checkpoint", os.path.join(trained.wd, "sft_av"),
                   "--out", out, *extra, timeout=300)
@@ -484,7 +489,7 @@ def test_bad_inputs_refused_with_one_line_and_old_result_kept(trained, run_two, 
     line = _one_error_line(r)
     assert needle in line, line
     assert {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in before} == before
-    assert sorted(os.listdir(out)) == ["evaluate.json", "report.html"]
+    assert sorted(os.listdir(out)) == ["evaluate.json", "report.html", "rows.jsonl"]
 
 
 def test_help():

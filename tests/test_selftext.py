@@ -78,3 +78,25 @@ def test_quote_style_reads_in_order_and_ends_with_the_current_token():
     # at the document's start the quote holds what there is
     assert selftext.self_text(_Tok(), ctx, 0, np.array([4]), np.array([1.0]), before=7, style="quote") == \
         "The text ends with: \u00abWe\u00bb. Next: \u00abto\u00bb 100%."
+
+
+def test_the_warm_start_states_the_preceding_text_correctly_by_construction():
+    """claims.preceding_claim reads the template's "after «…»" against the context: the warm start
+    itself is right at every position and any number of tokens before; an "after" that names text
+    from elsewhere in the context (a quote that is present, but not here) is wrong; no "after" is
+    no claim."""
+    ctx = np.array([0, 1, 2, 3, 1, 2, 3])          # We have the ability have the ability
+    for pos in range(1, 7):
+        pre = claims.preceding_texts(_Tok(), ctx, pos)
+        assert len(pre) == min(pos, claims.PRECEDING_MOST)
+        for before in (1, 2, 3):
+            text = selftext.self_text(_Tok(), ctx, pos, np.array([4]), np.array([0.9]), before=before)
+            assert claims.preceding_claim(text, pre) is True, (pos, before, text)
+    pre = claims.preceding_texts(_Tok(), ctx, 3)      # before " ability": "the", "have the", "We have the"
+    assert pre == ["the", "have the", "We have the"]
+    assert claims.preceding_claim("Token «ability» after «ability». Next: «to» 90%.", pre) is False   # in context, not here
+    assert claims.preceding_claim("Token «ability» after «HAVE  the». Next: «to».", pre) is True      # case, spacing
+    assert claims.preceding_claim("Token «ability» after «». Next: «to».", pre) is False
+    assert claims.preceding_claim("Token «ability». Next: «to» 90%.", pre) is None
+    # an "after «…»" among the stated predictions is not a claim about the context
+    assert claims.preceding_claim("Token «ability». Next: «to» after «the».", pre) is None

@@ -273,6 +273,12 @@ def test_all_stages_finish_with_metrics_and_eval(e2e):
         named = [r["checkpoints"][name]["current_token"] for r in recs]
         assert np.mean([m is not None for m in named]) == pytest.approx(c["names_current_token"]["mean"])
         assert 1 - np.mean([r["checkpoints"][name]["ok"] for r in recs]) == pytest.approx(c["extract_fail"])
+        pre = [r["checkpoints"][name]["preceding"] for r in recs]
+        assert np.mean([p is not None for p in pre]) == pytest.approx(c["states_preceding"]["mean"])
+        if any(p is not None for p in pre):
+            assert pre.count(True) / sum(p is not None for p in pre) == pytest.approx(c["preceding_correct"]["mean"])
+        else:
+            assert c["preceding_correct"]["mean"] is None
     assert _records(wd, "eval", "eval")
     assert "names the top-1 next token" in e2e["first"].stdout + e2e["first"].stderr
 

@@ -9,6 +9,10 @@ whether the text is *true*. These checks read an explanation against the row's o
                   predictions (`names_current_token`);
   predictions     does it name what the target itself predicts next? `names_prediction`: the
                   target's top-1 next token among the explanation's stated predictions;
+  preceding text  is the text it says comes right before the current token ("after «have the»", the
+                  predict warm start's wording) what the context has there? `preceding_claim` ->
+                  True / False / None (states none). A quoted span can be in the context and still
+                  be false here: "after «the»" when "the" occurs earlier but not before this token;
   quoted spans    is every quoted span (measure.quoted_spans: "...", “...”, «...», `...`) in the
                   context window? `quote_claims` -> (spans, exact, near); the rest are absent
                   (invented). A near miss is a quote the model got almost right, which a plain
@@ -94,6 +98,29 @@ def names_prediction(explanation: str, token_text: str) -> bool:
     """
     preds = measure.split_predictions(explanation)[1]
     return bool(preds) and current_token_match(preds, token_text) is not None
+
+
+_AFTER = re.compile(r"(?<!\w)after\s*«([^»]*)»", re.IGNORECASE)
+PRECEDING_MOST = 4      # preceding_texts: up to this many tokens before the current one
+
+
+def preceding_texts(tok, tokens_row, position: int, most: int = PRECEDING_MOST) -> list[str]:
+    """The k tokens before the position, decoded, for k = 1..most (fewer at a document's start),
+    whitespace-collapsed as the warm start writes them."""
+    return [" ".join(tok.decode([int(t) for t in tokens_row[position - k:position]]).split())
+            for k in range(1, min(most, position) + 1)]
+
+
+def preceding_claim(explanation: str, preceding: list[str]) -> bool | None:
+    """Whether the explanation's "after «…»" (before its stated predictions) is the text right before
+    the current token: True when the quoted text, case-folded with whitespace collapsed, equals the
+    last k tokens' text for some k (preceding[k - 1], `preceding_texts`); False when it states one
+    that is not; None when it states none (no such phrase). An empty quote is False."""
+    m = _AFTER.search(measure.split_predictions(explanation)[0])
+    if m is None:
+        return None
+    q = " ".join(m.group(1).casefold().split())
+    return bool(q) and any(q == p.casefold() for p in preceding)
 
 
 def _near_in_context(span_words: list[str], ctx_words: list[str]) -> bool:

@@ -114,6 +114,9 @@ def heldout_stage(run: Run, pairs: Sequence[tuple[str, dict, dict]], workdir: st
         named = [claims.names_current_token(t_real[i], tok.decode([int(toks[i][pos[i]])])) for i in range(len(rows))]
         qc = np.array([claims.quote_claims(t_real[i], measure.context_text(tok, toks[i], int(pos[i]), E.quote_window))
                        for i in range(len(rows))], np.float64).reshape(len(rows), 3)         # spans, exact, near
+        before = [claims.preceding_claim(t_real[i], claims.preceding_texts(tok, toks[i], int(pos[i])))
+                  for i in range(len(rows))]                                               # True / False / None
+        stated = np.array([b is not None for b in before], np.float64)
         res["checkpoints"][name] = {
             "real": ci(fve(m_real)),
             "shuffled": ci(fve(m_shuf)),
@@ -128,6 +131,10 @@ def heldout_stage(run: Run, pairs: Sequence[tuple[str, dict, dict]], workdir: st
             # claim accuracy (nla/claims.py): the current token named (exact or near), quoted spans not in context
             "names_current_token": ci(np.array([m is not None for m in named], np.float64)),
             "quotes_absent": measure.ratio_ci(qc[:, 0] - qc[:, 1] - qc[:, 2], qc[:, 0], docs, E.n_boot, E.seed),
+            # the text it says comes right before the current token ("after «…»"): how often stated, how often right
+            "states_preceding": ci(stated),
+            "preceding_correct": measure.ratio_ci(np.array([b is True for b in before], np.float64), stated, docs,
+                                                  E.n_boot, E.seed),
         }
         c = res["checkpoints"][name]
         if top1 is not None:    # the target's top-1 next token among the explanation's stated predictions
@@ -136,7 +143,7 @@ def heldout_stage(run: Run, pairs: Sequence[tuple[str, dict, dict]], workdir: st
         per_row[name] = {"own": fve(m_real)}
         row_recs[name] = [{"explanation": t_real[i], "ok": bool(real["ok"][i]), "fve": float(fve(m_real[i])),
                            "fve_floor": float(fve(floor_mse[i])), "fve_shuffled": float(fve(m_shuf[i])),
-                           "current_token": named[i], "quote_spans": int(qc[i, 0]),
+                           "current_token": named[i], "preceding": before[i], "quote_spans": int(qc[i, 0]),
                            "quotes_absent": int(qc[i, 0] - qc[i, 1] - qc[i, 2])} for i in range(len(rows))]
         if top1 is not None:
             for i, r in enumerate(row_recs[name]):
@@ -192,6 +199,9 @@ def report(res: dict) -> str:
                   f"  {name + ': names the current token':34s} {f(c['names_current_token'])}",
                   f"  {name + ': quoted spans not in context':34s} "
                   + (f(c["quotes_absent"]) if c["quotes_absent"]["mean"] is not None else "n/a (no quotes)"),
+                  *([f"  {name + ': preceding text right':34s} {f(c['preceding_correct'])}   (stated in "
+                     f"{c['states_preceding']['mean']:.2f})"] if c.get("preceding_correct", {}).get("mean") is not None
+                    else []),
                   *([f"  {name + ': names the top-1 next token':34s} {f(c['names_top1_prediction'])}"]
                     if "names_top1_prediction" in c else []),
                   f"  {name + ': extraction failures':34s} {c['extract_fail']:.2f}   mean length {c['expl_len']:.1f} tok"
