@@ -222,6 +222,29 @@ def rl_reference(store, tmp_path_factory):
 # ----------------------------------------------------------------------------- 1. end to end
 
 @pytest.mark.timeout(600)
+def test_claims_recomputed_from_saved_rows_equal_the_eval_stage(e2e, store, tmp_path):
+    """benchmarks/claims_from_rows.py reads the saved explanations (eval_rows.jsonl) against the store
+    with the tokenizer alone: with the same definitions it must reproduce the eval stage's claims."""
+    out = tmp_path / "claims.json"
+    r = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "claims_from_rows.py"), e2e["wd"],
+                        "--config", TINY, f"--config.data.store={store}", "--out", str(out)],
+                       cwd=REPO, env=_env(None), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(out.read_text())["checkpoints"]
+    with open(os.path.join(e2e["wd"], "eval.json")) as f:
+        ev = json.load(f)["checkpoints"]
+    assert set(got) == set(ev) == {"after_sft", "after_rl"}
+    for name in ev:
+        for k in ("names_current_token", "states_preceding", "preceding_correct", "quotes_absent"):
+            assert got[name][k if k != "names_current_token" else "current_token_named"] == ev[name][k], (name, k)
+    # another store's rows: one line, nothing written
+    other = tmp_path / "other.json"
+    r = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "claims_from_rows.py"), e2e["wd"],
+                        "--config", TINY, f"--config.data.store={tmp_path}/none", "--out", str(other)],
+                       cwd=REPO, env=_env(None), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and not other.exists() and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
 def test_all_stages_finish_with_metrics_and_eval(e2e):
     wd = e2e["wd"]
     for s in STAGES[:3]:

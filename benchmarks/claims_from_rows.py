@@ -1,0 +1,102 @@
+"""Claim accuracy recomputed from saved explanations: no model, no decoding.
+
+    .venv/bin/python benchmarks/claims_from_rows.py runs/ev/evaluate --config configs/smollm2_135m.py:quick \\
+        [--config.data.store=STORE] [--name NAME]
+
+Reads EVALDIR/rows.jsonl (evaluate) or WORKDIR/eval_rows.jsonl (the trainer's eval stage), the rows'
+tokens and positions from the store of --config, and the target's tokenizer, and scores every
+checkpoint's saved explanations with nla/claims.py as it is now: the current token named, the
+preceding text ("after «…»") stated and right, quoted spans absent from the context window
+(eval.quote_window tokens) once near misses are set apart. Use it when a claim check is added or
+changed after an expensive evaluation: the explanations do not change, only how they are read.
+Intervals as evaluate's: cluster-robust t over documents for shares of rows, a document bootstrap
+(eval.n_boot) for ratios of totals. Prints a table and writes benchmarks/results/claims_<NAME>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from nla_jax import configlib, weights  # noqa: E402
+from nla_jax.data import store as store_lib  # noqa: E402
+from nla_jax.errors import UserError  # noqa: E402
+from nla_jax.nla import claims, measure  # noqa: E402
+from paired_rows import Bad, read_rows  # noqa: E402
+from record import write_result  # noqa: E402
+
+
+def score(recs: list[dict], store, tok, E) -> dict:
+    rows = np.array([r["row"] for r in recs], np.int64)
+    got = store.read(None, rows, fields=("doc_id", "position", "tokens"))
+    if [str(d) for d in got["doc_id"]] != [r["doc_id"] for r in recs] or \
+            got["position"].tolist() != [r["position"] for r in recs]:
+        raise Bad("the rows' documents or positions differ from the store's: the evaluation was of another store")
+    docs, toks, pos = got["doc_id"], got["tokens"], got["position"]
+    n = len(rows)
+    cur = [tok.decode([int(toks[i][pos[i]])]) for i in range(n)]
+    before = [claims.preceding_texts(tok, toks[i], int(pos[i])) for i in range(n)]
+    windows = [measure.context_text(tok, toks[i], int(pos[i]), int(E.quote_window)) for i in range(n)]
+    out = {}
+    for label in recs[0]["checkpoints"]:
+        tx = [r["checkpoints"][label]["explanation"] for r in recs]
+        named = [claims.names_current_token(tx[i], cur[i]) for i in range(n)]
+        prec = [claims.preceding_claim(tx[i], before[i]) for i in range(n)]
+        stated = np.array([p is not None for p in prec], np.float64)
+        qc = np.array([claims.quote_claims(tx[i], windows[i]) for i in range(n)], np.float64).reshape(n, 3)
+        out[label] = {
+            "current_token_named": measure.ci(np.array([m is not None for m in named], np.float64), docs),
+            "states_preceding": measure.ci(stated, docs),
+            "preceding_correct": measure.ratio_ci(np.array([p is True for p in prec], np.float64), stated, docs,
+                                                  int(E.n_boot), int(E.seed)),
+            "quotes_absent": measure.ratio_ci(qc[:, 0] - qc[:, 1] - qc[:, 2], qc[:, 0], docs, int(E.n_boot),
+                                              int(E.seed)),
+            "quote_spans": int(qc[:, 0].sum())}
+    return out
+
+
+def fmt(d: dict) -> str:
+    if d.get("mean") is None:
+        return "n/a"
+    return f"{d['mean']:.3f} [{d['lo']:.3f}, {d['hi']:.3f}]" if d["lo"] is not None else f"{d['mean']:.3f}"
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("evaldir", help="an evaluate OUTDIR (rows.jsonl) or a trainer work directory (eval_rows.jsonl)")
+    p.add_argument("--config", required=True, help="the config whose store (data.store) and eval section to use")
+    p.add_argument("--name", default=None, help="names the result file claims_NAME.json (default: EVALDIR's name)")
+    p.add_argument("--out", default=None)
+    try:
+        rest, overrides = configlib.split_config_args(argv)
+        args = p.parse_args(rest)
+        cfg = configlib.get(args.config, overrides)
+        recs = read_rows(args.evaldir)
+        if not recs:
+            raise Bad(f"{args.evaldir}: no rows")
+        store = store_lib.open_store(cfg.data.store)
+        _, tok = weights.config_and_tokenizer(cfg.model)
+        res = {"evaldir": os.path.abspath(args.evaldir), "store": os.path.abspath(cfg.data.store), "rows": len(recs),
+               "documents": len({r["doc_id"] for r in recs}), "checkpoints": score(recs, store, tok, cfg.eval)}
+    except (Bad, UserError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{res['rows']} rows from {res['documents']} documents ({args.evaldir}); 95% CIs over documents")
+    print(f"\n{'checkpoint':28s} {'current token':>22s} {'states preceding':>18s} {'preceding right':>22s} "
+          f"{'quoted spans absent':>22s}")
+    for label, c in res["checkpoints"].items():
+        print(f"{label[-28:]:28s} {fmt(c['current_token_named']):>22s} {fmt(c['states_preceding']):>18s} "
+              f"{fmt(c['preceding_correct']):>22s} {fmt(c['quotes_absent']):>22s}")
+    name = args.name or os.path.basename(os.path.normpath(args.evaldir))
+    write_result(args.out or os.path.join(REPO, "benchmarks", "results", f"claims_{name}.json"), res)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
