@@ -7,7 +7,9 @@ Reads EVALDIR/rows.jsonl (evaluate) or WORKDIR/eval_rows.jsonl (the trainer's ev
 tokens and positions from the store of --config, and the target's tokenizer, and scores every
 checkpoint's saved explanations with nla/claims.py as it is now: the current token named, the
 preceding text ("after «…»") stated and right, quoted spans absent from the context window
-(eval.quote_window tokens) once near misses are set apart. Use it when a claim check is added or
+(eval.quote_window tokens) once near misses are set apart; each beside its chance level, the same
+checks of the explanations reordered by evaluate's shuffled control (other documents' rows,
+measure.derangement_by_doc with eval.seed). Use it when a claim check is added or
 changed after an expensive evaluation: the explanations do not change, only how they are read.
 Intervals as evaluate's: cluster-robust t over documents for shares of rows, a document bootstrap
 (eval.n_boot) for ratios of totals. Prints a table and writes benchmarks/results/claims_<NAME>.json.
@@ -42,21 +44,24 @@ def score(recs: list[dict], store, tok, E) -> dict:
     cur = [tok.decode([int(toks[i][pos[i]])]) for i in range(n)]
     before = [claims.preceding_texts(tok, toks[i], int(pos[i])) for i in range(n)]
     windows = [measure.context_text(tok, toks[i], int(pos[i]), int(E.quote_window)) for i in range(n)]
+    perm = measure.derangement_by_doc(docs, int(E.seed))     # evaluate's shuffled control: other documents' rows
     out = {}
     for label in recs[0]["checkpoints"]:
-        tx = [r["checkpoints"][label]["explanation"] for r in recs]
-        named = [claims.names_current_token(tx[i], cur[i]) for i in range(n)]
-        prec = [claims.preceding_claim(tx[i], before[i]) for i in range(n)]
-        stated = np.array([p is not None for p in prec], np.float64)
-        qc = np.array([claims.quote_claims(tx[i], windows[i]) for i in range(n)], np.float64).reshape(n, 3)
-        out[label] = {
-            "current_token_named": measure.ci(np.array([m is not None for m in named], np.float64), docs),
-            "states_preceding": measure.ci(stated, docs),
-            "preceding_correct": measure.ratio_ci(np.array([p is True for p in prec], np.float64), stated, docs,
-                                                  int(E.n_boot), int(E.seed)),
-            "quotes_absent": measure.ratio_ci(qc[:, 0] - qc[:, 1] - qc[:, 2], qc[:, 0], docs, int(E.n_boot),
-                                              int(E.seed)),
-            "quote_spans": int(qc[:, 0].sum())}
+        real = [r["checkpoints"][label]["explanation"] for r in recs]
+        out[label] = {}
+        for suffix, tx in (("", real), ("_shuffled", [real[j] for j in perm])):
+            named = [claims.names_current_token(tx[i], cur[i]) for i in range(n)]
+            prec = [claims.preceding_claim(tx[i], before[i]) for i in range(n)]
+            stated = np.array([p is not None for p in prec], np.float64)
+            qc = np.array([claims.quote_claims(tx[i], windows[i]) for i in range(n)], np.float64).reshape(n, 3)
+            out[label].update({
+                "current_token_named" + suffix: measure.ci(np.array([m is not None for m in named], np.float64), docs),
+                "states_preceding" + suffix: measure.ci(stated, docs),
+                "preceding_correct" + suffix: measure.ratio_ci(np.array([p is True for p in prec], np.float64), stated,
+                                                               docs, int(E.n_boot), int(E.seed)),
+                "quotes_absent" + suffix: measure.ratio_ci(qc[:, 0] - qc[:, 1] - qc[:, 2], qc[:, 0], docs,
+                                                           int(E.n_boot), int(E.seed)),
+                "quote_spans" + suffix: int(qc[:, 0].sum())})
     return out
 
 
@@ -91,8 +96,10 @@ def main(argv=None) -> int:
     print(f"\n{'checkpoint':28s} {'current token':>22s} {'states preceding':>18s} {'preceding right':>22s} "
           f"{'quoted spans absent':>22s}")
     for label, c in res["checkpoints"].items():
-        print(f"{label[-28:]:28s} {fmt(c['current_token_named']):>22s} {fmt(c['states_preceding']):>18s} "
-              f"{fmt(c['preceding_correct']):>22s} {fmt(c['quotes_absent']):>22s}")
+        for suffix in ("", "_shuffled"):
+            print(f"{(label[-28:] if not suffix else '  shuffled (chance)'):28s} "
+                  f"{fmt(c['current_token_named' + suffix]):>22s} {fmt(c['states_preceding' + suffix]):>18s} "
+                  f"{fmt(c['preceding_correct' + suffix]):>22s} {fmt(c['quotes_absent' + suffix]):>22s}")
     name = args.name or os.path.basename(os.path.normpath(args.evaldir))
     write_result(args.out or os.path.join(REPO, "benchmarks", "results", f"claims_{name}.json"), res)
     return 0
