@@ -6,14 +6,17 @@
 
 Block K=20 of 30 (about 2/3 of depth) is the residual stream the NLA explains.
 Warm start (summarize): the target's own text (nla/selftext.py), written from one forward pass per
-document, so nothing in it can be invented: the current token, the token before it, then the
-target's 3 most likely next tokens with their probabilities,
-    Token «or» after «light». Next: «dark» 39%, «heavy» 20%, «light» 8%.
-(the 44-token quick cap was sized for the 3-token form's 99th percentile, 37, with the closing tag).
-Chosen over the in-order forms by the quickstart comparison in WORKSPACE.md ("Warm starts compared");
-one token before (not 3) because the AV's quotes of the tokens before were mostly invented: on the whole
-quickstart quoted spans absent from the context 0.387 -> 0.172 after RL, real - floor equal
-(benchmarks/results/levers-before1.json, WORKSPACE "Warm starts compared").
+document, so nothing in it can be invented: the current token, then the target's 3 most likely next
+tokens with their probabilities,
+    Token «or». Next: «dark» 39%, «heavy» 20%, «light» 8%.
+(the 44-token quick cap was sized for the 3-tokens-before form's 99th percentile, 37, with the closing tag).
+Chosen over the in-order forms by the quickstart comparison in WORKSPACE.md ("Warm starts compared").
+No tokens before the current one (summarize.before_tokens=0; was 3, then 1): the AV cannot read them
+from block 20 and invents them. Its "after «…»" was the text before the current token in 0-1% (3 before)
+and 5% (1 before; chance 1-2%) of explanations (benchmarks/results/claims_before*_quickstart.json); without
+it, on the same 128 rows / 54 documents paired by row, real - floor after SFT +0.062 [+0.037, +0.087] and
+after RL +0.017 [+0.003, +0.031] higher than with 1 before, quoted spans absent 0.172 -> 0.094
+(benchmarks/results/paired_before0_vs_before1*.json, claims_before0_quickstart.json).
 
 Variants (`:name`, comma-separated, e.g. `:quick,add`): quick (sized for a 2-core CPU); the warm-start
 ablations quote (only the 8-token quote, no predictions, 24-token quick cap), quotepredict (the last
@@ -52,7 +55,7 @@ def get_config(arg=None):
     # top_k: extraction stores the target's 5 most likely next tokens per row from its own forward pass,
     # and the warm start (summarize.predict_k=3) is written from them without a second pass
     cfg.data = common.data(store="runs/smollm2_135m/acts", top_k=5)
-    cfg.summarize = common.summarize(teacher="predict", predict_style="token", before_tokens=1,
+    cfg.summarize = common.summarize(teacher="predict", predict_style="token", before_tokens=0,
                                      splits=("av_sft", "ar_sft", "eval"))   # eval too: the teacher baseline
     cfg.sample = common.sample()
     common.nla(cfg, workdir="runs/smollm2_135m/train")

@@ -128,9 +128,9 @@ def test_predict_teacher_writes_the_targets_own_predictions(small_store, real, t
 
 
 def test_the_configs_default_warm_start_names_the_token_then_predicts(small_store, real, tmp_path):
-    """smollm2's default: teacher="predict", style "token", 1 token before the current one, eval rows
-    summarised too: "Token «x» after «the one before». Next: «…» p%, …" with the target's 3
-    predictions; every quoted span before "Next" is in the context."""
+    """smollm2's default: teacher="predict", style "token", no tokens before the current one, eval rows
+    summarised too: "Token «x». Next: «…» p%, …" with the target's 3 predictions; the one quoted span
+    before "Next" is the current token, in the context."""
     import shutil
 
     from nla_jax.nla import claims, selftext
@@ -147,14 +147,14 @@ def test_the_configs_default_warm_start_names_the_token_then_predicts(small_stor
         p = int(got["position"][0])
         ctx = got["tokens"][0][:p + 1]
         cur = real.tok.decode([int(ctx[-1])])
-        prev = " ".join(real.tok.decode(ctx[-2:-1].tolist()).split())
-        head = f"Token \u00ab{selftext.show(cur)}\u00bb" + (f" after \u00ab{prev}\u00bb" if prev else "")
+        head = f"Token \u00ab{selftext.show(cur)}\u00bb"
         assert x["text"].startswith(head + ". Next: \u00ab"), (x["text"], head)
+        assert claims.preceding_claim(x["text"], claims.preceding_texts(real.tok, ctx, p)) is None
         assert len(x["top_ids"]) == 3
         if cur.strip():     # a whitespace token is written escaped ("\\n"), so it is not a quote of the context
             assert claims.names_current_token(x["text"], cur) == "exact"
             spans, exact, near = claims.quote_claims(x["text"], real.tok.decode(ctx.tolist()))
-            assert spans == exact == 1 + bool(prev)
+            assert spans == exact == 1
 
 
 def test_an_unknown_predict_style_is_one_line_and_writes_nothing(small_store, tmp_path):
