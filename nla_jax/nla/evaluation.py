@@ -173,12 +173,14 @@ def heldout_stage(run: Run, pairs: Sequence[tuple[str, dict, dict]], workdir: st
         a, b = per_row["after_rl"], per_row["after_sft"]
         res["rl_minus_sft"] = {k: ci(a[k] - b[k]) for k in a if k in b}
     if jax.process_index() == 0:
-        # per row, as evaluate's rows.jsonl: what benchmarks/paired_rows.py pairs across runs and seeds
-        fileio.write_atomic(paths.join(workdir, "eval_rows.jsonl"), "".join(
-            json.dumps({"row": int(rows[i]), "doc_id": str(docs[i]), "position": int(got["position"][i]),
-                        "checkpoints": {name: recs[i] for name, recs in row_recs.items()}}) + "\n"
-            for i in range(len(rows))))
-        fileio.write_atomic(paths.join(workdir, "eval.json"), fileio.json_text(res))
+        # eval.json and, per row as evaluate's rows.jsonl, what benchmarks/paired_rows.py pairs across runs:
+        # renamed into place together, so the two always describe the same evaluation
+        fileio.replace_together({
+            paths.join(workdir, "eval_rows.jsonl"): "".join(
+                json.dumps({"row": int(rows[i]), "doc_id": str(docs[i]), "position": int(got["position"][i]),
+                            "checkpoints": {name: recs[i] for name, recs in row_recs.items()}}) + "\n"
+                for i in range(len(rows))),
+            paths.join(workdir, "eval.json"): fileio.json_text(res)})
         print(report(res), file=sys.stdout, flush=True)
     writer.write("eval", 0, {"kind": "eval", **{f"{k}_real": v["real"]["mean"] for k, v in res["checkpoints"].items()},
                              "floor": res["floor"]["mean"]})

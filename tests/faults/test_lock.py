@@ -39,7 +39,16 @@ def test_second_extractor_refused_first_unharmed(ref_store, corpus, tmp_path):
     first = U.popen(U.extract_cmd(store, corpus), faults=f"extract.batch@4:wait={go}")
     try:
         stops = [c["stop"] for c in U.ledger(ref_store)["commits"]]
-        U.wait_for(lambda: U.committed_rows(store) == stops[2], "3 committed batches", first)
+        part = os.path.join(store, "part-00000")
+
+        def settled() -> bool:
+            # the 3rd batch committed *and* its writer thread done: after the commit point it removes the
+            # superseded stats sidecar, so until only the ledger's own sidecar is left the first extractor
+            # still writes (the main thread is parked at batch 4 by then; nothing else writes)
+            led = U.ledger(store)
+            return int(led.get("committed", 0)) == stops[2] and \
+                sorted(f for f in os.listdir(part) if f.startswith("stats-")) == [led["stats"]["file"]]
+        U.wait_for(settled, "3 committed batches, the superseded statistics removed", first)
         before = U.tree_digest(store)
         second = U.run(U.extract_cmd(store, corpus))
         line = U.error_line(second, alone=False)  # after the corpus summary line
