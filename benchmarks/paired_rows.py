@@ -17,7 +17,7 @@ per row before the interval is taken, so the interval is the one for "RL with a 
 against the one base, on these documents.
 
 Scores: fve (each column's own AR), fve_judge (the fixed judge's, where the evaluation had
---judge), fve - floor, and the claims as 0/1 per row: the current token named (exact or near), the
+--judge, and only when every column had the same judge), fve - floor, and the claims as 0/1 per row: the current token named (exact or near), the
 target's top-1 next token named. (Quoted-span rates are ratios of totals; evaluate reports those
 with a document bootstrap and they are not paired here.)
 
@@ -66,6 +66,21 @@ def read_rows(evaldir: str) -> list[dict]:
             raise Bad(f"{path}: not JSON lines ({e})") from None
 
 
+def judge_of(evaldir: str) -> str | None:
+    """Which frozen reader scored fve_judge in this evaluation: evaluate's --judge (evaluate.json), or a
+    trainer work directory's own SFT AR (its eval stage); None when neither file says."""
+    for name in ("evaluate.json", "eval.json"):
+        path = os.path.join(evaldir, name)
+        if os.path.isfile(path):
+            with open(path) as f:
+                judge = json.load(f).get("judge")
+            if judge is None:
+                return None
+            return os.path.abspath(judge) if name == "evaluate.json" else \
+                f"{os.path.abspath(evaldir)}:{judge}"
+    return None
+
+
 def column(spec: str, cache: dict) -> tuple[str, str, list[dict]]:
     """EVALDIR:LABEL -> (display name, the label in rows.jsonl, the evaluation's records in row order)."""
     evaldir, sep, want = spec.rpartition(":")
@@ -99,7 +114,12 @@ def compare(base: str, versus: list[str]) -> dict:
     labels = [shown for shown, _, _ in cols]
     out = {"base": labels[0], "versus": labels[1:], "rows": len(ids), "documents": int(len(np.unique(docs))),
            "scores": {}}
+    judges = {judge_of(spec.rpartition(":")[0]) for spec in [base, *versus]}
     for name, get in SCORES.items():
+        if name == "fve_judge" and len(judges) > 1:
+            # each evaluation had its own fixed judge: their scores are not on one scale, a difference means nothing
+            out["fve_judge_skipped"] = f"the columns were scored by different judges: {sorted(map(str, judges))}"
+            continue
         vals = []
         for _, key, recs in cols:
             v = [get(r["checkpoints"][key]) for r in recs]
@@ -135,6 +155,8 @@ def main(argv=None) -> int:
     print(f"{res['rows']} rows from {res['documents']} documents; base {res['base']}; "
           f"versus {', '.join(res['versus'])} (pooled: their per-row mean); 95% cluster-robust t over documents")
     print(f"\n{'score':22s} {'base':>26s} {'versus (pooled)':>26s} {'pooled - base (paired)':>26s}")
+    if "fve_judge_skipped" in res:
+        print(f"fve_judge not compared: {res['fve_judge_skipped']}")
     for name, s in res["scores"].items():
         print(f"{name:22s} {fmt(s['base']):>26s} {fmt(s['versus_mean']):>26s} {fmt(s['pooled_minus_base']):>26s}")
         if len(res["versus"]) > 1:

@@ -70,6 +70,22 @@ def test_pooled_difference_is_the_per_row_mean_with_a_document_interval(tmp_path
     assert res["scores"]["fve_minus_floor"]["base"]["mean"] == pytest.approx(base[0].mean() + 0.2)
 
 
+def test_judge_scores_are_compared_only_under_one_judge(tmp_path):
+    """Two evaluations each scored by its own fixed judge: their judge fve are on different scales, so
+    no judge difference is reported; one evaluation (one judge) gets it."""
+    docs = ["a", "a", "b", "b", "c", "c"]
+    v = {lab: (np.arange(6.0), np.arange(6.0)) for lab in ("x/sft@1", "x/rl@1")}
+    a, b = _evaldir(tmp_path / "a", list(v), v, docs), _evaldir(tmp_path / "b", list(v), v, docs)
+    for d, judge in ((a, "/runs/one/sft_av"), (b, "/runs/two/sft_av")):
+        with open(os.path.join(d, "evaluate.json"), "w") as f:
+            json.dump({"judge": judge}, f)
+    one = paired_rows.compare(f"{a}:sft", [f"{a}:rl"])
+    assert "fve_judge" in one["scores"] and "fve_judge_skipped" not in one
+    two = paired_rows.compare(f"{a}:sft", [f"{b}:rl"])
+    assert "fve_judge" not in two["scores"] and "different judges" in two["fve_judge_skipped"]
+    assert "fve" in two["scores"]
+
+
 @pytest.mark.parametrize("case", ["rows_differ", "ambiguous", "missing", "no_label"])
 def test_bad_columns_are_refused_with_one_line(tmp_path, case):
     docs = ["a", "a", "b", "b"]
