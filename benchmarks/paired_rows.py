@@ -35,7 +35,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from nla_jax.nla import stats as stats_lib  # noqa: E402
+from nla_jax.nla.measure import ci  # noqa: E402  (evaluate's own interval: cluster-robust t over documents)
 from record import write_result  # noqa: E402
 
 SCORES = {                      # name -> per-row value from one column's record (None: not available)
@@ -95,11 +95,6 @@ def column(spec: str, cache: dict) -> tuple[str, str, list[dict]]:
         raise Bad(f"column {spec!r}: {'no' if not hits else 'more than one'} label of {evaldir}/rows.jsonl matches "
                   f"{want!r} (labels: {', '.join(labels)})")
     return f"{os.path.basename(os.path.normpath(evaldir))}:{hits[0]}", hits[0], recs
-
-
-def ci(values: np.ndarray, docs: np.ndarray) -> dict:
-    m, lo, hi = stats_lib.cluster_t_ci(values, docs)
-    return {"mean": m, "lo": None if np.isnan(lo) else lo, "hi": None if np.isnan(hi) else hi, "n": int(len(values))}
 
 
 def compare(base: str, versus: list[str]) -> dict:
