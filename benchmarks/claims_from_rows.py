@@ -7,7 +7,9 @@ Reads EVALDIR/rows.jsonl (evaluate) or WORKDIR/eval_rows.jsonl (the trainer's ev
 tokens and positions from the store of --config, and the target's tokenizer, and scores every
 checkpoint's saved explanations with nla/claims.py as it is now: the current token named, the
 preceding text ("after «…»") stated and right, quoted spans absent from the context window
-(eval.quote_window tokens) once near misses are set apart; each beside its chance level, the same
+(eval.quote_window tokens) once near misses are set apart, and the target's top-1 next token among
+the stated predictions where the store holds it (data.top_k > 0, or the predict warm start's
+records, as the eval stage finds it); each beside its chance level (nla/claims.py summary), the same
 checks of the explanations reordered by evaluate's shuffled control (other documents' rows,
 measure.derangement_by_doc with eval.seed). Use it when a claim check is added or
 changed after an expensive evaluation: the explanations do not change, only how they are read.
@@ -28,40 +30,28 @@ sys.path.insert(0, REPO)
 from nla_jax import configlib, weights  # noqa: E402
 from nla_jax.data import store as store_lib  # noqa: E402
 from nla_jax.errors import UserError  # noqa: E402
-from nla_jax.nla import claims, measure  # noqa: E402
+from nla_jax.nla import claims, evaluation, measure  # noqa: E402
 from paired_rows import Bad, read_rows  # noqa: E402
 from record import write_result  # noqa: E402
 
 
 def score(recs: list[dict], store, tok, E) -> dict:
     rows = np.array([r["row"] for r in recs], np.int64)
-    got = store.read(None, rows, fields=("doc_id", "position", "tokens"))
+    got = store.read(None, rows, fields=("doc_id", "position", "tokens") + (("top_ids",) if store.top_k else ()))
     if [str(d) for d in got["doc_id"]] != [r["doc_id"] for r in recs] or \
             got["position"].tolist() != [r["position"] for r in recs]:
         raise Bad("the rows' documents or positions differ from the store's: the evaluation was of another store")
-    docs, toks, pos = got["doc_id"], got["tokens"], got["position"]
-    n = len(rows)
-    cur = [tok.decode([int(toks[i][pos[i]])]) for i in range(n)]
-    before = [claims.preceding_texts(tok, toks[i], int(pos[i])) for i in range(n)]
-    windows = [measure.context_text(tok, toks[i], int(pos[i]), int(E.quote_window)) for i in range(n)]
+    docs = got["doc_id"]
+    ctxs = claims.row_contexts(tok, got["tokens"], got["position"], int(E.quote_window),
+                               evaluation.target_top1(store, tok, rows, got))   # top-1 where stored or recorded
     perm = measure.derangement_by_doc(docs, int(E.seed))     # evaluate's shuffled control: other documents' rows
     out = {}
     for label in recs[0]["checkpoints"]:
         real = [r["checkpoints"][label]["explanation"] for r in recs]
         out[label] = {}
         for suffix, tx in (("", real), ("_shuffled", [real[j] for j in perm])):
-            named = [claims.names_current_token(tx[i], cur[i]) for i in range(n)]
-            prec = [claims.preceding_claim(tx[i], before[i]) for i in range(n)]
-            stated = np.array([p is not None for p in prec], np.float64)
-            qc = np.array([claims.quote_claims(tx[i], windows[i]) for i in range(n)], np.float64).reshape(n, 3)
-            out[label].update({
-                "current_token_named" + suffix: measure.ci(np.array([m is not None for m in named], np.float64), docs),
-                "states_preceding" + suffix: measure.ci(stated, docs),
-                "preceding_correct" + suffix: measure.ratio_ci(np.array([p is True for p in prec], np.float64), stated,
-                                                               docs, int(E.n_boot), int(E.seed)),
-                "quotes_absent" + suffix: measure.ratio_ci(qc[:, 0] - qc[:, 1] - qc[:, 2], qc[:, 0], docs,
-                                                           int(E.n_boot), int(E.seed)),
-                "quote_spans" + suffix: int(qc[:, 0].sum())})
+            checks = [claims.check_row(t, c) for t, c in zip(tx, ctxs)]
+            out[label].update(claims.summary(checks, docs, int(E.n_boot), int(E.seed), suffix=suffix))
     return out
 
 
@@ -94,12 +84,13 @@ def main(argv=None) -> int:
         return 2
     print(f"{res['rows']} rows from {res['documents']} documents ({args.evaldir}); 95% CIs over documents")
     print(f"\n{'checkpoint':28s} {'current token':>22s} {'states preceding':>18s} {'preceding right':>22s} "
-          f"{'quoted spans absent':>22s}")
+          f"{'quoted spans absent':>22s} {'names top-1 next':>22s}")
     for label, c in res["checkpoints"].items():
         for suffix in ("", "_shuffled"):
             print(f"{(label[-28:] if not suffix else '  shuffled (chance)'):28s} "
                   f"{fmt(c['current_token_named' + suffix]):>22s} {fmt(c['states_preceding' + suffix]):>18s} "
-                  f"{fmt(c['preceding_correct' + suffix]):>22s} {fmt(c['quotes_absent' + suffix]):>22s}")
+                  f"{fmt(c['preceding_correct' + suffix]):>22s} {fmt(c['quotes_absent' + suffix]):>22s} "
+                  f"{fmt(c.get('names_top1_prediction' + suffix, {})):>22s}")
     name = args.name or os.path.basename(os.path.normpath(args.evaldir))
     write_result(args.out or os.path.join(REPO, "benchmarks", "results", f"claims_{name}.json"), res)
     return 0

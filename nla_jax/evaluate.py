@@ -210,34 +210,14 @@ def evaluate_pair(p, D: dict, E, bar) -> dict:
                          "failed": int((~ok).sum())}
         texts = measure.decode_explanations(tok, real)
         texts_shuf = measure.decode_explanations(tok, shuf)
-        windows = [measure.context_text(tok, toks[i], int(pos[i]), E.quote_window) for i in range(n)]
+        ctxs = claims.row_contexts(tok, toks, pos, E.quote_window)     # what each row's claims are checked against
+        windows = [c.window for c in ctxs]
         q = np.array([measure.quote_check(texts[i], windows[i]) for i in range(n)], np.float64).reshape(n, 2)
         qs = np.array([measure.quote_check(texts_shuf[i], windows[i]) for i in range(n)], np.float64).reshape(n, 2)
         res["quotes"] = {"rate": measure.ratio_ci(q[:, 1], q[:, 0], docs, E.n_boot, E.seed),
                          "rate_shuffled": measure.ratio_ci(qs[:, 1], qs[:, 0], docs, E.n_boot, E.seed),
                          "spans": int(q[:, 0].sum()), "absent": int(q[:, 1].sum()),
                          "with_quotes": ci((q[:, 0] > 0).astype(np.float64))}
-
-        # -- claim accuracy (nla/claims.py), every row (a failed extraction is read up to its cap)
-        cur = [tok.decode([int(toks[i][pos[i]])]) for i in range(n)]
-        res["claims"] = {}
-        named_real = [claims.names_current_token(texts[i], cur[i]) for i in range(n)]     # "exact" / "near" / None
-        before = [claims.preceding_texts(tok, toks[i], int(pos[i])) for i in range(n)]
-        before_real = [claims.preceding_claim(texts[i], before[i]) for i in range(n)]      # True / False / None
-        for suffix, tx in (("", texts), ("_shuffled", texts_shuf)):
-            named = named_real if not suffix else [claims.names_current_token(tx[i], cur[i]) for i in range(n)]
-            qc = np.array([claims.quote_claims(tx[i], windows[i]) for i in range(n)], np.float64).reshape(n, 3)
-            prec = before_real if not suffix else [claims.preceding_claim(tx[i], before[i]) for i in range(n)]
-            stated = np.array([b is not None for b in prec], np.float64)
-            res["claims"].update({
-                "states_preceding" + suffix: ci(stated),
-                "preceding_correct" + suffix: measure.ratio_ci(np.array([b is True for b in prec], np.float64), stated,
-                                                               docs, E.n_boot, E.seed),
-                "current_token_exact" + suffix: ci(np.array([m == "exact" for m in named], np.float64)),
-                "current_token_named" + suffix: ci(np.array([m is not None for m in named], np.float64)),
-                "quotes_absent" + suffix: measure.ratio_ci(qc[:, 0] - qc[:, 1] - qc[:, 2], qc[:, 0], docs, E.n_boot,
-                                                           E.seed),
-                "quotes_near" + suffix: measure.ratio_ci(qc[:, 2], qc[:, 0], docs, E.n_boot, E.seed)})
 
         # -- KL to the reference verbalizer
         res["kl_ref"] = {"ref": None, "per_token": ci([], []), "per_explanation": ci([], [])}
@@ -276,13 +256,16 @@ def evaluate_pair(p, D: dict, E, bar) -> dict:
                 "loss_recovered_shuffled": lr(kls[:, 3]),
                 # block K recomputed from the stored context vs the stored activation: a store/target check
                 "recompute_rel_err_max": float(rel.max()), "recompute_rel_err_median": float(np.median(rel))}
-            # claim accuracy: the target's own top-1 next token among the explanation's stated predictions
-            nxt = [tok.decode([int(x)]) for x in top1]
-            hits = {suffix: np.array([claims.names_prediction(tx[i], nxt[i]) for i in range(n)], np.float64)
-                    for suffix, tx in (("", texts), ("_shuffled", texts_shuf))}
-            for suffix, hit in hits.items():
-                res["claims"]["names_top1_prediction" + suffix] = ci(hit)
-            top1_named = hits[""]
+            # the target's own top-1 next token here, for the claim that the explanation predicts it
+            ctxs = [dataclasses.replace(c, top1=tok.decode([int(x)])) for c, x in zip(ctxs, top1)]
+
+        # -- claim accuracy (nla/claims.py), every row (a failed extraction is read up to its cap), beside
+        # the same checks of the shuffled control's explanations (chance level)
+        checks = [claims.check_row(texts[i], ctxs[i]) for i in range(n)]
+        res["claims"] = {**claims.summary(checks, docs, E.n_boot, E.seed),
+                         **claims.summary([claims.check_row(texts_shuf[i], ctxs[i]) for i in range(n)], docs,
+                                          E.n_boot, E.seed, suffix="_shuffled"),
+                         "prediction_spread": claims.prediction_spread(checks, docs)}
 
     # -- fve by token position (equal-count bins of the evaluated positions)
     edges = np.unique(np.quantile(pos, np.linspace(0, 1, int(E.position_bins) + 1)).round().astype(np.int64))
@@ -307,13 +290,8 @@ def evaluate_pair(p, D: dict, E, bar) -> dict:
     res["_texts"], res["_fve_real"], res["_fve_floor"] = (texts, texts_shuf), f["real"], f["floor"]
     # one record per row for rows.jsonl: what a later analysis pairs by row (across checkpoints, seeds, runs)
     res["_rows"] = [{"explanation": texts[i], "ok": bool(ok[i]), "fve": float(f["real"][i]),
-                     "fve_floor": float(f["floor"][i]), "fve_shuffled": float(f["shuffled"][i]),
-                     "current_token": named_real[i], "preceding": before_real[i], "quote_spans": int(q[i, 0]),
-                     "quotes_absent": int(q[i, 1])}
+                     "fve_floor": float(f["floor"][i]), "fve_shuffled": float(f["shuffled"][i]), **checks[i]}
                     for i in range(n)]
-    if res["downstream"] is not None:
-        for i in range(n):
-            res["_rows"][i]["names_top1"] = bool(top1_named[i])
     return res
 
 
@@ -417,6 +395,9 @@ ROWS = (  # (key path, label); one line per row, one column per checkpoint
     ("claims.quotes_absent", "claims: quoted spans not in context"),
     ("claims.quotes_near", "claims: quoted spans, near misses"),
     ("claims.quotes_absent_shuffled", "claims: quoted spans not in context, shuffled"),
+    ("claims.prediction_spread.explanations.mode", "claims: most common stated prediction"),
+    ("claims.prediction_spread.explanations.mode_share", "claims: its share of rows stating one"),
+    ("claims.prediction_spread.target.mode_share", "claims: target's most common top-1, share"),
 )
 
 

@@ -109,13 +109,70 @@ def test_target_top1_from_the_store_else_from_the_warm_start_records(tmp_path):
     from nla_jax.nla import evaluation
     tok = types.SimpleNamespace(decode=lambda ids: "".join(f"<{i}>" for i in ids))
     rows = np.array([3, 8, 11])
-    run = lambda top_k: types.SimpleNamespace(store=types.SimpleNamespace(top_k=top_k), tokenizer=tok,
-                                              cfg=types.SimpleNamespace(data=types.SimpleNamespace(store=str(tmp_path))))
+    store = lambda top_k: types.SimpleNamespace(top_k=top_k, root=str(tmp_path))
     stored = {"top_ids": np.array([[5, 1], [6, 2], [7, 3]])}
-    assert evaluation.target_top1(run(2), rows, stored) == ["<5>", "<6>", "<7>"]
+    assert evaluation.target_top1(store(2), tok, rows, stored) == ["<5>", "<6>", "<7>"]
     with open(tmp_path / "summaries.jsonl", "w") as f:
         for r, ids in ((3, [40, 1]), (8, [41]), (11, [42, 9]), (12, [99])):
             f.write(json.dumps({"row": r, "text": "t", "top_ids": ids}) + "\n")
-    assert evaluation.target_top1(run(0), rows, {}) == ["<40>", "<41>", "<42>"]
-    assert evaluation.target_top1(run(0), np.array([3, 5]), {}) is None      # row 5 has no record
-    assert evaluation.target_top1(run(2), rows, stored) == ["<5>", "<6>", "<7>"]   # the store wins over records
+    assert evaluation.target_top1(store(0), tok, rows, {}) == ["<40>", "<41>", "<42>"]
+    assert evaluation.target_top1(store(0), tok, np.array([3, 5]), {}) is None      # row 5 has no record
+    assert evaluation.target_top1(store(2), tok, rows, stored) == ["<5>", "<6>", "<7>"]   # the store wins over records
+
+
+def test_rows_checked_and_summarised_as_every_reader_reports_them():
+    """row_contexts + check_row + summary (what evaluate, the eval stage and claims_from_rows share)
+    on constructed rows: each per-row field is the single-claim function's answer, and each share is
+    the rows' mean (shares of rows) or the ratio of totals (preceding right of stated, spans absent)."""
+    import types
+
+    import numpy as np
+
+    words = ["Octopuses", " have", " the", " ability", " to", " control", " their", " colour"]
+    tok = types.SimpleNamespace(decode=lambda ids: "".join(words[i] for i in ids))
+    tokens = np.array([list(range(8))] * 3)
+    pos = np.array([6, 5, 7])                                # current: " their", " control", " colour"
+    ctxs = claims.row_contexts(tok, tokens, pos, quote_window=4, top1=[" colour", " the", " quickly"])
+    assert [c.current for c in ctxs] == [" their", " control", " colour"]
+    assert ctxs[0].preceding == ["control", "to control", "ability to control", "the ability to control"]
+    assert ctxs[0].window == " ability to control their"
+    texts = ["Token «their», after «to control». It quotes «control their» and «octopus arms». Next: «colour» 40%",
+             "Token «control», after «the». Next: «yes» 10%",
+             "Nothing checkable here."]
+    checks = [claims.check_row(t, c) for t, c in zip(texts, ctxs)]
+    assert checks[0] == {"current_token": "exact", "preceding": True, "quote_spans": 4, "quotes_absent": 1,
+                         "quotes_near": 0, "first_prediction": "colour", "names_top1": True, "target_top1": "colour"}
+    # «their», «to control», «control their» are in the window; «octopus arms» is not (nor one edit away);
+    # «colour» is a stated prediction, not a quote
+    assert checks[1] == {"current_token": "exact", "preceding": False, "quote_spans": 2, "quotes_absent": 0,
+                         "quotes_near": 0, "first_prediction": "yes", "names_top1": False, "target_top1": "the"}
+    assert checks[2] == {"current_token": None, "preceding": None, "quote_spans": 0, "quotes_absent": 0,
+                         "quotes_near": 0, "first_prediction": None, "names_top1": False, "target_top1": "quickly"}
+    docs = np.array(["a", "b", "c"])
+    s = claims.summary(checks, docs, n_boot=200, seed=0, suffix="_x")
+    assert s["current_token_named_x"]["mean"] == pytest.approx(2 / 3)
+    assert s["states_preceding_x"]["mean"] == pytest.approx(2 / 3)
+    assert s["preceding_correct_x"]["mean"] == pytest.approx(1 / 2)          # right / stated
+    assert s["quotes_absent_x"]["mean"] == pytest.approx(1 / 6)              # absent spans / all spans
+    assert s["quote_spans_x"] == 6 and s["names_top1_prediction_x"]["mean"] == pytest.approx(1 / 3)
+    # rows without the target's top-1 make no prediction claim
+    without = [{k: v for k, v in c.items() if k != "names_top1"} for c in checks]
+    assert "names_top1_prediction" not in claims.summary(without, docs, 200, 0)
+
+
+def test_prediction_spread_finds_a_collapsed_verbalizer():
+    """prediction_spread: the most common first stated prediction, its share among rows stating one
+    (interval over documents), the distinct count, and the same of the target's own top-1."""
+    import numpy as np
+
+    rows = [{"first_prediction": p, "target_top1": t} for p, t in
+            [("has", "the"), ("has", "a"), ("has", "to"), ("is", "the"), (None, "of"), ("has", "and")]]
+    docs = np.array(["a", "a", "b", "b", "c", "c"])
+    sp = claims.prediction_spread(rows, docs)
+    e, t = sp["explanations"], sp["target"]
+    assert (e["mode"], e["distinct"], e["rows"]) == ("has", 2, 5)
+    assert e["mode_share"]["mean"] == pytest.approx(4 / 5) and e["mode_share"]["n"] == 5
+    assert (t["mode"], t["distinct"], t["rows"]) == ("the", 5, 6)
+    assert t["mode_share"]["mean"] == pytest.approx(2 / 6)
+    none = claims.prediction_spread([{"first_prediction": None}], np.array(["a"]))
+    assert none["explanations"]["mode"] is None and "target" not in none

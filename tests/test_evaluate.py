@@ -399,7 +399,9 @@ def test_rows_jsonl_holds_the_numbers_behind_the_json(run_two):
         assert np.mean([m is not None for m in named]) == pytest.approx(c["claims"]["current_token_named"]["mean"])
         assert np.mean([m == "exact" for m in named]) == pytest.approx(c["claims"]["current_token_exact"]["mean"])
         assert col(lab, "names_top1").mean() == pytest.approx(c["claims"]["names_top1_prediction"]["mean"])
-        assert int(col(lab, "quotes_absent").sum()) == c["quotes"]["absent"]
+        assert int(col(lab, "quote_spans").sum()) == c["claims"]["quote_spans"] == c["quotes"]["spans"]
+        assert col(lab, "quotes_absent").sum() / max(col(lab, "quote_spans").sum(), 1) == \
+            pytest.approx(c["claims"]["quotes_absent"]["mean"] or 0.0)
         pre = [r["checkpoints"][lab]["preceding"] for r in recs]
         assert np.mean([p is not None for p in pre]) == pytest.approx(c["claims"]["states_preceding"]["mean"])
         if any(p is not None for p in pre):

@@ -235,7 +235,9 @@ def test_claims_recomputed_from_saved_rows_equal_the_eval_stage(e2e, store, tmp_
         ev = json.load(f)["checkpoints"]
     assert set(got) == set(ev) == {"after_sft", "after_rl"}
     for name in ev:
-        for k in ("names_current_token", "states_preceding", "preceding_correct", "quotes_absent"):
+        assert "names_top1_prediction" in ev[name]
+        for k in ("names_current_token", "current_token_exact", "states_preceding", "preceding_correct",
+                  "quotes_absent", "names_top1_prediction"):
             assert got[name][k if k != "names_current_token" else "current_token_named"] == ev[name][k], (name, k)
     # another store's rows: one line, nothing written
     other = tmp_path / "other.json"

@@ -23,10 +23,16 @@ yet, so it is neither a quote nor a claim about the current token; `names_predic
 
 Everything is plain string work on decoded text, one row at a time, so evaluate can score the
 real explanations and the shuffled control (explanations of other documents) with one function.
+`row_contexts` + `check_row` + `summary` are that function for a set of rows: what evaluate, the
+trainer's eval stage and benchmarks/claims_from_rows.py each report, from one place.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
+from typing import Sequence
+
+import numpy as np
 
 from nla_jax.nla import measure
 
@@ -164,3 +170,86 @@ def quote_claims(explanation: str, context: str) -> tuple[int, int, int]:
         elif _near_in_context(_words(s), ctx_words):
             near += 1
     return len(spans), exact, near
+
+
+# -- a set of rows: the per-row checks and their intervals over documents -------------------------
+
+@dataclasses.dataclass(frozen=True)
+class RowContext:
+    """What one row's explanation is checked against."""
+    current: str                 # the current token's text
+    preceding: list[str]         # the 1..PRECEDING_MOST tokens before it (`preceding_texts`)
+    window: str                  # the context window quoted spans must come from
+    top1: str | None = None      # the target's top-1 next token's text, where known
+
+
+def row_contexts(tok, tokens, positions, quote_window: int, top1: Sequence[str] | None = None) -> list[RowContext]:
+    """One RowContext per row from its token ids [n, T] and positions [n] (quote_window tokens of
+    context up to and including the position; measure.context_text)."""
+    return [RowContext(current=tok.decode([int(tokens[i][positions[i]])]),
+                       preceding=preceding_texts(tok, tokens[i], int(positions[i])),
+                       window=measure.context_text(tok, tokens[i], int(positions[i]), int(quote_window)),
+                       top1=None if top1 is None else top1[i])
+            for i in range(len(positions))]
+
+
+def check_row(explanation: str, rc: RowContext) -> dict:
+    """Every claim check of one explanation: current_token "exact" / "near" / None, preceding
+    True / False / None, quote_spans, quotes_absent and quotes_near (span counts), first_prediction
+    (its first stated prediction, normalised; None without one) and, where the row knows the
+    target's top-1, names_top1 and target_top1 (normalised the same way). The record rows.jsonl
+    keeps per checkpoint."""
+    spans, exact, near = quote_claims(explanation, rc.window)
+    out = {"current_token": names_current_token(explanation, rc.current),
+           "preceding": preceding_claim(explanation, rc.preceding),
+           "quote_spans": spans, "quotes_absent": spans - exact - near, "quotes_near": near}
+    preds = measure.quoted_spans(measure.split_predictions(explanation)[1])
+    out["first_prediction"] = preds[0] if preds else None        # normalised as quoted spans are
+    if rc.top1 is not None:
+        out["names_top1"] = names_prediction(explanation, rc.top1)
+        out["target_top1"] = " ".join(rc.top1.casefold().split())
+    return out
+
+
+def summary(checks: Sequence[dict], docs: np.ndarray, n_boot: int, seed: int, suffix: str = "") -> dict:
+    """check_row records of a set of rows -> each claim's share with its 95% interval over documents:
+    shares of rows (current token named exact / exact or near, preceding text stated, top-1 named)
+    by measure.ci; ratios of totals (preceding right of stated, quoted spans absent / near of all
+    spans) by measure.ratio_ci's document bootstrap. `suffix` is appended to every key ("_shuffled"
+    for the control's explanations)."""
+    col = lambda f: np.array([f(c) for c in checks], np.float64)
+    stated = col(lambda c: c["preceding"] is not None)
+    spans = col(lambda c: c["quote_spans"])
+    out = {"current_token_exact": measure.ci(col(lambda c: c["current_token"] == "exact"), docs),
+           "current_token_named": measure.ci(col(lambda c: c["current_token"] is not None), docs),
+           "states_preceding": measure.ci(stated, docs),
+           "preceding_correct": measure.ratio_ci(col(lambda c: c["preceding"] is True), stated, docs, n_boot, seed),
+           "quotes_absent": measure.ratio_ci(col(lambda c: c["quotes_absent"]), spans, docs, n_boot, seed),
+           "quotes_near": measure.ratio_ci(col(lambda c: c["quotes_near"]), spans, docs, n_boot, seed),
+           "quote_spans": int(spans.sum())}
+    if checks and all("names_top1" in c for c in checks):
+        out["names_top1_prediction"] = measure.ci(col(lambda c: c["names_top1"]), docs)
+    return {k + suffix: v for k, v in out.items()}
+
+
+def prediction_spread(checks: Sequence[dict], docs: np.ndarray) -> dict:
+    """How varied the stated predictions are, beside the target's own: for the explanations' first
+    stated predictions (rows stating one) and, where known, the target's top-1 tokens, the most
+    common one, the share of rows it takes (95% interval over documents) and how many distinct
+    ones there are. A verbalizer that says «has» for every context has collapsed onto a prior
+    even when «has» is sometimes right; the target's own spread is what a faithful one matches."""
+    docs = np.asarray(docs)
+
+    def spread(values: list, where: np.ndarray) -> dict:
+        if not len(values):
+            return {"mode": None, "mode_share": measure.ci([], []), "distinct": 0, "rows": 0}
+        texts, counts = np.unique(np.array(values, dtype=object).astype(str), return_counts=True)
+        mode = str(texts[np.argmax(counts)])
+        return {"mode": mode, "mode_share": measure.ci(np.array([v == mode for v in values], np.float64), docs[where]),
+                "distinct": int(len(texts)), "rows": int(len(values))}
+
+    stated = np.array([c["first_prediction"] is not None for c in checks], bool)
+    out = {"explanations": spread([c["first_prediction"] for c in checks if c["first_prediction"] is not None], stated)}
+    if checks and all("target_top1" in c for c in checks):
+        out["target"] = spread([c["target_top1"] for c in checks], np.ones(len(checks), bool))
+    return out

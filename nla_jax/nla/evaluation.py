@@ -58,17 +58,17 @@ def eval_batch(n: int, most: int, shards: int) -> int:
     return batch
 
 
-def target_top1(run: Run, rows: np.ndarray, got: dict) -> list[str] | None:
+def target_top1(store, tok, rows: np.ndarray, got: dict) -> list[str] | None:
     """The target's own top-1 next token at each row, as text: stored by extraction (data.top_k > 0,
     any corpus: got["top_ids"] [n, k]), else where the store's warm-start texts recorded it
     (summarize.teacher="predict" over the eval split: each record's "top_ids"); None when any row
     lacks it (then no prediction claim is made)."""
-    if run.store.top_k:
+    if store.top_k:
         ids = got["top_ids"][:, 0].tolist()
     else:
-        recs = summaries_lib.read_records(summaries_lib.path_in(run.cfg.data.store))
+        recs = summaries_lib.read_records(summaries_lib.path_in(store.root))
         ids = [recs[int(r)]["top_ids"][0] if recs.get(int(r), {}).get("top_ids") else None for r in rows]
-    return None if any(t is None for t in ids) else [run.tokenizer.decode([int(t)]) for t in ids]
+    return None if any(t is None for t in ids) else [tok.decode([int(t)]) for t in ids]
 
 
 def heldout_stage(run: Run, pairs: Sequence[tuple[str, dict, dict]], workdir: str, writer,
@@ -95,7 +95,9 @@ def heldout_stage(run: Run, pairs: Sequence[tuple[str, dict, dict]], workdir: st
     res = {"rows": int(len(rows)), "documents": int(len(np.unique(docs))), "var_nrm": var, "center": center,
            "floor": ci(fve(floor_mse)), "checkpoints": {}}
     examples = []
-    top1 = target_top1(run, rows, got)
+    # what each row's claims are checked against: its tokens, the quote window, the target's top-1 (if known)
+    ctxs = claims.row_contexts(run.tokenizer, got["tokens"], got["position"], E.quote_window,
+                               target_top1(run.store, run.tokenizer, rows, got))
     per_row = {}                                                  # name -> {"own": fve [n], "judge": fve [n]}
     row_recs: dict[str, list[dict]] = {}                          # name -> one record per row (eval_rows.jsonl)
     first_of_doc = np.unique(docs, return_index=True)[1]
@@ -110,13 +112,8 @@ def heldout_stage(run: Run, pairs: Sequence[tuple[str, dict, dict]], workdir: st
         m_real, m_shuf = measure.score(run, ar, real, acts, batch), measure.score(run, ar, shuf, acts, batch)
         t_real, t_shuf = (measure.decode_explanations(run.tokenizer, e) for e in (real, shuf))
         t_zero = dict(zip(zero_idx.tolist(), measure.decode_explanations(run.tokenizer, zero)))   # row index -> text
-        tok, toks, pos = run.tokenizer, got["tokens"], got["position"]
-        named = [claims.names_current_token(t_real[i], tok.decode([int(toks[i][pos[i]])])) for i in range(len(rows))]
-        qc = np.array([claims.quote_claims(t_real[i], measure.context_text(tok, toks[i], int(pos[i]), E.quote_window))
-                       for i in range(len(rows))], np.float64).reshape(len(rows), 3)         # spans, exact, near
-        before = [claims.preceding_claim(t_real[i], claims.preceding_texts(tok, toks[i], int(pos[i])))
-                  for i in range(len(rows))]                                               # True / False / None
-        stated = np.array([b is not None for b in before], np.float64)
+        checks = [claims.check_row(t_real[i], ctxs[i]) for i in range(len(rows))]      # per row (nla/claims.py)
+        cl = claims.summary(checks, docs, E.n_boot, E.seed)
         res["checkpoints"][name] = {
             "real": ci(fve(m_real)),
             "shuffled": ci(fve(m_shuf)),
@@ -128,26 +125,21 @@ def heldout_stage(run: Run, pairs: Sequence[tuple[str, dict, dict]], workdir: st
             "zero_rows": int(len(zero_idx)),
             "differs_from_shuffled": float(np.mean([a != b for a, b in zip(t_real, t_shuf)])),
             "distinct_explanations": int(len(set(t_real))),
-            # claim accuracy (nla/claims.py): the current token named (exact or near), quoted spans not in context
-            "names_current_token": ci(np.array([m is not None for m in named], np.float64)),
-            "quotes_absent": measure.ratio_ci(qc[:, 0] - qc[:, 1] - qc[:, 2], qc[:, 0], docs, E.n_boot, E.seed),
-            # the text it says comes right before the current token ("after «…»"): how often stated, how often right
-            "states_preceding": ci(stated),
-            "preceding_correct": measure.ratio_ci(np.array([b is True for b in before], np.float64), stated, docs,
-                                                  E.n_boot, E.seed),
+            # claim accuracy (nla/claims.py): the current token named (exact or near; exact), quoted spans not
+            # in context, the text it says comes right before the current token ("after «…»": how often stated,
+            # how often right) and, where the target's predictions are known, its top-1 among the stated ones
+            "names_current_token": cl["current_token_named"],
+            "current_token_exact": cl["current_token_exact"],
+            **{k: cl[k] for k in ("quotes_absent", "states_preceding", "preceding_correct", "names_top1_prediction")
+               if k in cl},
+            # how varied its stated predictions are, beside the target's own top-1 tokens
+            "prediction_spread": claims.prediction_spread(checks, docs),
         }
         c = res["checkpoints"][name]
-        if top1 is not None:    # the target's top-1 next token among the explanation's stated predictions
-            c["names_top1_prediction"] = ci(np.array([claims.names_prediction(t_real[i], top1[i])
-                                                      for i in range(len(rows))], np.float64))
         per_row[name] = {"own": fve(m_real)}
         row_recs[name] = [{"explanation": t_real[i], "ok": bool(real["ok"][i]), "fve": float(fve(m_real[i])),
-                           "fve_floor": float(fve(floor_mse[i])), "fve_shuffled": float(fve(m_shuf[i])),
-                           "current_token": named[i], "preceding": before[i], "quote_spans": int(qc[i, 0]),
-                           "quotes_absent": int(qc[i, 0] - qc[i, 1] - qc[i, 2])} for i in range(len(rows))]
-        if top1 is not None:
-            for i, r in enumerate(row_recs[name]):
-                r["names_top1"] = bool(claims.names_prediction(t_real[i], top1[i]))
+                           "fve_floor": float(fve(floor_mse[i])), "fve_shuffled": float(fve(m_shuf[i])), **checks[i]}
+                          for i in range(len(rows))]
         if judge is not None:
             if judge[1] is ar:      # the judge is this pair's own AR (the SFT pair): the same scores
                 j_real, j_shuf = fve(m_real), fve(m_shuf)
@@ -187,6 +179,16 @@ def heldout_stage(run: Run, pairs: Sequence[tuple[str, dict, dict]], workdir: st
     return res
 
 
+def spread_line(name: str, sp: dict) -> str:
+    """One report line: the most common stated prediction and its share, beside the target's own."""
+    e, t = sp["explanations"], sp.get("target")
+    line = (f"  {name + ': most common prediction':34s} «{e['mode']}» in {e['mode_share']['mean']:.2f} of "
+            f"{e['rows']} ({e['distinct']} distinct)")
+    if t is not None and t["mode"] is not None:
+        line += f"; the target's top-1: «{t['mode']}» in {t['mode_share']['mean']:.2f} ({t['distinct']} distinct)"
+    return line
+
+
 def report(res: dict) -> str:
     """eval.json as the table the trainer prints."""
     f = lambda d: f"{d['mean']:+.3f} " + (f"[{d['lo']:+.3f}, {d['hi']:+.3f}]" if d["lo"] is not None else "[n/a]")
@@ -206,6 +208,8 @@ def report(res: dict) -> str:
                     else []),
                   *([f"  {name + ': names the top-1 next token':34s} {f(c['names_top1_prediction'])}"]
                     if "names_top1_prediction" in c else []),
+                  *([spread_line(name, c["prediction_spread"])] if c.get("prediction_spread", {}).get(
+                      "explanations", {}).get("mode") is not None else []),
                   f"  {name + ': extraction failures':34s} {c['extract_fail']:.2f}   mean length {c['expl_len']:.1f} tok"
                   f"   differs from zero-vector text {c['differs_from_zero']:.2f}"]
         if "judge_real" in c:
