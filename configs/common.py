@@ -164,6 +164,10 @@ def nla(cfg: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDi
     cfg.train = ml_collections.ConfigDict(dict(
         workdir=workdir, stages=("sft_av", "sft_ar", "rl", "eval"),
         keep=2, ckpt_every=50, log_every=1, async_checkpoint=True, max_nonfinite=5,
+        # SFT batches padded to their longest warm-start text rounded up to this many tokens, not to
+        # the explanation cap (batches.text_widths: same loss, less padding; each width compiles once).
+        # 0: every batch to the cap.
+        text_bucket=8,
     ))
     cfg.eval = ml_collections.ConfigDict(dict(
         rows=128, split="eval", temperature=0.0, n_examples=4, n_boot=1000, seed=0,

@@ -235,18 +235,25 @@ def run_sft(run, writer, name: str) -> None:
             evaluate(state, 0)
     else:
         shown = lambda m: {}
-    step_fn = state_lib.sft_step(run, layout)
     bar = progress.progress(start)
     rows = run_lib.rows_with_summaries(run, split)
-    for step, batch in batches_lib.stage_batches(run, split, sec.batch, start, make, only=rows, stage=name):
+    # each batch padded to its longest text (train.text_bucket), not the cap: one compiled step per width
+    width = batches_lib.text_widths(run, name, rows)
+    text_key = "targets" if name == "sft_av" else "expl"
+    step_fns: dict[int | None, Callable] = {}
+    for step, batch in batches_lib.stage_batches(run, split, sec.batch, start, make, only=rows, stage=name,
+                                                 width=width):
         if step >= sec.steps:
             break
-        state, m = step_fn(state, batch, run.mean)
+        w = None if width is None else int(batch[text_key].shape[1])
+        if w not in step_fns:
+            step_fns[w] = state_lib.sft_step(run, layout, width=w)
+        state, m = step_fns[w](state, batch, run.mean)
         m = jax.device_get(m)
         more = shown(m)
         if (step + 1) % run.cfg.train.log_every == 0:
             writer.write(name, step + 1, {"loss": m["loss"], **more, "grad_norm": m["grad_norm"],
-                                          "skipped": state["skipped"]})
+                                          "skipped": state["skipped"], **({"text_width": w} if w else {})})
         progress.guard(state, step + 1)  # after the log line: the step that stops the run is logged too
         bar.update(1)
         bar.set_postfix({k: f"{float(v):.3f}" for k, v in (more or {"loss": m["loss"]}).items()})

@@ -74,12 +74,14 @@ def _columns(store: store_lib.Store, rows: np.ndarray) -> tuple[np.ndarray, np.n
 def iterate(store_root: str, split: str, *, batch: int, seed: int, start_step: int = 0,
             process: int | None = None, num_processes: int | None = None, prefetch: int = 2,
             fields: tuple[str, ...] = ("acts", "doc_id", "position", "tokens"),
-            only: np.ndarray | None = None, positions: np.ndarray | None = None) -> Iterator[tuple[int, dict]]:
+            only: np.ndarray | None = None, positions: np.ndarray | None = None,
+            batch_rows: bool = False) -> Iterator[tuple[int, dict]]:
     """(step, host-local numpy batch) from `start_step` on, read ahead by grain threads.
 
     The batch also holds "row" (global store row ids); `only` restricts the split to those rows.
     `positions`: the positions of each global batch this process reads (BatchLayout.local_positions);
-    default an even split by process.
+    default an even split by process. batch_rows: also "batch_rows", the whole global batch's row
+    ids (every process's), for what every process must decide alike (the batch's padded width).
     """
     if positions is None:
         process = jax.process_index() if process is None else process
@@ -92,6 +94,8 @@ def iterate(store_root: str, split: str, *, batch: int, seed: int, start_step: i
         rows = order.local_rows(step, positions)
         out = store.read(None, rows, fields=fields)
         out["row"] = rows.astype(np.int64)
+        if batch_rows:
+            out["batch_rows"] = order.global_rows(step).astype(np.int64)
         return step, out
 
     ds = grain.MapDataset.range(start_step, 2 ** 62).map(read)

@@ -197,14 +197,18 @@ def rl_sample_config(run: Run) -> sampling.SampleConfig:
                                  top_p=sec.top_p)
 
 
-def sft_step(run: Run, stage: StageState, batch_shardings=None):
+def sft_step(run: Run, stage: StageState, batch_shardings=None, width: int | None = None):
     """The jitted SFT step of `stage` (sft_av | sft_ar): explicit shardings, the state donated.
-    Called as step(state, batch, mean) -> (state, metrics)."""
+    Called as step(state, batch, mean) -> (state, metrics). width: the batch's text width when it is
+    narrower than the cap (batches.text_widths); the AR's wrapper is then built for that many tokens."""
     sec = run.cfg[stage.name]
     key = "av" if stage.name == "sft_av" else "ar"
     step, n_blocks = ((steps.sft_av_step, run.model_cfg.n_layers) if stage.name == "sft_av"
                       else (steps.sft_ar_step, run.cfg.model.layer + 1))
-    fn = functools.partial(step, ctx=run.ctx, tx=stage.optimizers["opt"], labels=stage.labels[key],
+    ctx = run.ctx
+    if width is not None and stage.name == "sft_ar":
+        ctx = dataclasses.replace(ctx, ar=dataclasses.replace(ctx.ar, max_len=int(width)))
+    fn = functools.partial(step, ctx=ctx, tx=stage.optimizers["opt"], labels=stage.labels[key],
                            block_mask=optim.block_mask(n_blocks, sec.optim.train_blocks))
     rep = run.replicated
     return jax.jit(fn, in_shardings=(stage.shardings, batch_shardings, rep), out_shardings=(stage.shardings, rep),
