@@ -67,7 +67,7 @@ from nla_jax.cli import cli_main
 from nla_jax.data import store as store_lib
 from nla_jax.data import summaries as summaries_lib
 from nla_jax.errors import UserError
-from nla_jax.nla import claims, measure
+from nla_jax.nla import claims, measure, selftext
 from nla_jax.nla import workdir as workdir_lib
 
 FORMAT = "nla_jax.evaluate/1"
@@ -257,7 +257,7 @@ def evaluate_pair(p, D: dict, E, bar) -> dict:
                 # block K recomputed from the stored context vs the stored activation: a store/target check
                 "recompute_rel_err_max": float(rel.max()), "recompute_rel_err_median": float(np.median(rel))}
             # the target's own top-1 next token here, for the claim that the explanation predicts it
-            ctxs = [dataclasses.replace(c, top1=tok.decode([int(x)])) for c, x in zip(ctxs, top1)]
+            ctxs = [dataclasses.replace(c, top1=selftext.token_text(tok, x)) for c, x in zip(ctxs, top1)]
 
         # -- claim accuracy (nla/claims.py), every row (a failed extraction is read up to its cap), beside
         # the same checks of the shuffled control's explanations (chance level)

@@ -100,3 +100,32 @@ def test_the_warm_start_states_the_preceding_text_correctly_by_construction():
     assert claims.preceding_claim("Token «ability». Next: «to» 90%.", pre) is None
     # an "after «…»" among the stated predictions is not a claim about the context
     assert claims.preceding_claim("Token «ability». Next: «to» after «the».", pre) is None
+
+
+class _SpecialTok(_Tok):
+    """_Tok plus two special tokens that decode to nothing unless asked (as the real tokenizer does)."""
+    SPECIAL = {20: "<|im_end|>", 21: "<end_of_turn>"}
+    special_ids = frozenset(SPECIAL)
+
+    def decode(self, ids, skip_special=True):
+        return "".join(("" if skip_special else self.SPECIAL[int(i)]) if int(i) in self.SPECIAL
+                       else self.PIECES[int(i)] for i in ids)
+
+
+def test_special_predictions_are_named_and_whitespace_runs_are_cut():
+    """A predicted special token is written by its name in brackets («[im_end]»: the turn ends here),
+    never as «» (says nothing) nor as the token itself (it would read back as EOS inside the text);
+    the claim checks name it the same way. A long whitespace token is written out up to
+    SHOWN_WHITESPACE characters of whole escapes, then «…»."""
+    tok = _SpecialTok()
+    assert selftext.token_text(tok, 20) == "[im_end]" and selftext.token_text(tok, 21) == "[end_of_turn]"
+    assert selftext.token_text(tok, 3) == " ability"                      # ordinary tokens: their text
+    ctx = np.array([0, 1, 2, 3])
+    text = selftext.self_text(tok, ctx, 3, np.array([20, 4]), np.array([0.68, 0.3]), before=0)
+    assert text == "Token \u00abability\u00bb. Next: \u00ab[im_end]\u00bb 68%, \u00abto\u00bb 30%."
+    assert claims.names_prediction(text, selftext.token_text(tok, 20))
+    run = "\r\r\n" + " " * 8 + "\r\r\n" + " " * 11
+    shown = selftext.show(run)
+    assert shown == "\\r\\r\\n\u2423\u2423\u2423\u2423\u2423\u2423\u2026" and len(shown) <= selftext.SHOWN_WHITESPACE + 1
+    assert selftext.show("\n\n") == "\\n\\n" and selftext.show(" \r") == "\u2423\\r"   # short ones whole
+    assert not selftext.show("\n" * 7).endswith("\\\u2026")                # never a lone backslash

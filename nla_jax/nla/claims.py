@@ -34,7 +34,7 @@ from typing import Sequence
 
 import numpy as np
 
-from nla_jax.nla import measure
+from nla_jax.nla import measure, selftext
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -186,7 +186,7 @@ class RowContext:
 def row_contexts(tok, tokens, positions, quote_window: int, top1: Sequence[str] | None = None) -> list[RowContext]:
     """One RowContext per row from its token ids [n, T] and positions [n] (quote_window tokens of
     context up to and including the position; measure.context_text)."""
-    return [RowContext(current=tok.decode([int(tokens[i][positions[i]])]),
+    return [RowContext(current=selftext.token_text(tok, tokens[i][positions[i]]),
                        preceding=preceding_texts(tok, tokens[i], int(positions[i])),
                        window=measure.context_text(tok, tokens[i], int(positions[i]), int(quote_window)),
                        top1=None if top1 is None else top1[i])

@@ -37,7 +37,7 @@ import numpy as np
 
 from nla_jax import fileio, paths, sampling
 from nla_jax.data import summaries as summaries_lib
-from nla_jax.nla import claims, measure
+from nla_jax.nla import claims, measure, selftext
 from nla_jax.nla.run import Run
 
 CONTEXT_TOKENS = 24   # tokens of context shown beside each example explanation (position included)
@@ -68,7 +68,7 @@ def target_top1(store, tok, rows: np.ndarray, got: dict) -> list[str] | None:
     else:
         recs = summaries_lib.read_records(summaries_lib.path_in(store.root))
         ids = [recs[int(r)]["top_ids"][0] if recs.get(int(r), {}).get("top_ids") else None for r in rows]
-    return None if any(t is None for t in ids) else [tok.decode([int(t)]) for t in ids]
+    return None if any(t is None for t in ids) else [selftext.token_text(tok, t) for t in ids]
 
 
 def heldout_stage(run: Run, pairs: Sequence[tuple[str, dict, dict]], workdir: str, writer,

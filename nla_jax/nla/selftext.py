@@ -68,14 +68,38 @@ def top_next(params, cfg, tokens: jax.Array, positions: jax.Array, k: int, compu
     return _top_fn(cfg, int(k), compute_dtype)(params, tokens, positions)
 
 
+SHOWN_WHITESPACE = 12    # a whitespace token is written out up to this many characters, then "…"
+
+
 def show(piece: str) -> str:
     """A token's text as the template writes it: stripped of surrounding whitespace; a token that
-    is only whitespace is written escaped ("\\n") or as ␣ for spaces, so it stays visible."""
+    is only whitespace is written escaped ("\\n") or as ␣ for spaces, so it stays visible, and cut
+    after SHOWN_WHITESPACE characters (SmolLM2 has single tokens of ~20 mixed newlines and spaces,
+    which written out took 60 tokens of a 64-token cap)."""
     s = piece.strip()
     if s:
         return s
-    esc = piece.replace(" ", "\u2423").encode("unicode_escape").decode("ascii")
-    return esc.replace("\\u2423", "\u2423")
+    out = ""
+    for ch in piece:                      # whole escapes only: "\\r", never a lone backslash
+        esc = "\u2423" if ch == " " else ch.encode("unicode_escape").decode("ascii")
+        if len(out) + len(esc) > SHOWN_WHITESPACE:
+            return out + "\u2026"
+        out += esc
+    return out
+
+
+def token_text(tok, token_id: int) -> str:
+    """One token's text; a special token (which decodes to nothing) by its name in brackets,
+    «[im_end]». The target predicting the end of its turn is a prediction worth stating (2% of the
+    default store's rows); written as «» it said nothing, and written as the special token itself
+    it would put an end of turn inside the explanation (the tokenizer reads it back as EOS)."""
+    i = int(token_id)
+    text = tok.decode([i])
+    if text or i not in getattr(tok, "special_ids", ()):
+        return text
+    raw = tok.decode([i], skip_special=False).strip()
+    name = raw.removeprefix("<").removeprefix("|").removesuffix(">").removesuffix("|")
+    return f"[{name or i}]"
 
 
 def percent(p: float) -> str:
@@ -90,12 +114,12 @@ def self_text(tok, context: np.ndarray, position: int, ids: np.ndarray, probs: n
     (the reconstructor reads context the way the target did: on the quick corpus the AR recovers
     far more from an in-order quote than from the token-first form); style="next_first": the
     predictions, then that quote (the text ends with the current token, where the AR reads)."""
-    preds = ", ".join(f"\u00ab{show(tok.decode([int(i)]))}\u00bb {percent(float(p))}" for i, p in zip(ids, probs))
+    preds = ", ".join(f"\u00ab{show(token_text(tok, i))}\u00bb {percent(float(p))}" for i, p in zip(ids, probs))
     if style in ("quote", "next_first"):
         last = tok.decode(np.asarray(context[max(0, position - before):position + 1]).tolist())
         quote = f"The text ends with: \u00ab{' '.join(last.split()) or show(last)}\u00bb."
         return f"{quote} Next: {preds}." if style == "quote" else f"Next: {preds}. {quote}"
-    text = f"Token \u00ab{show(tok.decode([int(context[position])]))}\u00bb"
+    text = f"Token \u00ab{show(token_text(tok, context[position]))}\u00bb"
     if before > 0 and position > 0:
         prev = tok.decode(np.asarray(context[max(0, position - before):position]).tolist()).strip()
         if prev:
