@@ -14,7 +14,8 @@ checks of the explanations reordered by evaluate's shuffled control (other docum
 measure.derangement_by_doc with eval.seed). Use it when a claim check is added or
 changed after an expensive evaluation: the explanations do not change, only how they are read.
 Intervals as evaluate's: cluster-robust t over documents for shares of rows, a document bootstrap
-(eval.n_boot) for ratios of totals. Prints a table and writes benchmarks/results/claims_<NAME>.json.
+(eval.n_boot) for ratios of totals. Also the spread of the stated predictions beside the target's own
+(claims.prediction_spread). Prints a table and writes benchmarks/results/claims_<NAME>.json.
 """
 from __future__ import annotations
 
@@ -52,6 +53,8 @@ def score(recs: list[dict], store, tok, E) -> dict:
         for suffix, tx in (("", real), ("_shuffled", [real[j] for j in perm])):
             checks = [claims.check_row(t, c) for t, c in zip(tx, ctxs)]
             out[label].update(claims.summary(checks, docs, int(E.n_boot), int(E.seed), suffix=suffix))
+            if not suffix:
+                out[label]["prediction_spread"] = claims.prediction_spread(checks, docs)
     return out
 
 
@@ -91,6 +94,13 @@ def main(argv=None) -> int:
                   f"{fmt(c['current_token_named' + suffix]):>22s} {fmt(c['states_preceding' + suffix]):>18s} "
                   f"{fmt(c['preceding_correct' + suffix]):>22s} {fmt(c['quotes_absent' + suffix]):>22s} "
                   f"{fmt(c.get('names_top1_prediction' + suffix, {})):>22s}")
+    for label, c in res["checkpoints"].items():
+        e, t = c["prediction_spread"]["explanations"], c["prediction_spread"].get("target")
+        if e["mode"] is not None:
+            print(f"{label[-28:]:28s} most common first prediction «{e['mode']}» in {fmt(e['mode_share'])} of "
+                  f"{e['rows']} rows, {e['distinct']} distinct" + (
+                      f"; the target's top-1 «{t['mode']}» in {fmt(t['mode_share'])}, {t['distinct']} distinct"
+                      if t else ""))
     name = args.name or os.path.basename(os.path.normpath(args.evaldir))
     write_result(args.out or os.path.join(REPO, "benchmarks", "results", f"claims_{name}.json"), res)
     return 0

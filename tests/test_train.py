@@ -237,7 +237,7 @@ def test_claims_recomputed_from_saved_rows_equal_the_eval_stage(e2e, store, tmp_
     for name in ev:
         assert "names_top1_prediction" in ev[name]
         for k in ("names_current_token", "current_token_exact", "states_preceding", "preceding_correct",
-                  "quotes_absent", "names_top1_prediction"):
+                  "quotes_absent", "names_top1_prediction", "prediction_spread"):
             assert got[name][k if k != "names_current_token" else "current_token_named"] == ev[name][k], (name, k)
     # another store's rows: one line, nothing written
     other = tmp_path / "other.json"
