@@ -15,7 +15,8 @@ measure.derangement_by_doc with eval.seed). Use it when a claim check is added o
 changed after an expensive evaluation: the explanations do not change, only how they are read.
 Intervals as evaluate's: cluster-robust t over documents for shares of rows, a document bootstrap
 (eval.n_boot) for ratios of totals. Also the spread of the stated predictions beside the target's own
-(claims.prediction_spread). Prints a table and writes benchmarks/results/claims_<NAME>.json.
+(claims.prediction_spread), and the top-1 claim by the target's own top-1 probability (stores with
+predictions). Prints a table and writes benchmarks/results/claims_<NAME>.json.
 """
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ from record import write_result  # noqa: E402
 
 def score(recs: list[dict], store, tok, E) -> dict:
     rows = np.array([r["row"] for r in recs], np.int64)
-    got = store.read(None, rows, fields=("doc_id", "position", "tokens") + (("top_ids",) if store.top_k else ()))
+    got = store.read(None, rows, fields=("doc_id", "position", "tokens")
+                     + (("top_ids", "top_probs") if store.top_k else ()))
     if [str(d) for d in got["doc_id"]] != [r["doc_id"] for r in recs] or \
             got["position"].tolist() != [r["position"] for r in recs]:
         raise Bad("the rows' documents or positions differ from the store's: the evaluation was of another store")
@@ -55,6 +57,24 @@ def score(recs: list[dict], store, tok, E) -> dict:
             out[label].update(claims.summary(checks, docs, int(E.n_boot), int(E.seed), suffix=suffix))
             if not suffix:
                 out[label]["prediction_spread"] = claims.prediction_spread(checks, docs)
+                if "top_probs" in got and "names_top1" in checks[0]:
+                    out[label]["names_top1_by_confidence"] = by_confidence(
+                        np.array([c["names_top1"] for c in checks], np.float64), got["top_probs"][:, 0], docs)
+    return out
+
+
+CONFIDENCE_EDGES = (0.0, 0.2, 0.5, 1.0)    # the target's top-1 probability: unsure / leaning / confident
+
+
+def by_confidence(named: np.ndarray, p_top1: np.ndarray, docs: np.ndarray) -> list[dict]:
+    """The top-1 claim's share per bin of the target's own top-1 probability (CONFIDENCE_EDGES; the
+    last bin includes 1.0), each with its interval over the bin's documents: does the verbalizer name
+    what the target predicts when the target is sure of it, and not otherwise?"""
+    out = []
+    for lo, hi in zip(CONFIDENCE_EDGES[:-1], CONFIDENCE_EDGES[1:]):
+        sel = (p_top1 >= lo) & ((p_top1 < hi) | (hi == CONFIDENCE_EDGES[-1]))
+        out.append({"lo": lo, "hi": hi, "rows": int(sel.sum()),
+                    "names_top1": measure.ci(named[sel], docs[sel]) if sel.any() else measure.ci([], [])})
     return out
 
 
@@ -101,6 +121,9 @@ def main(argv=None) -> int:
                   f"{e['rows']} rows, {e['distinct']} distinct" + (
                       f"; the target's top-1 «{t['mode']}» in {fmt(t['mode_share'])}, {t['distinct']} distinct"
                       if t else ""))
+        for b in c.get("names_top1_by_confidence", []):
+            print(f"{'':28s} names the top-1 when the target gives it p in [{b['lo']:.1f}, {b['hi']:.1f}"
+                  f"{']' if b['hi'] == 1.0 else ')'}: {fmt(b['names_top1'])} of {b['rows']} rows")
     name = args.name or os.path.basename(os.path.normpath(args.evaldir))
     write_result(args.out or os.path.join(REPO, "benchmarks", "results", f"claims_{name}.json"), res)
     return 0

@@ -239,6 +239,11 @@ def test_claims_recomputed_from_saved_rows_equal_the_eval_stage(e2e, store, tmp_
         for k in ("names_current_token", "current_token_exact", "states_preceding", "preceding_correct",
                   "quotes_absent", "names_top1_prediction", "prediction_spread"):
             assert got[name][k if k != "names_current_token" else "current_token_named"] == ev[name][k], (name, k)
+        # by the target's confidence: the bins partition the rows, their shares average to the whole
+        bins = got[name]["names_top1_by_confidence"]
+        assert sum(b["rows"] for b in bins) == ev[name]["names_top1_prediction"]["n"]
+        assert sum(b["rows"] * (b["names_top1"]["mean"] or 0.0) for b in bins) / sum(b["rows"] for b in bins) == \
+            pytest.approx(ev[name]["names_top1_prediction"]["mean"])
     # another store's rows: one line, nothing written
     other = tmp_path / "other.json"
     r = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "claims_from_rows.py"), e2e["wd"],
