@@ -74,7 +74,7 @@ def by_confidence(named: np.ndarray, p_top1: np.ndarray, docs: np.ndarray) -> li
     for lo, hi in zip(CONFIDENCE_EDGES[:-1], CONFIDENCE_EDGES[1:]):
         sel = (p_top1 >= lo) & ((p_top1 < hi) | (hi == CONFIDENCE_EDGES[-1]))
         out.append({"lo": lo, "hi": hi, "rows": int(sel.sum()),
-                    "names_top1": measure.ci(named[sel], docs[sel]) if sel.any() else measure.ci([], [])})
+                    "names_top1": measure.ci(named[sel], docs[sel])})
     return out
 
 

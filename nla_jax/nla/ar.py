@@ -122,10 +122,15 @@ def host_explanations(tok, texts: Sequence[str], spec: ARSpec) -> tuple[np.ndarr
     ids = np.full((len(texts), spec.max_len), spec.pad_id, np.int32)
     lens = np.zeros(len(texts), np.int32)
     for i, t in enumerate(texts):
-        row = tok.encode(" ".join(t.split()))[:spec.max_len]
+        row = explanation_ids(tok, t, spec.max_len)
         ids[i, :len(row)] = row
         lens[i] = len(row)
     return ids, lens
+
+
+def explanation_ids(tok, text: str, max_len: int) -> list[int]:
+    """One explanation's ids as the AR reads it: the text (whitespace collapsed) cut at max_len."""
+    return tok.encode(" ".join(text.split()))[:max_len]
 
 
 def host_wrapped(tok, texts: Sequence[str], spec: ARSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

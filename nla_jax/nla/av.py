@@ -173,15 +173,19 @@ def add_after(spec: AVSpec) -> int | None:
 
 # ----------------------------------------------------------------------------- teacher forcing
 
+def sft_row(tok, text: str, spec: AVSpec) -> list[int]:
+    """One SFT target row: the text (whitespace collapsed) cut to the cap's room, the closer, EOS."""
+    return tok.encode(" ".join(text.split()))[:spec.max_len - len(spec.closer) - 1] + list(spec.closer) + [spec.eos]
+
+
 def sft_targets(tok, texts: Sequence[str], spec: AVSpec, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Texts -> target ids [b, W] (text cut to the cap's room, closer, EOS; right-padded) and mask
     [b, W]; W = width (at most max_len and at least every row: batches.text_widths) or max_len."""
-    room = spec.max_len - len(spec.closer) - 1
     W = spec.max_len if width is None else int(width)
     ids = np.full((len(texts), W), tok.pad_id, np.int32)
     mask = np.zeros((len(texts), W), bool)
     for i, t in enumerate(texts):
-        row = tok.encode(" ".join(t.split()))[:room] + list(spec.closer) + [spec.eos]
+        row = sft_row(tok, t, spec)
         if len(row) > W:
             raise ValueError(f"an SFT target of {len(row)} tokens is wider than its batch ({W})")
         ids[i, :len(row)] = row

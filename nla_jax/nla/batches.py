@@ -59,14 +59,13 @@ def text_widths(run: Run, stage: str, rows: np.ndarray) -> Callable[[np.ndarray]
     bucket = int(run.cfg.train.text_bucket)
     if bucket <= 0:
         return None
-    if stage == "sft_av":
-        spec = run.ctx.av
-        cap, room, extra = spec.max_len, spec.max_len - len(spec.closer) - 1, len(spec.closer) + 1
+    tok, texts = run.tokenizer, run.summaries
+    if stage == "sft_av":       # the rows exactly as av_batch / ar_batch build them
+        cap = run.ctx.av.max_len
+        length = {int(r): len(av_lib.sft_row(tok, texts[int(r)], run.ctx.av)) for r in rows}
     else:
-        cap = room = run.ctx.ar.max_len
-        extra = 0
-    tok = run.tokenizer
-    length = {int(r): min(len(tok.encode(" ".join(run.summaries[int(r)].split()))), room) + extra for r in rows}
+        cap = run.ctx.ar.max_len
+        length = {int(r): len(ar_lib.explanation_ids(tok, texts[int(r)], cap)) for r in rows}
 
     def width(batch_rows: np.ndarray) -> int:
         longest = max(length[int(r)] for r in batch_rows)
