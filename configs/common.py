@@ -164,6 +164,9 @@ def nla(cfg: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDi
     cfg.train = ml_collections.ConfigDict(dict(
         workdir=workdir, stages=("sft_av", "sft_ar", "rl", "eval"),
         keep=2, ckpt_every=50, log_every=1, async_checkpoint=True, max_nonfinite=5,
+        # Also keep every checkpoint whose step is a multiple of this (0: only the newest `keep`): a stage
+        # read back part way, e.g. evaluate WORKDIR/sft_av@700 against the final sft_av (a shorter warm start).
+        keep_every=0,
         # SFT batches padded to their longest warm-start text rounded up to this many tokens, not to
         # the explanation cap (batches.text_widths: same loss, less padding; each width compiles once).
         # 0: every batch to the cap.

@@ -188,7 +188,8 @@ def read_step_arrays(step_dir: str) -> dict[str, Any]:
 
 
 class Checkpointer:
-    """Save/restore `(state, meta)` per step under one directory, newest `keep` retained.
+    """Save/restore `(state, meta)` per step under one directory, newest `keep` retained, and every
+    step divisible by `keep_every` besides (None / 0: none), so a run can be read back part way.
 
     `fingerprint` identifies the config settings the state depends on (see `fingerprint()`);
     steps written under another fingerprint are refused. `read_only=True` is for tools that
@@ -196,11 +197,13 @@ class Checkpointer:
     unfinished tmp directories, nor moves damaged steps aside.
     """
 
-    def __init__(self, directory: str, *, keep: int | None = 3, async_save: bool = True,
+    def __init__(self, directory: str, *, keep: int | None = 3, keep_every: int | None = None, async_save: bool = True,
                  fingerprint: str | None = None, read_only: bool = False,
                  describe: Callable[[dict], str | None] | None = None) -> None:
         if keep is not None and keep < 1:
             raise UserError(f"checkpoint keep must be >= 1 (or None for all), got {keep}")
+        if keep_every is not None and keep_every < 0:
+            raise UserError(f"checkpoint keep_every must be >= 0 (0 or None: none), got {keep_every}")
         self.directory = paths.absolute(directory)
         self.fingerprint = fingerprint
         # describe(meta of a step written under another fingerprint) -> None if its saved config
@@ -214,6 +217,7 @@ class Checkpointer:
         self._dir_checked = False
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None if read_only else keep, save_interval_steps=0 if read_only else 1,
+            keep_period=None if read_only or not keep_every else int(keep_every),
             enable_async_checkpointing=async_save, create=not read_only,
             # The writer (holding WorkdirLock) owns the directory: leftovers of interrupted
             # saves are garbage. A reader must not touch a running trainer's in-flight save.
@@ -386,6 +390,11 @@ class Checkpointer:
 
     def meta(self, step: int | None = None) -> tuple[int, dict]:
         """(step, meta) of `step`, or of the newest step whose metadata reads; no arrays are read."""
+        if step is not None:
+            self._refresh()
+            steps = sorted(self._mgr.all_steps())
+            if int(step) not in steps:
+                raise UserError(f"no checkpoint step {step} in {self.directory} (available: {steps or 'none'})")
         step = self.latest_step() if step is None else int(step)
         if step is None:
             raise UserError(f"no readable checkpoints in {self.directory}")

@@ -15,7 +15,7 @@ over rows with a 95% interval over documents (nla/measure.py has the exact defin
 cluster-robust t-interval (t with documents - 1 degrees of freedom; it keeps 95% coverage with few
 documents, where a percentile bootstrap covers ~90% at 8) for means and for the paired differences
 explanation - floor and explanation - shuffled (per-row differences on the same rows); a document
-bootstrap (eval.n_boot) for ratios of totals (loss recovered, quote rate, KL per token):
+bootstrap (eval.n_boot) for ratios of totals (loss recovered, quoted spans absent, KL per token):
   fve_nrm and cosine of the AR reading the AV's explanation (greedy unless eval.temperature > 0),
     beside: the renormalised-mean floor; the unnormalised training mean (fve ~0: a check);
     shuffled activations (explanations of other documents' rows, reordered, same AR); the empty explanation;
@@ -27,13 +27,12 @@ bootstrap (eval.n_boot) for ratios of totals (loss recovered, quote rate, KL per
     of the AV's own explanations (teacher forced), per token and per explanation. The reference is
     the RL checkpoint's KL reference (its sft_av stage); for an SFT pair, the target-initialised
     verbalizer SFT started from;
-  quote hallucination rate: quoted spans ("...", “...”, «...», `...`) absent from the context up to
-    the position (measure.quote_check), span-level; beside it the same for shuffled explanations;
   claim accuracy (nla/claims.py; every row, shuffled explanations as the chance level): the share
     of explanations naming the current token exactly / exactly or nearly, naming the target's own
     top-1 next token among their stated predictions (with eval.downstream, from its forward pass),
-    and of quoted spans absent from the context window once near misses (one word or character
-    off) are set apart;
+    quoting anything, and of quoted spans ("...", “...”, «...», `...`; span-level, pooled over rows)
+    absent from the context window up to the position, near misses (one word or character off) set
+    apart and reported beside;
   downstream: block K's output at the position replaced by the reconstruction (its direction at the
     original norm, the mean added back when centred) and the next-token KL to the unmodified model,
     against mean-ablation (the training mean vector there): loss recovered = 1 - KL_recon / KL_mean
@@ -199,7 +198,7 @@ def evaluate_pair(p, D: dict, E, bar) -> dict:
         eval_nrm = t - t.mean(0, keepdims=True)
         res["var_nrm_eval"] = float((eval_nrm ** 2).mean())
 
-        # -- explanations: failures, length, quotes
+        # -- explanations: failures, length
         ok = real["ok"].astype(bool)
         res["extract_fail"] = ci((~ok).astype(np.float64))
         res["extract_fail_shuffled"] = ci((~shuf["ok"].astype(bool)).astype(np.float64))
@@ -211,13 +210,6 @@ def evaluate_pair(p, D: dict, E, bar) -> dict:
         texts = measure.decode_explanations(tok, real)
         texts_shuf = measure.decode_explanations(tok, shuf)
         ctxs = claims.row_contexts(tok, toks, pos, E.quote_window)     # what each row's claims are checked against
-        windows = [c.window for c in ctxs]
-        q = np.array([measure.quote_check(texts[i], windows[i]) for i in range(n)], np.float64).reshape(n, 2)
-        qs = np.array([measure.quote_check(texts_shuf[i], windows[i]) for i in range(n)], np.float64).reshape(n, 2)
-        res["quotes"] = {"rate": measure.ratio_ci(q[:, 1], q[:, 0], docs, E.n_boot, E.seed),
-                         "rate_shuffled": measure.ratio_ci(qs[:, 1], qs[:, 0], docs, E.n_boot, E.seed),
-                         "spans": int(q[:, 0].sum()), "absent": int(q[:, 1].sum()),
-                         "with_quotes": ci((q[:, 0] > 0).astype(np.float64))}
 
         # -- KL to the reference verbalizer
         res["kl_ref"] = {"ref": None, "per_token": ci([], []), "per_explanation": ci([], [])}
@@ -381,9 +373,6 @@ ROWS = (  # (key path, label); one line per row, one column per checkpoint
     ("extract_fail", "extraction failures"),
     ("extract_fail_shuffled", "extraction failures, shuffled"),
     ("length.mean", "explanation length (tokens, extracted)"),
-    ("quotes.rate", "quote hallucination rate (spans)"),
-    ("quotes.rate_shuffled", "quote hallucination rate, shuffled"),
-    ("quotes.with_quotes", "explanations with a quote"),
     ("claims.current_token_exact", "claims: names the current token, exact"),
     ("claims.current_token_named", "claims: names the current token, exact or near"),
     ("claims.current_token_named_shuffled", "claims: names it, shuffled (chance)"),
@@ -395,6 +384,7 @@ ROWS = (  # (key path, label); one line per row, one column per checkpoint
     ("claims.quotes_absent", "claims: quoted spans not in context"),
     ("claims.quotes_near", "claims: quoted spans, near misses"),
     ("claims.quotes_absent_shuffled", "claims: quoted spans not in context, shuffled"),
+    ("claims.with_quotes", "claims: explanations with a quote"),
     ("claims.prediction_spread.explanations.mode", "claims: most common stated prediction"),
     ("claims.prediction_spread.explanations.mode_share", "claims: its share of rows stating one"),
     ("claims.prediction_spread.target.mode_share", "claims: target's most common top-1, share"),

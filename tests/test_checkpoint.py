@@ -93,6 +93,24 @@ def test_round_trip_keep_and_latest(tmp_path):
     mgr.close()
 
 
+def test_keep_every_keeps_multiples_beside_the_newest(tmp_path):
+    d = str(tmp_path / "ck")
+    with ckpt_lib.Checkpointer(d, keep=2, keep_every=3, async_save=False, fingerprint="fp0") as mgr:
+        for s in range(1, 9):
+            assert mgr.save(s, state_at(s), {"step": s})
+        mgr.wait()
+        assert mgr.all_steps() == [3, 6, 7, 8]
+        state, got = mgr.restore(abstract_of(state_at(0)), step=3)
+        assert_tree_equal(state, state_at(3)) and got["step"] == 3
+    with ckpt_lib.Checkpointer(str(tmp_path / "ck0"), keep=2, keep_every=0, async_save=False) as mgr:
+        for s in range(1, 5):
+            mgr.save(s, state_at(s), {"step": s})
+        mgr.wait()
+        assert mgr.all_steps() == [3, 4]                 # 0: only the newest `keep`
+    with pytest.raises(UserError, match="keep_every must be >= 0"):
+        ckpt_lib.Checkpointer(str(tmp_path / "bad"), keep=2, keep_every=-1)
+
+
 def test_async_save_seen_by_a_new_checkpointer(tmp_path):
     d = str(tmp_path / "ck")
     big = {"w": jnp.arange(512 * 512, dtype=jnp.float32).reshape(512, 512), "n": jnp.int32(9)}

@@ -57,6 +57,25 @@ def test_quote_claims(expl, want):
     assert claims.quote_claims(expl, CONTEXT) == want
 
 
+# how spans are found (measure.quoted_spans): each quote style, whitespace and case, what is no span
+QUOTE_CONTEXT = "The old  Lighthouse keeper said:\n\"Bring the lamp\" before the storm reached the bay"
+
+
+@pytest.mark.parametrize("expl,want", [
+    ('It quotes "OLD lighthouse keeper".', (1, 1, 0)),                  # present (case differs)
+    ("Ends with \u00abreached   the\nbay\u00bb.", (1, 1, 0)),             # guillemets, whitespace differs
+    ("Mentions `lamp` and \u201cstorm reached\u201d.", (2, 2, 0)),       # backticks, curly quotes
+    ('Says "the red car".', (1, 0, 0)),                                 # absent
+    ('Ends with "reached the bay tonight".', (1, 0, 1)),                # partly present: a near miss, not exact
+    ('"bring the lamp" and "a green door" and "bay"', (3, 2, 0)),       # mixed
+    ("No quotes at all, it's a story about a keeper's lamp.", (0, 0, 0)),  # apostrophes are not quotes
+    ('An unclosed "quote cut by the cap', (0, 0, 0)),                    # no closing mark: no span
+    ('Empty "" and blank "   " spans are ignored', (0, 0, 0)),
+])
+def test_quote_styles(expl, want):
+    assert claims.quote_claims(expl, QUOTE_CONTEXT) == want
+
+
 @pytest.mark.parametrize("expl,token,want", [
     ("Token \u00abability\u00bb. Next: \u00abto\u00bb 93%, \u00abof\u00bb 3%.", " to", True),
     ("Token \u00abability\u00bb. Next: \u00abto\u00bb 93%, \u00abof\u00bb 3%.", " of", True),       # among them
@@ -90,7 +109,6 @@ def test_predictions_are_not_quotes_nor_the_current_token():
     # «to» and «of» are predictions (not in the context yet): not counted as quotes, so not as invented
     expl = "Token \u00abability\u00bb after \u00abhave the\u00bb. Next: \u00abto\u00bb 93%, \u00abswim\u00bb 3%."
     assert claims.quote_claims(expl, CONTEXT) == (2, 2, 0)
-    assert measure.quote_check(expl, CONTEXT) == (2, 0)
     # a prediction equal to the current token does not name it; the same word before "Next" does
     assert claims.names_current_token("Token \u00abthe\u00bb. Next: \u00abcolour\u00bb 40%.", " colour") is None
     assert claims.names_current_token("Token \u00abcolour\u00bb. Next: \u00abthe\u00bb 40%.", " colour") == "exact"

@@ -128,25 +128,6 @@ def test_bootstrap_intervals():
     assert measure.ratio_ci(num, np.zeros(100), docs, 10, 0)["mean"] is None   # no denominator: n/a
 
 
-# ----------------------------------------------------------------------------- quoted spans
-
-CONTEXT = "The old  Lighthouse keeper said:\n\"Bring the lamp\" before the storm reached the bay"
-
-
-@pytest.mark.parametrize("expl,spans,absent", [
-    ('It quotes "OLD lighthouse keeper".', 1, 0),                          # present (case differs)
-    ("Ends with \u00abreached   the\nbay\u00bb.", 1, 0),                     # guillemets, whitespace differs
-    ("Mentions `lamp` and \u201cstorm reached\u201d.", 2, 0),               # backticks, curly quotes
-    ('Says "the red car".', 1, 1),                                       # absent
-    ('Ends with "reached the bay tonight".', 1, 1),                      # partly present: counts as absent
-    ('"bring the lamp" and "a green door" and "bay"', 3, 1),             # mixed
-    ("No quotes at all, it's a story about a keeper's lamp.", 0, 0),     # apostrophes are not quotes
-    ('An unclosed "quote cut by the cap', 0, 0),                          # no closing mark: no span
-    ('Empty "" and blank "   " spans are ignored', 0, 0),
-])
-def test_quote_check_on_planted_quotes(expl, spans, absent):
-    assert measure.quote_check(expl, CONTEXT) == (spans, absent)
-
 
 def test_quoted_spans_are_normalised():
     assert measure.quoted_spans('A "Two\n  Words" and \u00ab X \u00bb') == ["two words", "x"]
@@ -259,6 +240,29 @@ class _Ids(html.parser.HTMLParser):
         for k in ("src", "href", "xlink:href", "action", "data"):
             if a.get(k):
                 self.urls.append(a[k])
+
+
+def test_sft_pair_at_an_av_step(trained):
+    """WORKDIR/sft_av@STEP: the SFT pair with the AV of that step and sft_ar's final AR (the tiny
+    config checkpoints sft_av at steps 2 and 4 and keeps both)."""
+    import jax
+
+    from nla_jax import evaluate
+    from nla_jax.errors import UserError
+    from nla_jax.nla import workdir as workdir_lib
+    part = workdir_lib.load_pair(os.path.join(trained.wd, "sft_av@2"), with_target=False)
+    final = workdir_lib.load_pair(os.path.join(trained.wd, "sft_av"), with_target=False)
+    assert (part.kind, part.step, final.step) == ("sft", 2, 4)
+    same = lambda a, b: all(np.array_equal(np.asarray(x), np.asarray(y))
+                            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    assert not same(part.av, final.av)             # the AV of step 2, not the final one
+    assert same(part.ar, final.ar)                 # the same (final) SFT AR
+    plans = [evaluate.plan(os.path.join(trained.wd, "sft_av@2")), evaluate.plan(os.path.join(trained.wd, "sft_av"))]
+    assert evaluate.unique_labels(plans) == ["w/sft@2", "w/sft@4"]
+    with pytest.raises(UserError, match="rl and sft_av stages only"):
+        workdir_lib.resolve(os.path.join(trained.wd, "sft_ar@2"))
+    with pytest.raises(UserError, match="no checkpoint step 3"):
+        workdir_lib.load_pair(os.path.join(trained.wd, "sft_av@3"), with_target=False)
 
 
 @pytest.fixture(scope="module")
@@ -399,7 +403,8 @@ def test_rows_jsonl_holds_the_numbers_behind_the_json(run_two):
         assert np.mean([m is not None for m in named]) == pytest.approx(c["claims"]["current_token_named"]["mean"])
         assert np.mean([m == "exact" for m in named]) == pytest.approx(c["claims"]["current_token_exact"]["mean"])
         assert col(lab, "names_top1").mean() == pytest.approx(c["claims"]["names_top1_prediction"]["mean"])
-        assert int(col(lab, "quote_spans").sum()) == c["claims"]["quote_spans"] == c["quotes"]["spans"]
+        assert int(col(lab, "quote_spans").sum()) == c["claims"]["quote_spans"]
+        assert np.mean(col(lab, "quote_spans") > 0) == pytest.approx(c["claims"]["with_quotes"]["mean"])
         assert col(lab, "quotes_absent").sum() / max(col(lab, "quote_spans").sum(), 1) == \
             pytest.approx(c["claims"]["quotes_absent"]["mean"] or 0.0)
         pre = [r["checkpoints"][lab]["preceding"] for r in recs]

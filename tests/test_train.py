@@ -392,6 +392,16 @@ def test_kill9_sft_av_then_resume_equals_uninterrupted(store, tmp_path):
     _kill_resume_compare(store, tmp_path, ref_wd, "sft_av", SFT_AV_KILL, 8, seed=2)
 
 
+@pytest.mark.timeout(300)
+def test_keep_every_keeps_part_way_checkpoints(store, tmp_path):
+    """train.keep_every=4 with keep=1 and checkpoints every 2 steps: step 4 survives beside the newest."""
+    wd = str(tmp_path / "w")
+    r = _train(store, wd, "--stages", "sft_av", "--config.sft_av.steps=6", "--config.train.ckpt_every=2",
+               "--config.train.keep=1", "--config.train.keep_every=4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(int(n) for n in os.listdir(os.path.join(wd, "sft_av")) if n.isdigit()) == [4, 6]
+
+
 # ----------------------------------------------------------------------------- 3. processes x devices
 
 RL_MESH = (*RL_ONLY, "--config.rl.steps=3", "--config.rl.batch=4", "--config.mesh.shape=(4,1,1)")

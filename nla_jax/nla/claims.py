@@ -153,12 +153,14 @@ def quote_claims(explanation: str, context: str) -> tuple[int, int, int]:
     against the context window.
 
     exact: the span, case-folded with whitespace collapsed, is a substring of the context
-           normalised the same way (measure.quote_check's "present");
+           normalised the same way (case and spacing differences do not count);
     near:  not exact, but its words (case-folded runs of letters/digits, punctuation dropped)
            are one word-level edit from a run of the context's words (one word substituted,
            added or missing), or a one-word span is one character edit from a context word;
-    absent = spans - exact - near: quoted text the context does not contain (invented).
-    Spans without letters or digits that are not exact count as absent.
+    absent = spans - exact - near: quoted text the context does not contain (invented), including
+    a span whose first words are there and the rest not, and one quoting the token after the
+    position. Spans without letters or digits that are not exact count as absent. Spans among the
+    stated predictions (measure.split_predictions) are not quotes: that token is not in the context yet.
     """
     spans = measure.quoted_spans(measure.split_predictions(explanation)[0])
     ctx = " ".join(context.casefold().split())
@@ -214,8 +216,9 @@ def check_row(explanation: str, rc: RowContext) -> dict:
 def summary(checks: Sequence[dict], docs: np.ndarray, n_boot: int, seed: int, suffix: str = "") -> dict:
     """check_row records of a set of rows -> each claim's share with its 95% interval over documents:
     shares of rows (current token named exact / exact or near, preceding text stated, top-1 named)
-    by measure.ci; ratios of totals (preceding right of stated, quoted spans absent / near of all
-    spans) by measure.ratio_ci's document bootstrap. `suffix` is appended to every key ("_shuffled"
+    by measure.ci, and of rows quoting anything (with_quotes); ratios of totals (preceding right of
+    stated, quoted spans absent / near of all spans: span-level, pooled over rows) by
+    measure.ratio_ci's document bootstrap. `suffix` is appended to every key ("_shuffled"
     for the control's explanations)."""
     col = lambda f: np.array([f(c) for c in checks], np.float64)
     stated = col(lambda c: c["preceding"] is not None)
@@ -226,6 +229,7 @@ def summary(checks: Sequence[dict], docs: np.ndarray, n_boot: int, seed: int, su
            "preceding_correct": measure.ratio_ci(col(lambda c: c["preceding"] is True), stated, docs, n_boot, seed),
            "quotes_absent": measure.ratio_ci(col(lambda c: c["quotes_absent"]), spans, docs, n_boot, seed),
            "quotes_near": measure.ratio_ci(col(lambda c: c["quotes_near"]), spans, docs, n_boot, seed),
+           "with_quotes": measure.ci((spans > 0).astype(np.float64), docs),
            "quote_spans": int(spans.sum())}
     if checks and all("names_top1" in c for c in checks):
         out["names_top1_prediction"] = measure.ci(col(lambda c: c["names_top1"]), docs)

@@ -236,7 +236,7 @@ def ratio_ci(num: np.ndarray, den: np.ndarray, docs: np.ndarray, n_boot: int, se
     """transform(sum(num) / sum(den)) with a 95% bootstrap CI resampling documents.
 
     For ratios of totals (loss recovered = 1 - sum KL_recon / sum KL_mean; the span-level
-    hallucination rate = absent spans / spans), which are not means of per-row values."""
+    share of quoted spans absent = absent spans / spans), which are not means of per-row values."""
     num, den = np.asarray(num, np.float64), np.asarray(den, np.float64)
     if len(num) == 0 or den.sum() <= 0:
         return {"mean": None, "lo": None, "hi": None, "n": int(len(num))}
@@ -297,21 +297,6 @@ def split_predictions(text: str) -> tuple[str, str]:
                     return text[:m.start()] + text[e.end():], text[m.end():e.start() + 1]
             return text[:m.start()], text[m.end():]
     return text, ""
-
-
-def quote_check(explanation: str, context: str) -> tuple[int, int]:
-    """(spans, absent): how many quoted spans the explanation has, and how many of them are not in
-    the context window.
-
-    A span is *present* when its normalised text (quoted_spans) is a substring of the normalised
-    context (same case-folding and whitespace collapsing), so case and spacing differences do not
-    count. Anything else is *absent* (hallucinated), including a span only partly in the context
-    (its first words there, the rest not) and a span that quotes the token after the position.
-    The quote hallucination rate of a set of explanations = absent spans / spans (span-level,
-    pooled over rows). Spans among the stated predictions (split_predictions) are not quotes."""
-    spans = quoted_spans(split_predictions(explanation)[0])
-    ctx = _norm_text(context)
-    return len(spans), sum(1 for s in spans if s not in ctx)
 
 
 # ============================================================================= KL between verbalizers

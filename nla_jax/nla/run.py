@@ -105,6 +105,9 @@ def check_config(cfg) -> None:
             continue
         if not isinstance(cfg[sec][name], int) or cfg[sec][name] < 1:
             raise UserError(f"config key {key}={cfg[sec][name]!r}: must be an integer >= 1")
+    keep_every = cfg.train.get("keep_every", 0)
+    if not isinstance(keep_every, int) or isinstance(keep_every, bool) or keep_every < 0:
+        raise UserError(f"config key train.keep_every={keep_every!r}: must be an integer >= 0 (0: keep only the newest)")
     for key in ("sft_av.optim", "sft_ar.optim", "rl.optim_av", "rl.optim_ar"):
         sec, name = key.split(".")
         if cfg[sec][name].schedule not in ("constant", "cosine"):

@@ -13,6 +13,9 @@ A checkpoint path names a trained (AV, AR) pair:
     WORKDIR/rl         the RL pair (AV and AR from the same state), newest readable step
     WORKDIR/rl@STEP    the RL pair at a given step
     WORKDIR/sft_av     the SFT pair (sft_av's AV, sft_ar's AR); also WORKDIR/sft_ar
+    WORKDIR/sft_av@STEP  the SFT pair with sft_av's AV at a given step (sft_ar's final AR): how the
+                       warm start's length is judged (the AR learns from teacher text alone, so
+                       it pairs with any of the AV's steps; keep them with train.keep_every)
 
 Every checkpoint's meta carries the full training config and the dataset statistics, so a pair
 loads without the original config file or store: the models, prompt specs and normalisation are
@@ -126,6 +129,7 @@ def describe_change(cfg, stage: str) -> Callable[[dict], str | None]:
 def checkpointer(cfg, stage: str, *, async_save: bool = False, read_only: bool = False) -> checkpoint_lib.Checkpointer:
     """The stage's checkpoint manager under the config's fingerprint (refuses another config's steps)."""
     return checkpoint_lib.Checkpointer(stage_dir(cfg.train.workdir, stage), keep=None if read_only else cfg.train.keep,
+                                       keep_every=cfg.train.get("keep_every") or None,
                                        async_save=async_save, read_only=read_only,
                                        fingerprint=fingerprint(cfg, stage), describe=describe_change(cfg, stage))
 
@@ -193,9 +197,9 @@ def resolve(path: str) -> tuple[str, str, int | None]:
             raise UserError(f"checkpoint {path}: not a trainer work directory (expected sft_av/, sft_ar/ or rl/ "
                             f"holding checkpoints)")
         kind = "rl" if "rl" in have else "sft"
-    if step is not None and kind != "rl":
-        raise UserError(f"checkpoint {path}@{step}: a step can be chosen for the rl stage only "
-                        f"(the SFT pair is the final sft_av and sft_ar checkpoints)")
+    if step is not None and kind != "rl" and base != "sft_av":
+        raise UserError(f"checkpoint {path}@{step}: a step can be chosen for the rl and sft_av stages only "
+                        f"(an SFT pair's AR is sft_ar's final checkpoint)")
     for s in (("rl",) if kind == "rl" else ("sft_av", "sft_ar")):
         if not has_steps(paths.join(workdir, s)):
             raise UserError(f"checkpoint {path}: {paths.join(workdir, s)} holds no checkpoints")
@@ -267,7 +271,7 @@ def load_pair(path: str, mesh_cfg=None, rules=None, label: str | None = None, op
             got = _restore_params(first, step, {"av": layout.params_abstract("av"), "ar": layout.params_abstract("ar")})
             av, ar = got["av"], got["ar"]
         else:
-            av = _restore_params(first, None, {"av": state_lib.sft_av(run).params_abstract("av")})["av"]
+            av = _restore_params(first, step, {"av": state_lib.sft_av(run).params_abstract("av")})["av"]
             ar = _restore_params(paths.join(workdir, "sft_ar"), None,
                                  {"ar": state_lib.sft_ar(run).params_abstract("ar")})["ar"]
     name = label or f"{paths.basename(workdir)}/{kind}@{step}"

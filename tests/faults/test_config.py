@@ -35,6 +35,7 @@ TRAIN = [  # (id, extra args, fake CPU devices, what the error line must say)
     ("max_nonfinite_0", ["--config.train.max_nonfinite=0"], None,
      "config key train.max_nonfinite=0: must be an integer >= 1"),
     ("keep_0", ["--config.train.keep=0"], None, "config key train.keep=0: must be an integer >= 1"),
+    ("keep_every_negative", ["--config.train.keep_every=-5"], None, "config key train.keep_every=-5: must be an integer >= 0"),
     ("schedule_typo", ["--config.sft_ar.optim.schedule=cosin"], None,
      "config key sft_ar.optim.schedule='cosin': expected 'constant' or 'cosine'"),
     ("batch_over_split", ["--config.rl.batch=200"], None,
