@@ -168,8 +168,9 @@ def nla(cfg: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDi
         # read back part way, e.g. evaluate WORKDIR/sft_av@700 against the final sft_av (a shorter warm start).
         keep_every=0,
         # SFT batches padded to their longest warm-start text rounded up to this many tokens, not to
-        # the explanation cap (batches.text_widths: same loss, less padding; each width compiles once).
-        # 0: every batch to the cap.
+        # the explanation cap (batches.text_widths), and the RL update run on its rollouts up to the
+        # longest sampled one, rounded alike (steps.rl_update): same losses, less padding; each width
+        # compiles once. 0: every batch to the cap, and RL as one function (rollout + update).
         text_bucket=8,
     ))
     cfg.eval = ml_collections.ConfigDict(dict(

@@ -292,7 +292,8 @@ def run_rl(run, writer) -> None:
         if sec.init_from_sft:
             state = {**state, "av": jax.tree.map(jnp.copy, ref), "ar": workdir_lib.load_final(run, "sft_ar", "ar")}
     ref = state_lib.frozen_reference(run, ref)   # after the AV copied it: masters stay in weight_dtype
-    step_fn = state_lib.rl_step(run, progress.layout, jax.tree.map(lambda a: a.sharding, ref))
+    # one function at the cap, or (train.text_bucket > 0) a rollout, then an update as wide as its texts
+    step_fn = state_lib.rl_step_by_width(run, progress.layout, jax.tree.map(lambda a: a.sharding, ref))
     bar = progress.progress(start)
     key0 = jax.random.key(sec.seed)
     for step, batch in batches_lib.stage_batches(run, "rl", sec.batch, start, None, stage="rl"):

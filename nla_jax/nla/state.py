@@ -215,15 +215,71 @@ def sft_step(run: Run, stage: StageState, batch_shardings=None, width: int | Non
                    donate_argnums=(0,))
 
 
-def rl_step(run: Run, stage: StageState, ref_shardings, batch_shardings=None):
-    """The jitted GRPO step: explicit shardings, the state donated.
-    Called as step(state, ref_av, batch, mean, key) -> (state, metrics)."""
+def _rl_update_args(run: Run, stage: StageState) -> dict:
     sec = run.cfg.rl
-    fn = functools.partial(steps.rl_step, ctx=run.ctx, rl=sec, sc=rl_sample_config(run),
-                           tx_av=stage.optimizers["opt_av"], tx_ar=stage.optimizers["opt_ar"],
-                           share_prompt=share_prompt(run), labels_av=stage.labels["av"], labels_ar=stage.labels["ar"],
-                           mask_av=optim.block_mask(run.model_cfg.n_layers, sec.optim_av.train_blocks),
-                           mask_ar=optim.block_mask(run.cfg.model.layer + 1, sec.optim_ar.train_blocks))
+    return dict(ctx=run.ctx, rl=sec, sc=rl_sample_config(run), tx_av=stage.optimizers["opt_av"],
+                tx_ar=stage.optimizers["opt_ar"], share_prompt=share_prompt(run), labels_av=stage.labels["av"],
+                labels_ar=stage.labels["ar"],
+                mask_av=optim.block_mask(run.model_cfg.n_layers, sec.optim_av.train_blocks),
+                mask_ar=optim.block_mask(run.cfg.model.layer + 1, sec.optim_ar.train_blocks))
+
+
+def rl_step(run: Run, stage: StageState, ref_shardings, batch_shardings=None):
+    """The jitted GRPO step, rollout and update in one function (at the cap; what `aot` compiles, the
+    widest the trainer runs): explicit shardings, the state donated.
+    Called as step(state, ref_av, batch, mean, key) -> (state, metrics)."""
+    fn = functools.partial(steps.rl_step, **_rl_update_args(run, stage))
     rep = run.replicated
     return jax.jit(fn, in_shardings=(stage.shardings, ref_shardings, batch_shardings, rep, rep),
                    out_shardings=(stage.shardings, rep), donate_argnums=(0,))
+
+
+def rollout_shardings(run: Run) -> dict:
+    """A rollout's arrays (steps.rl_rollout) laid out along the batch like the rows they explain."""
+    rows = lambda nd: sharding.named_sharding(("batch",) + (None,) * (nd - 1), None, run.mesh, run.rules)
+    return {"tokens": rows(2), "logprobs": rows(2), "lengths": rows(1), "expl_len": rows(1), "ok": rows(1),
+            "widest": run.replicated}
+
+
+def rl_rollout(run: Run, stage: StageState, batch_shardings=None):
+    """The GRPO step's rollout alone, jitted (the state is read, not donated).
+    Called as rollout(state, batch, mean, key) -> roll (rollout_shardings; roll["widest"] replicated)."""
+    sec = run.cfg.rl
+    fn = functools.partial(steps.rl_rollout, ctx=run.ctx, rl=sec, sc=rl_sample_config(run),
+                           share_prompt=share_prompt(run))
+    rep = run.replicated
+    return jax.jit(fn, in_shardings=(stage.shardings, batch_shardings, rep, rep), out_shardings=rollout_shardings(run))
+
+
+def rl_update(run: Run, stage: StageState, ref_shardings, width: int, batch_shardings=None):
+    """The GRPO step's update on a rollout, at `width` sampled tokens (steps.rl_update), jitted once per
+    width with the state donated. Called as update(state, ref_av, batch, roll, mean) -> (state, metrics)."""
+    fn = functools.partial(steps.rl_update, width=int(width), **_rl_update_args(run, stage))
+    rep = run.replicated
+    return jax.jit(fn, in_shardings=(stage.shardings, ref_shardings, batch_shardings, rollout_shardings(run), rep),
+                   out_shardings=(stage.shardings, rep), donate_argnums=(0,))
+
+
+def rl_step_by_width(run: Run, stage: StageState, ref_shardings) -> Callable:
+    """The trainer's GRPO step: with train.text_bucket > 0, the rollout (`rl_rollout`), then the update
+    (`rl_update`) on its longest sampled length rounded up to the bucket (never past the cap), one
+    compiled update per width, metrics with the `text_width` used; with 0, `rl_step` (one function at
+    the cap). Called as step(state, ref_av, batch, mean, key) -> (state, metrics) either way.
+
+    Why: an SFT'd verbalizer's explanations end well before the cap that leaves RL room (the default
+    config samples ~33 of 64 tokens), and the update's teacher-forced AV passes (policy and reference)
+    and the AR ran every row to the cap. Reading `widest` is the one host sync this adds; it is a
+    replicated value, so every process picks the same width."""
+    bucket, cap = int(run.cfg.train.text_bucket), int(run.ctx.av.max_len)
+    if bucket <= 0:
+        return rl_step(run, stage, ref_shardings)
+    rollout, updates = rl_rollout(run, stage), {}
+
+    def step(state, ref_av, batch, mean, key):
+        roll = rollout(state, batch, mean, key)
+        width = min(cap, -(-int(roll["widest"]) // bucket) * bucket)
+        if width not in updates:
+            updates[width] = rl_update(run, stage, ref_shardings, width)
+        state, metrics = updates[width](state, ref_av, batch, roll, mean)
+        return state, {**metrics, "text_width": width}
+    return step

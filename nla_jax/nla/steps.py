@@ -162,11 +162,40 @@ def rl_step(state: dict, ref_av: dict, batch: dict, mean, key, *, ctx: Ctx, rl, 
     share_prompt: the rollout's prefill and the AV's teacher-forced passes run each group's injected
     prompt once (same values and random draws as the unshared layout, up to float rounding).
     """
+    roll = rl_rollout(state, batch, mean, key, ctx=ctx, rl=rl, sc=sc, share_prompt=share_prompt)
+    return rl_update(state, ref_av, batch, roll, mean, ctx=ctx, rl=rl, sc=sc, tx_av=tx_av, tx_ar=tx_ar,
+                     labels_av=labels_av, labels_ar=labels_ar, mask_av=mask_av, mask_ar=mask_ar,
+                     share_prompt=share_prompt)
+
+
+def rl_rollout(state: dict, batch: dict, mean, key, *, ctx: Ctx, rl, sc: sampling.SampleConfig,
+               share_prompt: bool = False) -> dict:
+    """The GRPO step's first half: G explanations per activation row from the current AV (`explain`'s
+    outputs, rows b*G..b*G+G-1 for row b: tokens [N, cap], lengths, expl_len, ok, logprobs) and
+    `widest`, the longest sampled length (replicated), from which the trainer picks the update's width."""
+    G = rl.group_size
+    roll = (explain(state["av"], batch["acts"], mean, key, ctx=ctx, sc=sc, group=G) if share_prompt
+            else explain(state["av"], jnp.repeat(batch["acts"], G, axis=0), mean, key, ctx=ctx, sc=sc))
+    return {**roll, "widest": jnp.max(roll["lengths"])}
+
+
+def rl_update(state: dict, ref_av: dict, batch: dict, roll: dict, mean, *, ctx: Ctx, rl, sc: sampling.SampleConfig,
+              tx_av, tx_ar, labels_av, labels_ar, mask_av, mask_ar, share_prompt: bool = False,
+              width: int | None = None) -> tuple[dict, dict]:
+    """The GRPO step's second half on a rollout (`rl_rollout`): reward by the live AR, update AV and AR.
+
+    width: run the AV's teacher-forced passes and the AR on the first `width` sampled tokens only
+    (at least every row's length: the trainer rounds `widest` up). Tokens past a row's length are
+    padding that nothing before them can see (causal attention; the masks and the AR's read-out sit
+    at real tokens), so the losses, gradients and metrics are those at the cap up to float summation
+    order (tests/test_rl_width.py) for fewer FLOPs. The policy loss keeps the cap as its `max_len`."""
+    if width is not None and width < roll["tokens"].shape[1]:
+        roll = {**roll, "tokens": roll["tokens"][:, :width], "logprobs": roll["logprobs"][:, :width]}
+        if width < ctx.ar.max_len:  # the AR's wrapper as wide as the texts it reads (expl_len <= width)
+            ctx = dataclasses.replace(ctx, ar=dataclasses.replace(ctx.ar, max_len=int(width)))
     G = rl.group_size
     acts = jnp.repeat(batch["acts"], G, axis=0)                     # [N, d], N = B * G
     B, N = batch["acts"].shape[0], acts.shape[0]
-    roll = (explain(state["av"], batch["acts"], mean, key, ctx=ctx, sc=sc, group=G) if share_prompt
-            else explain(state["av"], acts, mean, key, ctx=ctx, sc=sc))  # the current policy: synced before sampling
     tokens, ok = roll["tokens"], roll["ok"]
     L = tokens.shape[1]
     tmask = jnp.arange(L)[None, :] < roll["lengths"][:, None]       # [N, L] the sampled action tokens
