@@ -18,7 +18,9 @@ advantages, the clipped surrogate and the AdamW update in one jitted function. B
 update runs each prompt once for its group (`rl.share_prompt`, `transformer.forward_grouped`);
 the same step in TRL's layout (every completion with its own prompt copy) is timed beside it.
 NLA step: `nla_jax.nla.steps.rl_step` at configs/smollm2_135m.py:quick settings (needs the quick
-store, runs/smollm2_135m_quick/acts), seconds per step, rollout tokens/s of the sampler alone.
+store, runs/smollm2_135m_quick/acts), seconds per step, rollout tokens/s of the sampler alone. That
+is the one-function step at the cap; the trainer's default (train.text_bucket > 0) samples first and
+updates at the rollouts' width: benchmarks/rl_width.py compares the two.
 Peak memory: max RSS of each peer subprocess (os.wait4; run first, while this process is still
 small: Linux keeps a forked child's RSS high-water mark across exec) and of this process after the
 plain step and after the NLA step.
