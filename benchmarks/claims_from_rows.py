@@ -15,8 +15,9 @@ measure.derangement_by_doc with eval.seed). Use it when a claim check is added o
 changed after an expensive evaluation: the explanations do not change, only how they are read.
 Intervals as evaluate's: cluster-robust t over documents for shares of rows, a document bootstrap
 (eval.n_boot) for ratios of totals. Also the spread of the stated predictions beside the target's own
-(claims.prediction_spread), and the top-1 claim by the target's own top-1 probability (stores with
-predictions). Prints a table and writes benchmarks/results/claims_<NAME>.json.
+(claims.prediction_spread), the top-1 claim by the target's own top-1 probability (stores with
+predictions), and the same checks of the rows' warm-start text ("teacher_text": what a verbalizer
+faithful to its warm start would be scored) where the store's summaries cover them. Prints a table and writes benchmarks/results/claims_<NAME>.json.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from nla_jax import configlib, weights  # noqa: E402
+from nla_jax.data import summaries as summaries_lib  # noqa: E402
 from nla_jax.data import store as store_lib  # noqa: E402
 from nla_jax.errors import UserError  # noqa: E402
 from nla_jax.nla import claims, evaluation, measure  # noqa: E402
@@ -37,7 +39,8 @@ from paired_rows import Bad, read_rows  # noqa: E402
 from record import write_result  # noqa: E402
 
 
-def score(recs: list[dict], store, tok, E) -> dict:
+def score(recs: list[dict], store, tok, E) -> tuple[dict, dict | None]:
+    """({checkpoint: claims}, the same claims of the rows' warm-start text or None)."""
     rows = np.array([r["row"] for r in recs], np.int64)
     got = store.read(None, rows, fields=("doc_id", "position", "tokens")
                      + (("top_ids", "top_probs") if store.top_k else ()))
@@ -60,7 +63,15 @@ def score(recs: list[dict], store, tok, E) -> dict:
                 if "top_probs" in got and "names_top1" in checks[0]:
                     out[label]["names_top1_by_confidence"] = by_confidence(
                         np.array([c["names_top1"] for c in checks], np.float64), got["top_probs"][:, 0], docs)
-    return out
+    # the warm-start (teacher) text of the same rows, where the store's summaries cover them (summarize.splits
+    # with the eval split): what a verbalizer faithful to its warm start would be scored
+    texts = summaries_lib.read_texts(summaries_lib.path_in(store.root))
+    have = [i for i, r in enumerate(rows.tolist()) if r in texts]
+    teacher = None
+    if have:
+        checks = [claims.check_row(texts[int(rows[i])], ctxs[i]) for i in have]
+        teacher = {"rows": len(have), **claims.summary(checks, docs[have], int(E.n_boot), int(E.seed))}
+    return out, teacher
 
 
 CONFIDENCE_EDGES = (0.0, 0.2, 0.5, 1.0)    # the target's top-1 probability: unsure / leaning / confident
@@ -100,20 +111,25 @@ def main(argv=None) -> int:
             raise Bad(f"{args.evaldir}: no rows")
         store = store_lib.open_store(cfg.data.store)
         _, tok = weights.config_and_tokenizer(cfg.model)
+        scored, teacher = score(recs, store, tok, cfg.eval)
         res = {"evaldir": os.path.abspath(args.evaldir), "store": os.path.abspath(cfg.data.store), "rows": len(recs),
-               "documents": len({r["doc_id"] for r in recs}), "checkpoints": score(recs, store, tok, cfg.eval)}
+               "documents": len({r["doc_id"] for r in recs}), "checkpoints": scored, "teacher_text": teacher}
     except (Bad, UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{res['rows']} rows from {res['documents']} documents ({args.evaldir}); 95% CIs over documents")
     print(f"\n{'checkpoint':28s} {'current token':>22s} {'states preceding':>18s} {'preceding right':>22s} "
-          f"{'quoted spans absent':>22s} {'names top-1 next':>22s}")
-    for label, c in res["checkpoints"].items():
+          f"{'quoted spans absent':>22s} {'names top-1 next':>22s} {'repeats a prediction':>22s}")
+    table = list(res["checkpoints"].items()) + ([("teacher text", teacher)] if teacher else [])
+    for label, c in table:
         for suffix in ("", "_shuffled"):
+            if suffix and c is teacher:
+                continue
             print(f"{(label[-28:] if not suffix else '  shuffled (chance)'):28s} "
                   f"{fmt(c['current_token_named' + suffix]):>22s} {fmt(c['states_preceding' + suffix]):>18s} "
                   f"{fmt(c['preceding_correct' + suffix]):>22s} {fmt(c['quotes_absent' + suffix]):>22s} "
-                  f"{fmt(c.get('names_top1_prediction' + suffix, {})):>22s}")
+                  f"{fmt(c.get('names_top1_prediction' + suffix, {})):>22s} "
+                  f"{fmt(c.get('repeats_prediction' + suffix, {})):>22s}")
     for label, c in res["checkpoints"].items():
         e, t = c["prediction_spread"]["explanations"], c["prediction_spread"].get("target")
         if e["mode"] is not None:

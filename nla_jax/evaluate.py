@@ -32,7 +32,8 @@ bootstrap (eval.n_boot) for ratios of totals (loss recovered, quoted spans absen
     top-1 next token among their stated predictions (with eval.downstream, from its forward pass),
     quoting anything, and of quoted spans ("...", “...”, «...», `...`; span-level, pooled over rows)
     absent from the context window up to the position, near misses (one word or character off) set
-    apart and reported beside;
+    apart and reported beside; the share stating one prediction twice; the same checks of the
+    teacher summary on its rows (suffix _teacher), what a verbalizer faithful to its warm start says;
   downstream: block K's output at the position replaced by the reconstruction (its direction at the
     original norm, the mean added back when centred) and the next-token KL to the unmodified model,
     against mean-ablation (the training mean vector there): loss recovered = 1 - KL_recon / KL_mean
@@ -258,6 +259,10 @@ def evaluate_pair(p, D: dict, E, bar) -> dict:
                          **claims.summary([claims.check_row(texts_shuf[i], ctxs[i]) for i in range(n)], docs,
                                           E.n_boot, E.seed, suffix="_shuffled"),
                          "prediction_spread": claims.prediction_spread(checks, docs)}
+        if len(have):   # the same checks of the teacher text on its rows: what a faithful verbalizer would say
+            res["claims"].update(claims.summary(
+                [claims.check_row(D["summaries"][D["rows"][i]], ctxs[i]) for i in have], docs[have],
+                E.n_boot, E.seed, suffix="_teacher"))
 
     # -- fve by token position (equal-count bins of the evaluated positions)
     edges = np.unique(np.quantile(pos, np.linspace(0, 1, int(E.position_bins) + 1)).round().astype(np.int64))
@@ -378,6 +383,9 @@ ROWS = (  # (key path, label); one line per row, one column per checkpoint
     ("claims.current_token_named_shuffled", "claims: names it, shuffled (chance)"),
     ("claims.names_top1_prediction", "claims: names the target's top-1 next token"),
     ("claims.names_top1_prediction_shuffled", "claims: names top-1 next, shuffled (chance)"),
+    ("claims.names_top1_prediction_teacher", "claims: names top-1 next, teacher text"),
+    ("claims.repeats_prediction", "claims: repeats a stated prediction, of >= 2"),
+    ("claims.repeats_prediction_teacher", "claims: repeats one, teacher text"),
     ("claims.states_preceding", "claims: states the preceding text (after «…»)"),
     ("claims.preceding_correct", "claims: preceding text right, of stated"),
     ("claims.preceding_correct_shuffled", "claims: preceding text right, shuffled (chance)"),

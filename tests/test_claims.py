@@ -155,24 +155,33 @@ def test_rows_checked_and_summarised_as_every_reader_reports_them():
     assert ctxs[0].preceding == ["control", "to control", "ability to control", "the ability to control"]
     assert ctxs[0].window == " ability to control their"
     texts = ["Token «their», after «to control». It quotes «control their» and «octopus arms». Next: «colour» 40%",
-             "Token «control», after «the». Next: «yes» 10%",
+             "Token «control», after «the». Next: «yes» 10%, «The» 5%, «yes» 2%.",
              "Nothing checkable here."]
     checks = [claims.check_row(t, c) for t, c in zip(texts, ctxs)]
     assert checks[0] == {"current_token": "exact", "preceding": True, "quote_spans": 4, "quotes_absent": 1,
-                         "quotes_near": 0, "first_prediction": "colour", "names_top1": True, "target_top1": "colour"}
+                         "quotes_near": 0, "first_prediction": "colour", "predictions": 1,
+                         "repeats_prediction": False, "names_top1": True, "target_top1": "colour"}
     # «their», «to control», «control their» are in the window; «octopus arms» is not (nor one edit away);
-    # «colour» is a stated prediction, not a quote
+    # «colour» is a stated prediction, not a quote. Row 1 states «yes» twice (and «The» is the target's
+    # «the», named: stated predictions are case-folded)
     assert checks[1] == {"current_token": "exact", "preceding": False, "quote_spans": 2, "quotes_absent": 0,
-                         "quotes_near": 0, "first_prediction": "yes", "names_top1": False, "target_top1": "the"}
+                         "quotes_near": 0, "first_prediction": "yes", "predictions": 3,
+                         "repeats_prediction": True, "names_top1": True, "target_top1": "the"}
     assert checks[2] == {"current_token": None, "preceding": None, "quote_spans": 0, "quotes_absent": 0,
-                         "quotes_near": 0, "first_prediction": None, "names_top1": False, "target_top1": "quickly"}
+                         "quotes_near": 0, "first_prediction": None, "predictions": 0,
+                         "repeats_prediction": False, "names_top1": False, "target_top1": "quickly"}
     docs = np.array(["a", "b", "c"])
     s = claims.summary(checks, docs, n_boot=200, seed=0, suffix="_x")
     assert s["current_token_named_x"]["mean"] == pytest.approx(2 / 3)
     assert s["states_preceding_x"]["mean"] == pytest.approx(2 / 3)
     assert s["preceding_correct_x"]["mean"] == pytest.approx(1 / 2)          # right / stated
     assert s["quotes_absent_x"]["mean"] == pytest.approx(1 / 6)              # absent spans / all spans
-    assert s["quote_spans_x"] == 6 and s["names_top1_prediction_x"]["mean"] == pytest.approx(1 / 3)
+    assert s["quote_spans_x"] == 6 and s["names_top1_prediction_x"]["mean"] == pytest.approx(2 / 3)
+    # repeats: of the explanations stating two or more predictions (only row 1), the share repeating one
+    assert s["repeats_prediction_x"]["mean"] == 1.0 and s["repeats_prediction_x"]["n"] == 3
+    one_each = [dict(c, repeats_prediction=False) for c in checks]
+    assert claims.summary(one_each, docs, 200, 0)["repeats_prediction"]["mean"] == 0.0
+    assert claims.summary(checks[::2], docs[::2], 200, 0)["repeats_prediction"]["mean"] is None   # none states 2
     # rows without the target's top-1 make no prediction claim
     without = [{k: v for k, v in c.items() if k != "names_top1"} for c in checks]
     assert "names_top1_prediction" not in claims.summary(without, docs, 200, 0)

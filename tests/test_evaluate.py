@@ -304,6 +304,10 @@ def test_cli_two_checkpoints_one_table_and_json(run_two, trained):
         assert cl["current_token_exact"]["mean"] <= cl["current_token_named"]["mean"]
         for k in ("names_top1_prediction", "names_top1_prediction_shuffled"):   # downstream on: the target's top-1
             assert 0 <= cl[k]["mean"] <= 1 and cl[k]["n"] == 20, (k, cl[k])
+        # the same checks of the teacher text on its rows («the river» quoted, no prediction stated)
+        assert cl["with_quotes_teacher"]["mean"] == 1.0 and cl["with_quotes_teacher"]["n"] == teacher_rows
+        assert cl["names_top1_prediction_teacher"]["mean"] == 0.0
+        assert cl["repeats_prediction_teacher"]["mean"] is None and cl["quote_spans_teacher"] == teacher_rows
         f = c["fve"]
         assert f["real_minus_floor"]["mean"] == pytest.approx(f["real"]["mean"] - f["floor"]["mean"])
         assert f["real_minus_shuffled"]["mean"] == pytest.approx(f["real"]["mean"] - f["shuffled"]["mean"])
@@ -404,6 +408,11 @@ def test_rows_jsonl_holds_the_numbers_behind_the_json(run_two):
         assert np.mean([m == "exact" for m in named]) == pytest.approx(c["claims"]["current_token_exact"]["mean"])
         assert col(lab, "names_top1").mean() == pytest.approx(c["claims"]["names_top1_prediction"]["mean"])
         assert int(col(lab, "quote_spans").sum()) == c["claims"]["quote_spans"]
+        several = col(lab, "predictions") >= 2
+        if several.any():
+            assert col(lab, "repeats_prediction")[several].mean() == pytest.approx(c["claims"]["repeats_prediction"]["mean"])
+        else:
+            assert c["claims"]["repeats_prediction"]["mean"] is None
         assert np.mean(col(lab, "quote_spans") > 0) == pytest.approx(c["claims"]["with_quotes"]["mean"])
         assert col(lab, "quotes_absent").sum() / max(col(lab, "quote_spans").sum(), 1) == \
             pytest.approx(c["claims"]["quotes_absent"]["mean"] or 0.0)

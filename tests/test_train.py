@@ -237,13 +237,33 @@ def test_claims_recomputed_from_saved_rows_equal_the_eval_stage(e2e, store, tmp_
     for name in ev:
         assert "names_top1_prediction" in ev[name]
         for k in ("names_current_token", "current_token_exact", "states_preceding", "preceding_correct",
-                  "quotes_absent", "names_top1_prediction", "prediction_spread"):
+                  "quotes_absent", "names_top1_prediction", "repeats_prediction", "prediction_spread"):
             assert got[name][k if k != "names_current_token" else "current_token_named"] == ev[name][k], (name, k)
         # by the target's confidence: the bins partition the rows, their shares average to the whole
         bins = got[name]["names_top1_by_confidence"]
         assert sum(b["rows"] for b in bins) == ev[name]["names_top1_prediction"]["n"]
         assert sum(b["rows"] * (b["names_top1"]["mean"] or 0.0) for b in bins) / sum(b["rows"] for b in bins) == \
             pytest.approx(ev[name]["names_top1_prediction"]["mean"])
+    # the rows' warm-start text beside them where the store's summaries cover the rows (here: none of the
+    # eval rows, then a copy of the store given known texts for them, one of three repeating a prediction)
+    assert json.loads(out.read_text())["teacher_text"] is None
+    import shutil
+    copy = tmp_path / "store_copy"
+    shutil.copytree(store, copy)
+    rows = [json.loads(line)["row"] for line in open(os.path.join(e2e["wd"], "eval_rows.jsonl"))]
+    with open(copy / "summaries.jsonl", "a") as f:
+        for i, row in enumerate(rows):
+            nxt = "«a» 50%, «a» 20%" if i % 3 == 0 else "«a» 50%, «b» 20%"
+            f.write(json.dumps({"row": row, "text": f"Token «zz». Next: {nxt}."}) + "\n")
+    out2 = tmp_path / "claims2.json"
+    r = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "claims_from_rows.py"), e2e["wd"],
+                        "--config", TINY, f"--config.data.store={copy}", "--out", str(out2)],
+                       cwd=REPO, env=_env(None), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    teacher = json.loads(out2.read_text())["teacher_text"]
+    assert teacher["rows"] == len(rows) and "teacher text" in r.stdout
+    assert teacher["repeats_prediction"]["mean"] == pytest.approx(len(rows[::3]) / len(rows))
+    assert json.loads(out2.read_text())["checkpoints"] == got          # the checkpoints' claims unchanged
     # another store's rows: one line, nothing written
     other = tmp_path / "other.json"
     r = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "claims_from_rows.py"), e2e["wd"],

@@ -198,15 +198,18 @@ def row_contexts(tok, tokens, positions, quote_window: int, top1: Sequence[str] 
 def check_row(explanation: str, rc: RowContext) -> dict:
     """Every claim check of one explanation: current_token "exact" / "near" / None, preceding
     True / False / None, quote_spans, quotes_absent and quotes_near (span counts), first_prediction
-    (its first stated prediction, normalised; None without one) and, where the row knows the
-    target's top-1, names_top1 and target_top1 (normalised the same way). The record rows.jsonl
-    keeps per checkpoint."""
+    (its first stated prediction, normalised; None without one), predictions (how many it states)
+    and repeats_prediction (whether one of them is stated twice: «your» 56%, «the» 16%, «your» 14%
+    names two tokens, not three; the target's own top-k repeat a written form only where two token
+    ids decode alike, " an" and "an") and, where the row knows the target's top-1, names_top1 and
+    target_top1 (normalised the same way). The record rows.jsonl keeps per checkpoint."""
     spans, exact, near = quote_claims(explanation, rc.window)
     out = {"current_token": names_current_token(explanation, rc.current),
            "preceding": preceding_claim(explanation, rc.preceding),
            "quote_spans": spans, "quotes_absent": spans - exact - near, "quotes_near": near}
     preds = measure.quoted_spans(measure.split_predictions(explanation)[1])
     out["first_prediction"] = preds[0] if preds else None        # normalised as quoted spans are
+    out["predictions"], out["repeats_prediction"] = len(preds), len(set(preds)) < len(preds)
     if rc.top1 is not None:
         out["names_top1"] = names_prediction(explanation, rc.top1)
         out["target_top1"] = " ".join(rc.top1.casefold().split())
@@ -217,8 +220,9 @@ def summary(checks: Sequence[dict], docs: np.ndarray, n_boot: int, seed: int, su
     """check_row records of a set of rows -> each claim's share with its 95% interval over documents:
     shares of rows (current token named exact / exact or near, preceding text stated, top-1 named)
     by measure.ci, and of rows quoting anything (with_quotes); ratios of totals (preceding right of
-    stated, quoted spans absent / near of all spans: span-level, pooled over rows) by
-    measure.ratio_ci's document bootstrap. `suffix` is appended to every key ("_shuffled"
+    stated, quoted spans absent / near of all spans: span-level, pooled over rows; explanations
+    repeating a stated prediction of those stating two or more) by measure.ratio_ci's document
+    bootstrap. `suffix` is appended to every key ("_shuffled"
     for the control's explanations)."""
     col = lambda f: np.array([f(c) for c in checks], np.float64)
     stated = col(lambda c: c["preceding"] is not None)
@@ -231,6 +235,9 @@ def summary(checks: Sequence[dict], docs: np.ndarray, n_boot: int, seed: int, su
            "quotes_near": measure.ratio_ci(col(lambda c: c["quotes_near"]), spans, docs, n_boot, seed),
            "with_quotes": measure.ci((spans > 0).astype(np.float64), docs),
            "quote_spans": int(spans.sum())}
+    if checks and all("repeats_prediction" in c for c in checks):    # records written before it lack it
+        several = col(lambda c: c["predictions"] >= 2)
+        out["repeats_prediction"] = measure.ratio_ci(col(lambda c: c["repeats_prediction"]), several, docs, n_boot, seed)
     if checks and all("names_top1" in c for c in checks):
         out["names_top1_prediction"] = measure.ci(col(lambda c: c["names_top1"]), docs)
     return {k + suffix: v for k, v in out.items()}

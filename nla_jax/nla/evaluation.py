@@ -130,7 +130,8 @@ def heldout_stage(run: Run, pairs: Sequence[tuple[str, dict, dict]], workdir: st
             # how often right) and, where the target's predictions are known, its top-1 among the stated ones
             "names_current_token": cl["current_token_named"],
             "current_token_exact": cl["current_token_exact"],
-            **{k: cl[k] for k in ("quotes_absent", "states_preceding", "preceding_correct", "names_top1_prediction")
+            **{k: cl[k] for k in ("quotes_absent", "states_preceding", "preceding_correct", "names_top1_prediction",
+                                  "repeats_prediction")
                if k in cl},
             # how varied its stated predictions are, beside the target's own top-1 tokens
             "prediction_spread": claims.prediction_spread(checks, docs),
