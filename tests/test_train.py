@@ -222,13 +222,18 @@ def rl_reference(store, tmp_path_factory):
 # ----------------------------------------------------------------------------- 1. end to end
 
 @pytest.mark.timeout(600)
+def _claims_from_rows(workdir, store, out):
+    """benchmarks/claims_from_rows.py on a work directory's saved rows, against STORE, writing OUT."""
+    return subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "claims_from_rows.py"), workdir,
+                           "--config", TINY, f"--config.data.store={store}", "--out", str(out)],
+                          cwd=REPO, env=_env(None), capture_output=True, text=True, timeout=300)
+
+
 def test_claims_recomputed_from_saved_rows_equal_the_eval_stage(e2e, store, tmp_path):
     """benchmarks/claims_from_rows.py reads the saved explanations (eval_rows.jsonl) against the store
     with the tokenizer alone: with the same definitions it must reproduce the eval stage's claims."""
     out = tmp_path / "claims.json"
-    r = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "claims_from_rows.py"), e2e["wd"],
-                        "--config", TINY, f"--config.data.store={store}", "--out", str(out)],
-                       cwd=REPO, env=_env(None), capture_output=True, text=True, timeout=300)
+    r = _claims_from_rows(e2e["wd"], store, out)
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(out.read_text())["checkpoints"]
     with open(os.path.join(e2e["wd"], "eval.json")) as f:
@@ -256,9 +261,7 @@ def test_claims_recomputed_from_saved_rows_equal_the_eval_stage(e2e, store, tmp_
             nxt = "«a» 50%, «a» 20%" if i % 3 == 0 else "«a» 50%, «b» 20%"
             f.write(json.dumps({"row": row, "text": f"Token «zz». Next: {nxt}."}) + "\n")
     out2 = tmp_path / "claims2.json"
-    r = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "claims_from_rows.py"), e2e["wd"],
-                        "--config", TINY, f"--config.data.store={copy}", "--out", str(out2)],
-                       cwd=REPO, env=_env(None), capture_output=True, text=True, timeout=300)
+    r = _claims_from_rows(e2e["wd"], copy, out2)
     assert r.returncode == 0, r.stderr[-3000:]
     teacher = json.loads(out2.read_text())["teacher_text"]
     assert teacher["rows"] == len(rows) and "teacher text" in r.stdout
@@ -266,9 +269,7 @@ def test_claims_recomputed_from_saved_rows_equal_the_eval_stage(e2e, store, tmp_
     assert json.loads(out2.read_text())["checkpoints"] == got          # the checkpoints' claims unchanged
     # another store's rows: one line, nothing written
     other = tmp_path / "other.json"
-    r = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "claims_from_rows.py"), e2e["wd"],
-                        "--config", TINY, f"--config.data.store={tmp_path}/none", "--out", str(other)],
-                       cwd=REPO, env=_env(None), capture_output=True, text=True, timeout=300)
+    r = _claims_from_rows(e2e["wd"], f"{tmp_path}/none", other)
     assert r.returncode == 2 and not other.exists() and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
