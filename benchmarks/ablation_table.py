@@ -47,7 +47,10 @@ LEVERS = [
     ("warm-start forms, 3 tokens before (74fe177)", "predictions, then quote", "warmstarts_quickstart.json",
      "nextfirst", None, "Next: ... The text ends with: «...»."),
 ]
-RL_LEVERS = "levers-rl.json"          # rl_levers.py on the older quote warm start: one group of its own
+# rl_levers.py sweeps, each from one SFT pair: (file, its group, what its base row is)
+RL_LEVERS = [("levers-rl.json", "RL levers from one SFT pair (quote warm start, older)", "the quote recipe"),
+             ("levers-rl-selftext60.json", "RL levers from the quickstart's SFT pair (self-text, 60 RL steps)",
+              "the quickstart recipe, 60 RL steps")]
 # claims recomputed later from an evaluation's saved rows (benchmarks/claims_from_rows.py) fill what it lacks
 CLAIMS_LATER = {"default_run_eval.json": "claims_default_run.json"}
 
@@ -109,16 +112,19 @@ def collect(results: str = RESULTS) -> list[dict]:
                 if name in ev:
                     ev[name] = {**claims, **ev[name]}      # the evaluation's own numbers win where both have one
         out.append(row_of(group, lever, ev, d.get("rl_minus_sft"), paired, what))
-    path = os.path.join(results, RL_LEVERS)
-    if os.path.exists(path):
+    for fname, group, base_what in RL_LEVERS:
+        path = os.path.join(results, fname)
+        if not os.path.exists(path):
+            continue
         with open(path) as f:
             d = json.load(f)
         for r in d["results"]:
+            if "error" in r:
+                continue
             ev = {"rows": r.get("rows"), "documents": r.get("documents"), "after_sft": r.get("after_sft"),
                   "after_rl": r.get("after_rl")}
-            what = ", ".join(r.get("overrides") or []) or r.get("config_variant") or "the quote recipe"
-            out.append(row_of("RL levers from one SFT pair (quote warm start, older)", r["variant"], ev,
-                              r.get("rl_minus_sft"), None, what))
+            what = ", ".join(r.get("overrides") or []) or r.get("config_variant") or base_what
+            out.append(row_of(group, r["variant"], ev, r.get("rl_minus_sft"), None, what))
     return out
 
 

@@ -50,3 +50,23 @@ def test_empty_results_folder_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "ablation_table.py"), "--results",
                         str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and str(tmp_path) in r.stderr
+
+
+def test_rl_lever_sweeps_each_a_group(tmp_path):
+    """Every rl_levers.py file is its own group; a variant that failed (an "error" entry) is left out."""
+    def lever(name, rf, judge, overrides=()):
+        e = _eval(.17, rf, .3)
+        return {"variant": name, "overrides": list(overrides), "rows": 10, "documents": 4,
+                "after_sft": e["checkpoints"]["after_sft"], "after_rl": e["checkpoints"]["after_rl"],
+                "rl_minus_sft": {"judge": _ci(judge, judge - .01, judge + .01)}}
+    (tmp_path / "levers-rl.json").write_text(json.dumps({"results": [lever("base", .18, .01)]}))
+    (tmp_path / "levers-rl-selftext60.json").write_text(json.dumps({"results": [
+        lever("base", .19, .002), {"variant": "broken", "error": "trainer refused"},
+        lever("lr2x", .21, .03, ["--config.rl.optim_av.lr=1e-5"])]}))
+    rows = ablation_table.collect(str(tmp_path))
+    assert [(r["group"].split(" (")[0], r["lever"]) for r in rows] == [
+        ("RL levers from one SFT pair", "base"), ("RL levers from the quickstart's SFT pair", "base"),
+        ("RL levers from the quickstart's SFT pair", "lr2x")]
+    assert rows[0]["what"] == "the quote recipe" and rows[1]["what"] == "the quickstart recipe, 60 RL steps"
+    assert rows[2]["what"] == "--config.rl.optim_av.lr=1e-5" and rows[2]["rl_minus_sft_judge"]["mean"] == .03
+
