@@ -16,6 +16,9 @@ cluster_t_ci, the intervals evaluate itself reports). Pooling seeds this way ave
 per row before the interval is taken, so the interval is the one for "RL with a random seed"
 against the one base, on these documents.
 
+A column EVALDIR:LABEL#judge is LABEL's explanations read by that evaluation's fixed judge (its fve is the
+judge's): `--base EV:sft --versus EV:sft#judge` pairs two reconstructors on one verbalizer's text.
+
 Scores: fve (each column's own AR), fve_judge (the fixed judge's, where the evaluation had
 --judge, and only when every column had the same judge), fve - floor, and the claims as 0/1 per row: the current token named (exact or near), the
 target's top-1 next token named. (Quoted-span rates are ratios of totals; evaluate reports those
@@ -81,8 +84,17 @@ def judge_of(evaldir: str) -> str | None:
     return None
 
 
+JUDGE_SUFFIX = "#judge"
+
+
 def column(spec: str, cache: dict) -> tuple[str, str, list[dict]]:
-    """EVALDIR:LABEL -> (display name, the label in rows.jsonl, the evaluation's records in row order)."""
+    """EVALDIR:LABEL -> (display name, the label in rows.jsonl, the evaluation's records in row order).
+
+    EVALDIR:LABEL#judge is that column read by the evaluation's fixed judge instead of its own AR (its
+    fve is the judge's; the explanations and claims are the same): against EVALDIR:LABEL it pairs two
+    readers of one verbalizer's text, e.g. a reconstructor lever measured without retraining the AV."""
+    as_judge = spec.endswith(JUDGE_SUFFIX)
+    spec = spec[:-len(JUDGE_SUFFIX)] if as_judge else spec
     evaldir, sep, want = spec.rpartition(":")
     if not sep or not evaldir or not want:
         raise Bad(f"column {spec!r}: expected EVALDIR:LABEL")
@@ -94,7 +106,15 @@ def column(spec: str, cache: dict) -> tuple[str, str, list[dict]]:
     if len(hits) != 1:
         raise Bad(f"column {spec!r}: {'no' if not hits else 'more than one'} label of {evaldir}/rows.jsonl matches "
                   f"{want!r} (labels: {', '.join(labels)})")
-    return f"{os.path.basename(os.path.normpath(evaldir))}:{hits[0]}", hits[0], recs
+    shown = f"{os.path.basename(os.path.normpath(evaldir))}:{hits[0]}"
+    if not as_judge:
+        return shown, hits[0], recs
+    if any(r["checkpoints"][hits[0]].get("fve_judge") is None for r in recs):
+        raise Bad(f"column {spec + JUDGE_SUFFIX!r}: {evaldir} has no fixed judge's scores (evaluate --judge DIR)")
+    key = hits[0] + JUDGE_SUFFIX
+    recs = [{**r, "checkpoints": {key: {**{k: v for k, v in r["checkpoints"][hits[0]].items() if k != "fve_judge"},
+                                        "fve": r["checkpoints"][hits[0]]["fve_judge"]}}} for r in recs]
+    return shown + JUDGE_SUFFIX, key, recs
 
 
 def compare(base: str, versus: list[str]) -> dict:

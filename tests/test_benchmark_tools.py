@@ -86,6 +86,24 @@ def test_judge_scores_are_compared_only_under_one_judge(tmp_path):
     assert "fve" in two["scores"]
 
 
+def test_a_column_read_by_its_judge(tmp_path):
+    """LABEL#judge: the same explanations scored by the evaluation's fixed judge, paired against its own AR."""
+    docs = ["a", "a", "b", "b", "c", "c", "d", "d"]
+    own, judge = np.arange(8.0) / 10, np.arange(8.0) / 10 + np.array([.1, .3, .2, .2, .0, .4, .1, .3])
+    a = _evaldir(tmp_path / "a", ["x/sft@1"], {"x/sft@1": (own, judge)}, docs)
+    res = paired_rows.compare(f"{a}:sft", [f"{a}:sft#judge"])
+    assert res["versus"] == ["a:x/sft@1#judge"]
+    got = res["scores"]["fve"]["pooled_minus_base"]
+    want = stats_lib.cluster_t_ci(judge - own, np.array(docs))
+    assert (got["mean"], got["lo"], got["hi"]) == pytest.approx(want, abs=1e-12)
+    assert res["scores"]["fve_minus_floor"]["pooled_minus_base"]["mean"] == pytest.approx(0.2)
+    assert res["scores"]["names_top1"]["pooled_minus_base"]["mean"] == 0.0     # the same text
+    assert "fve_judge" not in res["scores"]           # the judge column has no second judge
+    b = _evaldir(tmp_path / "b", ["x/sft@1"], {"x/sft@1": (own, [None] * 8)}, docs)
+    with pytest.raises(paired_rows.Bad, match="no fixed judge"):
+        paired_rows.compare(f"{b}:sft", [f"{b}:sft#judge"])
+
+
 @pytest.mark.parametrize("case", ["rows_differ", "ambiguous", "missing", "no_label"])
 def test_bad_columns_are_refused_with_one_line(tmp_path, case):
     docs = ["a", "a", "b", "b"]
