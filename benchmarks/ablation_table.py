@@ -50,6 +50,8 @@ LEVERS = [
 # rl_levers.py sweeps, each from one SFT pair: (file, its group, what its base row is)
 RL_LEVERS = [("levers-rl.json", "RL levers from one SFT pair (quote warm start, older)", "the quote recipe"),
              ("levers-rl-selftext60.json", "RL levers from the quickstart's SFT pair (self-text, 60 RL steps)",
+              "the quickstart recipe, 60 RL steps"),
+             ("levers-rl-selftext60-seeds.json", "RL levers from the quickstart's SFT pair (self-text, 60 RL steps)",
               "the quickstart recipe, 60 RL steps")]
 # claims recomputed later from an evaluation's saved rows (benchmarks/claims_from_rows.py) fill what it lacks
 CLAIMS_LATER = {"default_run_eval.json": "claims_default_run.json"}

@@ -29,6 +29,7 @@ Prints a table and writes benchmarks/results/paired_<NAME>.json.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -69,9 +70,28 @@ def read_rows(evaldir: str) -> list[dict]:
             raise Bad(f"{path}: not JSON lines ({e})") from None
 
 
+def _stage_digest(stage_dir: str) -> str | None:
+    """sha256 over the newest checkpoint of a stage (relative paths and bytes): the same reader copied into
+    several work directories (benchmarks/rl_levers.py copies one SFT pair into each) is one judge."""
+    steps = sorted((d for d in os.listdir(stage_dir) if d.isdigit()), key=int) if os.path.isdir(stage_dir) else []
+    if not steps:
+        return None
+    root, h = os.path.join(stage_dir, steps[-1]), hashlib.sha256()
+    for dirpath, dirnames, files in os.walk(root):
+        dirnames.sort()
+        for name in sorted(files):
+            path = os.path.join(dirpath, name)
+            h.update(os.path.relpath(path, root).encode() + b"\0")
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
 def judge_of(evaldir: str) -> str | None:
     """Which frozen reader scored fve_judge in this evaluation: evaluate's --judge (evaluate.json), or a
-    trainer work directory's own SFT AR (its eval stage); None when neither file says."""
+    trainer work directory's own SFT AR (its eval stage; named by its newest checkpoint's content, so
+    copies of one SFT AR are one judge); None when neither file says."""
     for name in ("evaluate.json", "eval.json"):
         path = os.path.join(evaldir, name)
         if os.path.isfile(path):
@@ -79,8 +99,9 @@ def judge_of(evaldir: str) -> str | None:
                 judge = json.load(f).get("judge")
             if judge is None:
                 return None
-            return os.path.abspath(judge) if name == "evaluate.json" else \
-                f"{os.path.abspath(evaldir)}:{judge}"
+            if name == "evaluate.json":
+                return os.path.abspath(judge)
+            return _stage_digest(os.path.join(evaldir, "sft_ar")) or f"{os.path.abspath(evaldir)}:{judge}"
     return None
 
 

@@ -104,6 +104,25 @@ def test_a_column_read_by_its_judge(tmp_path):
         paired_rows.compare(f"{b}:sft", [f"{b}:sft#judge"])
 
 
+def test_copies_of_one_sft_ar_are_one_judge(tmp_path):
+    """Trainer eval stages whose judge is their own SFT AR: work directories holding byte-equal copies of one
+    SFT AR (rl_levers.py's) are compared under that judge; a different SFT AR is another judge."""
+    docs = ["a", "a", "b", "b", "c", "c"]
+    v = {lab: (np.arange(6.0), np.arange(6.0) * 2) for lab in ("after_sft", "after_rl")}
+    dirs = [_evaldir(tmp_path / n, list(v), v, docs, name="eval_rows.jsonl") for n in ("w1", "w2", "w3")]
+    for d, weights in zip(dirs, (b"same", b"same", b"other")):
+        with open(os.path.join(d, "eval.json"), "w") as f:
+            json.dump({"judge": "sft_ar"}, f)
+        os.makedirs(os.path.join(d, "sft_ar", "100", "state"))
+        os.makedirs(os.path.join(d, "sft_ar", "150", "state"))
+        (tmp_path / d / "sft_ar" / "100" / "state" / "w").write_bytes(os.urandom(8))     # older: not read
+        (tmp_path / d / "sft_ar" / "150" / "state" / "w").write_bytes(weights)
+    same = paired_rows.compare(f"{dirs[0]}:after_sft", [f"{dirs[0]}:after_rl", f"{dirs[1]}:after_rl"])
+    assert "fve_judge" in same["scores"] and "fve_judge_skipped" not in same
+    other = paired_rows.compare(f"{dirs[0]}:after_sft", [f"{dirs[2]}:after_rl"])
+    assert "fve_judge" not in other["scores"] and "different judges" in other["fve_judge_skipped"]
+
+
 @pytest.mark.parametrize("case", ["rows_differ", "ambiguous", "missing", "no_label"])
 def test_bad_columns_are_refused_with_one_line(tmp_path, case):
     docs = ["a", "a", "b", "b"]
