@@ -48,11 +48,10 @@ LEVERS = [
      "nextfirst", None, "Next: ... The text ends with: «...»."),
 ]
 # rl_levers.py sweeps, each from one SFT pair: (file, its group, what its base row is)
+_SELFTEXT60 = ("RL levers from the quickstart's SFT pair (self-text, 60 RL steps)", "the quickstart recipe, 60 RL steps")
 RL_LEVERS = [("levers-rl.json", "RL levers from one SFT pair (quote warm start, older)", "the quote recipe"),
-             ("levers-rl-selftext60.json", "RL levers from the quickstart's SFT pair (self-text, 60 RL steps)",
-              "the quickstart recipe, 60 RL steps"),
-             ("levers-rl-selftext60-seeds.json", "RL levers from the quickstart's SFT pair (self-text, 60 RL steps)",
-              "the quickstart recipe, 60 RL steps")]
+             ("levers-rl-selftext60.json", *_SELFTEXT60),
+             ("levers-rl-selftext60-seeds.json", *_SELFTEXT60)]   # more seeds of the same sweep: one group
 # claims recomputed later from an evaluation's saved rows (benchmarks/claims_from_rows.py) fill what it lacks
 CLAIMS_LATER = {"default_run_eval.json": "claims_default_run.json"}
 

@@ -133,9 +133,12 @@ def column(spec: str, cache: dict) -> tuple[str, str, list[dict]]:
     if any(r["checkpoints"][hits[0]].get("fve_judge") is None for r in recs):
         raise Bad(f"column {spec + JUDGE_SUFFIX!r}: {evaldir} has no fixed judge's scores (evaluate --judge DIR)")
     key = hits[0] + JUDGE_SUFFIX
-    recs = [{**r, "checkpoints": {key: {**{k: v for k, v in r["checkpoints"][hits[0]].items() if k != "fve_judge"},
-                                        "fve": r["checkpoints"][hits[0]]["fve_judge"]}}} for r in recs]
-    return shown + JUDGE_SUFFIX, key, recs
+    judged = []
+    for r in recs:
+        rec = dict(r["checkpoints"][hits[0]])
+        rec["fve"] = rec.pop("fve_judge")          # the judge's score stands in for the column's own AR's
+        judged.append({**r, "checkpoints": {key: rec}})
+    return shown + JUDGE_SUFFIX, key, judged
 
 
 def compare(base: str, versus: list[str]) -> dict:
@@ -150,7 +153,8 @@ def compare(base: str, versus: list[str]) -> dict:
     labels = [shown for shown, _, _ in cols]
     out = {"base": labels[0], "versus": labels[1:], "rows": len(ids), "documents": int(len(np.unique(docs))),
            "scores": {}}
-    judges = {judge_of(spec.rpartition(":")[0]) for spec in [base, *versus]}
+    # one judge_of per evaluation (a trainer's judge is named by hashing its SFT AR's checkpoint)
+    judges = {judge_of(evaldir) for evaldir in {spec.rpartition(":")[0] for spec in [base, *versus]}}
     for name, get in SCORES.items():
         if name == "fve_judge" and len(judges) > 1:
             # each evaluation had its own fixed judge: their scores are not on one scale, a difference means nothing

@@ -221,7 +221,6 @@ def rl_reference(store, tmp_path_factory):
 
 # ----------------------------------------------------------------------------- 1. end to end
 
-@pytest.mark.timeout(600)
 def _claims_from_rows(workdir, store, out):
     """benchmarks/claims_from_rows.py on a work directory's saved rows, against STORE, writing OUT."""
     return subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "claims_from_rows.py"), workdir,
@@ -229,6 +228,7 @@ def _claims_from_rows(workdir, store, out):
                           cwd=REPO, env=_env(None), capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.timeout(600)
 def test_claims_recomputed_from_saved_rows_equal_the_eval_stage(e2e, store, tmp_path):
     """benchmarks/claims_from_rows.py reads the saved explanations (eval_rows.jsonl) against the store
     with the tokenizer alone: with the same definitions it must reproduce the eval stage's claims."""
