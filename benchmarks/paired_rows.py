@@ -16,6 +16,12 @@ cluster_t_ci, the intervals evaluate itself reports). Pooling seeds this way ave
 per row before the interval is taken, so the interval is the one for "RL with a random seed"
 against the one base, on these documents.
 
+Runs that each have their own base (two runs of one recipe, each with its own SFT pair): give --base once per
+--versus, in the same order; each --versus is then taken minus its own --base per row, and those per-row
+differences are pooled (`--base RUN1:after_sft --versus RUN1:after_rl --base RUN2:after_sft --versus
+RUN2:after_rl`: "RL - SFT" over two runs). fve_judge is compared when each pair shares one judge (each run's
+gain is read on its own judge's scale; the gains, not the scores, are averaged).
+
 A column EVALDIR:LABEL#judge is LABEL's explanations read by that evaluation's fixed judge (its fve is the
 judge's): `--base EV:sft --versus EV:sft#judge` pairs two reconstructors on one verbalizer's text.
 
@@ -141,35 +147,49 @@ def column(spec: str, cache: dict) -> tuple[str, str, list[dict]]:
     return shown + JUDGE_SUFFIX, key, judged
 
 
-def compare(base: str, versus: list[str]) -> dict:
+def compare(base: str | list[str], versus: list[str]) -> dict:
+    """Each --versus column minus the base per row, pooled over the --versus columns. `base` is one column
+    (every --versus against it) or a list with one base per --versus (each run against its own base)."""
+    bases = [base] if isinstance(base, str) else list(base)
+    if len(bases) not in (1, len(versus)):
+        raise Bad(f"{len(bases)} --base columns for {len(versus)} --versus: give one, or one per --versus in order")
+    pairs = list(zip(bases * len(versus) if len(bases) == 1 else bases, versus))    # (base spec, versus spec)
     cache: dict = {}
-    cols = [column(s, cache) for s in [base, *versus]]
-    ids = [(r["row"], r["doc_id"]) for r in cols[0][2]]
-    for spec, (_, _, recs) in zip([base, *versus], cols):
-        if [(r["row"], r["doc_id"]) for r in recs] != ids:
-            raise Bad(f"column {spec!r}: its rows differ from {base!r}'s (evaluate both on the same store with the "
-                      f"same eval.rows, eval.seed and eval.split)")
+    specs = list(dict.fromkeys([*bases, *versus]))
+    cols = {s: column(s, cache) for s in specs}
+    ids = [(r["row"], r["doc_id"]) for r in cols[bases[0]][2]]
+    for spec in specs:
+        if [(r["row"], r["doc_id"]) for r in cols[spec][2]] != ids:
+            raise Bad(f"column {spec!r}: its rows differ from {bases[0]!r}'s (evaluate both on the same store with "
+                      f"the same eval.rows, eval.seed and eval.split)")
     docs = np.array([d for _, d in ids])
-    labels = [shown for shown, _, _ in cols]
-    out = {"base": labels[0], "versus": labels[1:], "rows": len(ids), "documents": int(len(np.unique(docs))),
+    shown = {s: cols[s][0] for s in specs}
+    out = {"base": shown[bases[0]] if len(bases) == 1 else [shown[b] for b in bases],
+           "versus": [shown[v] for v in versus], "rows": len(ids), "documents": int(len(np.unique(docs))),
            "scores": {}}
     # one judge_of per evaluation (a trainer's judge is named by hashing its SFT AR's checkpoint)
-    judges = {judge_of(evaldir) for evaldir in {spec.rpartition(":")[0] for spec in [base, *versus]}}
+    judges = {d: judge_of(d) for d in {s.removesuffix(JUDGE_SUFFIX).rpartition(":")[0] for s in specs}}
+    judge_sets = ([{judges[s.removesuffix(JUDGE_SUFFIX).rpartition(":")[0]] for s in specs}] if len(bases) == 1 else
+                  [{judges[s.removesuffix(JUDGE_SUFFIX).rpartition(":")[0]] for s in pair} for pair in pairs])
     for name, get in SCORES.items():
-        if name == "fve_judge" and len(judges) > 1:
-            # each evaluation had its own fixed judge: their scores are not on one scale, a difference means nothing
-            out["fve_judge_skipped"] = f"the columns were scored by different judges: {sorted(map(str, judges))}"
+        if name == "fve_judge" and any(len(js) > 1 for js in judge_sets):
+            # a difference between scores of two different judges means nothing (their scales differ)
+            out["fve_judge_skipped"] = ("the columns were scored by different judges: "
+                                        f"{sorted(map(str, set().union(*judge_sets)))}")
             continue
-        vals = []
-        for _, key, recs in cols:
+        vals = {}
+        for spec in specs:
+            _, key, recs = cols[spec]
             v = [get(r["checkpoints"][key]) for r in recs]
-            vals.append(None if any(x is None for x in v) else np.array(v, np.float64))
-        if any(v is None for v in vals):
+            vals[spec] = None if any(x is None for x in v) else np.array(v, np.float64)
+        if any(v is None for v in vals.values()):
             continue                      # a score some column lacks (no judge, no downstream claim)
-        b, vs = vals[0], np.stack(vals[1:])                  # [n], [k, n]
+        b = np.stack([vals[s] for s in bases]).mean(0)                      # [n] (the mean of the bases)
+        vs = np.stack([vals[v] for v in versus])                            # [k, n]
+        diffs = np.stack([vals[v] - vals[bs] for bs, v in pairs])           # [k, n] each run minus its base
         out["scores"][name] = {"base": ci(b, docs), "versus_mean": ci(vs.mean(0), docs),
-                               "pooled_minus_base": ci(vs.mean(0) - b, docs),
-                               "each_minus_base": {lab: ci(v - b, docs) for lab, v in zip(labels[1:], vs)}}
+                               "pooled_minus_base": ci(diffs.mean(0), docs),
+                               "each_minus_base": {shown[v]: ci(d, docs) for (_, v), d in zip(pairs, diffs)}}
     return out
 
 
@@ -181,18 +201,20 @@ def fmt(d: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", required=True, metavar="EVALDIR:LABEL")
+    p.add_argument("--base", action="append", required=True, metavar="EVALDIR:LABEL",
+                   help="once (every --versus against it) or once per --versus, in order (each against its own)")
     p.add_argument("--versus", action="append", required=True, metavar="EVALDIR:LABEL",
                    help="repeatable; several are pooled (mean per row) and also shown one by one")
     p.add_argument("--name", default="comparison", help="names the result file paired_NAME.json")
     p.add_argument("--out", default=None, help="result JSON (default benchmarks/results/paired_NAME.json)")
     args = p.parse_args(argv)
     try:
-        res = compare(args.base, args.versus)
+        res = compare(args.base if len(args.base) > 1 else args.base[0], args.versus)
     except Bad as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{res['rows']} rows from {res['documents']} documents; base {res['base']}; "
+    base = res["base"] if isinstance(res["base"], str) else " / ".join(res["base"]) + " (each --versus its own)"
+    print(f"{res['rows']} rows from {res['documents']} documents; base {base}; "
           f"versus {', '.join(res['versus'])} (pooled: their per-row mean); 95% cluster-robust t over documents")
     print(f"\n{'score':22s} {'base':>26s} {'versus (pooled)':>26s} {'pooled - base (paired)':>26s}")
     if "fve_judge_skipped" in res:

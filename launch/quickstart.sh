@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up (if needed) and run the whole NLA pipeline on the embedded default (SmolLM2-135M-Instruct),
-# sized for a 2-core CPU (configs/smollm2_135m.py:quick; 24.0 min from a fresh clone on a quiet 2-core CPU, measured 2026-12-05):
+# sized for a 2-core CPU (configs/smollm2_135m.py:quick; 21.3 min from a fresh clone on a quiet 2-core CPU, measured 2026-12-05 at a9bbdad):
 #   quick corpus -> activations at block 20 -> warm-start texts -> SFT AV, SFT AR -> GRPO -> evaluation
 # on held-out documents (fve_nrm with 95% CIs over documents beside the floor and shuffled controls).
 # Every stage resumes: rerun after an interruption and it continues. Extra arguments go to the

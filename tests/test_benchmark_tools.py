@@ -55,7 +55,6 @@ def test_pooled_difference_is_the_per_row_mean_with_a_document_interval(tmp_path
     seeds = {f"w/rl-seed{k}": (base[0] + 0.1 * k + rng.normal(size=n) * 0.1, base[1] + rng.normal(size=n) * 0.1)
              for k in range(3)}
     a = _evaldir(tmp_path / "a", ["w/sft@4", *seeds], {"w/sft@4": base, **seeds}, docs)
-    # a second evaluation of the same rows holding another recipe
     # a trainer's eval stage on the same rows, holding another recipe
     b = _evaldir(tmp_path / "b", ["after_rl"], {"after_rl": (base[0] + 0.5, base[1])}, docs, name="eval_rows.jsonl")
     res = paired_rows.compare(f"{a}:sft", [f"{a}:seed0", f"{a}:seed1", f"{a}:seed2", f"{b}:after_rl"])
@@ -121,6 +120,37 @@ def test_copies_of_one_sft_ar_are_one_judge(tmp_path):
     assert "fve_judge" in same["scores"] and "fve_judge_skipped" not in same
     other = paired_rows.compare(f"{dirs[0]}:after_sft", [f"{dirs[2]}:after_rl"])
     assert "fve_judge" not in other["scores"] and "different judges" in other["fve_judge_skipped"]
+
+
+def test_runs_each_against_their_own_base(tmp_path):
+    """--base once per --versus: two runs of one recipe, each with its own SFT pair and judge; the per-row
+    gains (each run minus its own base) are pooled, and judge gains are kept since each pair shares a judge."""
+    rng = np.random.default_rng(1)
+    docs = [f"d{i // 3}" for i in range(30)]
+    runs = []
+    for k, (gain, judge_gain) in enumerate(((0.2, 0.05), (0.1, -0.01))):
+        sft = (rng.normal(size=30), rng.normal(size=30))
+        rl = (sft[0] + gain + rng.normal(size=30) * 0.05, sft[1] + judge_gain + rng.normal(size=30) * 0.05)
+        d = _evaldir(tmp_path / f"run{k}", ["after_sft", "after_rl"], {"after_sft": sft, "after_rl": rl}, docs,
+                     name="eval_rows.jsonl")
+        with open(os.path.join(d, "eval.json"), "w") as f:
+            json.dump({"judge": "sft_ar"}, f)
+        os.makedirs(os.path.join(d, "sft_ar", "150"))
+        (tmp_path / d / "sft_ar" / "150" / "w").write_bytes(b"judge %d" % k)       # each run its own judge
+        runs.append((d, sft, rl))
+    (a, sa, ra), (b, sb, rb) = runs
+    res = paired_rows.compare([f"{a}:after_sft", f"{b}:after_sft"], [f"{a}:after_rl", f"{b}:after_rl"])
+    assert res["base"] == ["run0:after_sft", "run1:after_sft"] and "fve_judge_skipped" not in res
+    for name, i in (("fve", 0), ("fve_judge", 1)):
+        want = stats_lib.cluster_t_ci(((ra[i] - sa[i]) + (rb[i] - sb[i])) / 2, np.array(docs))
+        got = res["scores"][name]["pooled_minus_base"]
+        assert (got["mean"], got["lo"], got["hi"]) == pytest.approx(want, abs=1e-12)
+        assert res["scores"][name]["each_minus_base"]["run1:after_rl"]["mean"] == pytest.approx((rb[i] - sb[i]).mean())
+    # crossing the runs pairs two judges: no judge gain
+    crossed = paired_rows.compare([f"{a}:after_sft", f"{b}:after_sft"], [f"{b}:after_rl", f"{a}:after_rl"])
+    assert "fve_judge" not in crossed["scores"] and "different judges" in crossed["fve_judge_skipped"]
+    with pytest.raises(paired_rows.Bad, match="one per --versus"):
+        paired_rows.compare([f"{a}:after_sft", f"{b}:after_sft"], [f"{a}:after_rl"])
 
 
 @pytest.mark.parametrize("case", ["rows_differ", "ambiguous", "missing", "no_label"])
