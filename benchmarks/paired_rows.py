@@ -167,10 +167,10 @@ def compare(base: str | list[str], versus: list[str]) -> dict:
     out = {"base": shown[bases[0]] if len(bases) == 1 else [shown[b] for b in bases],
            "versus": [shown[v] for v in versus], "rows": len(ids), "documents": int(len(np.unique(docs))),
            "scores": {}}
-    # one judge_of per evaluation (a trainer's judge is named by hashing its SFT AR's checkpoint)
-    judges = {d: judge_of(d) for d in {s.removesuffix(JUDGE_SUFFIX).rpartition(":")[0] for s in specs}}
-    judge_sets = ([{judges[s.removesuffix(JUDGE_SUFFIX).rpartition(":")[0]] for s in specs}] if len(bases) == 1 else
-                  [{judges[s.removesuffix(JUDGE_SUFFIX).rpartition(":")[0]] for s in pair} for pair in pairs])
+    # one judge_of per evaluation (a trainer's judge is named by hashing its SFT AR's checkpoint); a pair whose
+    # columns share the judge is comparable, and with one base that means every column shares it
+    judges = {d: judge_of(d) for d in {s.rpartition(":")[0] for s in specs}}
+    judge_sets = [{judges[b.rpartition(":")[0]], judges[v.rpartition(":")[0]]} for b, v in pairs]
     for name, get in SCORES.items():
         if name == "fve_judge" and any(len(js) > 1 for js in judge_sets):
             # a difference between scores of two different judges means nothing (their scales differ)
@@ -209,7 +209,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="result JSON (default benchmarks/results/paired_NAME.json)")
     args = p.parse_args(argv)
     try:
-        res = compare(args.base if len(args.base) > 1 else args.base[0], args.versus)
+        res = compare(args.base, args.versus)
     except Bad as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
